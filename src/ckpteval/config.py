@@ -1,0 +1,212 @@
+"""Structured (typed) configuration: the schema every YAML file under ``conf/`` is merged into.
+
+Registered in Hydra's ConfigStore as ``base_config``; ``conf/config.yaml`` lists it first in its defaults, so
+a misspelt key (``eval.stpes=3``) or a wrong type (``eval.steps=abc``) fails at compose time with Hydra's
+message naming the key. Each field carries a one-line docstring-comment; the README's config table mirrors it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModeConfig:
+    name: str = MISSING  # which mode runs: train_eval | loss | harness | convert | prepare | watch
+
+
+@dataclass
+class ParallelConfig:
+    name: str = "none"  # none | fsdp | tp | pp (launch under torchrun for anything but none)
+    dp: int = -1  # data-parallel degree; -1 = world_size / (tp * pp)
+    tp: int = 1  # tensor-parallel degree (parallel=tp)
+    pp: int = 1  # pipeline stages (parallel=pp)
+    pp_schedule: str = "GPipe"  # GPipe | 1F1B | Interleaved1F1B ... (torch.distributed.pipelining)
+    microbatches: int = 4  # pipeline microbatches per batch (batch_size must be divisible)
+    param_dtype: Optional[str] = None  # FSDP mixed precision: parameter dtype for compute (bfloat16, ...)
+    reduce_dtype: Optional[str] = None  # FSDP mixed precision: gradient reduction dtype
+    backend: Optional[str] = None  # process-group backend; None = nccl on CUDA, gloo on CPU
+
+
+@dataclass
+class DataConfig:
+    kind: str = "local"  # local (token shards) | hf (Hugging Face dataset, tokenized on the fly)
+    # -- local: raw token streams
+    dataset_path: Optional[str] = None  # held-out data dir (local) evaluated by every loss evaluation
+    train_path: Optional[str] = None  # training data dir (train_eval only)
+    file_pattern: str = "*.bin"  # glob under dataset_path/train_path; files sorted by path
+    dtype: str = "uint16"  # token dtype of .bin files (uint16 | uint32 | int32 | int64)
+    # -- hf: a datasets dataset, loaded offline
+    name: Optional[str] = None  # save_to_disk dir, data-file dir/file (json/jsonl/parquet/txt), or hub name in the local cache
+    config: Optional[str] = None  # dataset config name
+    split: str = "validation"  # held-out split
+    train_split: str = "train"  # training split (train_eval with data=hf)
+    text_field: str = "text"  # column holding the document text
+    # -- both
+    tokenizer: Optional[str] = None  # tokenizer dir/file; default: the checkpoint's own tokenizer
+    demo: bool = False  # build the demo corpus from the Python standard library on first use (data=demo)
+    num_proc: int = 1  # tokenization processes for data=hf
+
+
+@dataclass
+class ModelConfig:
+    """A Hugging Face config for models trained from scratch, and the fallback architecture for a DCP
+    checkpoint with no config.json in or beside it. Field names are transformers' own."""
+
+    architectures: list[str] = field(default_factory=lambda: ["LlamaForCausalLM"])
+    model_type: str = "llama"
+    vocab_size: int = 4096
+    hidden_size: int = 128
+    intermediate_size: int = 352
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 512
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # any other transformers config field
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True  # train_eval: evaluate held-out loss during training
+    interval: int = 100  # train_eval: evaluate every N optimizer steps (and at the last step)
+    steps: int = 20  # batches per evaluation; -1 = exactly one pass over every window
+    batch_size: int = 8  # windows per batch (per data-parallel rank)
+    seq_len: int = 256  # tokens per window (inputs); targets are the next L tokens
+    dtype: str = "float32"  # float32 | bfloat16: compute dtype (loss always accumulated in float32)
+    logits_chunk: int = 4096  # tokens per chunk of the vocabulary projection (no full float32 logits)
+    device: Optional[str] = None  # cpu | cuda | cuda:N; default: cuda when available, else cpu
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300  # optimizer steps
+    batch_size: int = 16  # sequences per micro-batch (per data-parallel rank)
+    seq_len: int = 128  # tokens per training sequence
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-3  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 30  # linear warmup steps
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0  # max global gradient norm; <= 0 disables clipping
+    dtype: str = "float32"  # float32 | bfloat16 (autocast; master weights stay float32)
+    seed: int = 1234
+    log_interval: int = 10  # log train/loss, lr, tokens/s every N steps
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None  # where step_{N} dirs go; default: <run dir>/checkpoints
+    interval: int = 100  # save every N steps (and at the last step); <= 0 = only at the end
+    resume: bool = False  # continue from the newest complete step_{N} in dir
+    keep_last: int = 0  # keep only the newest N checkpoints (0 = keep all)
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True  # log to MLflow (rank 0)
+    uri: str = "sqlite:///outputs/mlflow.db"  # MLflow tracking URI (sqlite file, http(s)://server, databricks)
+    experiment: str = "ckpteval"  # MLflow experiment name
+    run_name: Optional[str] = None  # default: "<mode>/<checkpoint name>"
+    artifact_location: Optional[str] = None  # for a new experiment; default: outputs/mlartifacts beside a sqlite store
+    timeout_s: float = 10.0  # connect timeout for a remote server; unreachable = clear error, nothing runs
+    parent_run_id: Optional[str] = None  # set by sweeps: nest this job's run under a parent
+    tags: dict[str, str] = field(default_factory=dict)  # extra tags for the run
+
+
+@dataclass
+class HarnessConfig:
+    tasks: list[str] = field(default_factory=lambda: ["hellaswag", "arc_easy", "arc_challenge", "winogrande", "piqa", "boolq"])
+    num_fewshot: Optional[int] = None  # None = each task's default
+    batch_size: int = 8
+    limit: Optional[float] = None  # examples per task (int) or fraction (< 1.0)
+    seed: int = 1234
+    include_path: Optional[str] = None  # dir of extra task YAMLs
+    log_samples: bool = True  # keep per-sample logs as an MLflow artifact
+    gen_kwargs: Optional[str] = None  # generation tasks: "temperature=0,max_gen_toks=64"
+    apply_chat_template: bool = False
+    backend: str = "fast"  # fast (our KV-reusing LM) | hf (lm-eval HFLM on the in-memory model) | subprocess (lm_eval CLI on a converted dir)
+    dtype: str = "float32"  # float32 | bfloat16
+    allow_code_execution: bool = False  # tasks that execute model-written code stay refused unless true
+    trust_remote_code: bool = False
+    cache_dir: Optional[str] = None  # conversion cache for backend=subprocess; default outputs/converted
+
+
+@dataclass
+class ConvertConfig:
+    out: Optional[str] = None  # output HF dir; default: <ckpt>_hf beside the checkpoint
+    tolerance: float = 1e-5  # max abs logits difference allowed between source and converted model
+    dtype: str = "float32"  # dtype of the saved safetensors (float32 | bfloat16)
+
+
+@dataclass
+class PrepareConfig:
+    source: Optional[str] = None  # folder of text files; default: the Python standard library (the demo corpus)
+    out: Optional[str] = None  # output dir (train/, validation/, tokenizer.json); default paths.demo_data
+    glob: str = "**/*.py"  # which files under source
+    vocab_size: int = 4096  # BPE vocabulary trained on the corpus
+    val_fraction: float = 0.05  # fraction of documents (by hash) held out for validation
+    max_chars: int = 8_000_000  # cap on corpus size (characters) to keep preparation fast
+    seed: int = 0
+
+
+@dataclass
+class HeavyConfig:
+    tasks: list[str] = field(default_factory=list)  # heavy suites (e.g. mmlu) run on a step cadence
+    num_fewshot: Optional[int] = None
+    every_n_steps: int = 0  # run heavy tasks when step % every_n_steps == 0 (0 = never)
+    limit: Optional[float] = None
+
+
+@dataclass
+class WatchConfig:
+    dir: Optional[str] = None  # directory (or fsspec URL) that receives checkpoints
+    interval: float = 60.0  # seconds between polls
+    once: bool = False  # evaluate the backlog, then exit
+    plan: list[str] = field(default_factory=lambda: ["loss"])  # evaluations per checkpoint: loss, harness
+    heavy: HeavyConfig = field(default_factory=HeavyConfig)
+    order: str = "oldest"  # oldest | newest first
+    from_step: int = 0  # ignore checkpoints before this step
+    max_attempts: int = 3  # per (checkpoint, evaluation), then recorded failed
+    backoff_s: float = 30.0  # first retry delay (doubles each attempt)
+    stable_s: float = 2.0  # file sizes must be unchanged across two looks this far apart
+    state_dir: Optional[str] = None  # ledger + lock; default <watch.dir>/.ckpteval_watch (or outputs/watch/<hash> for URLs)
+    lock_stale_s: float = 600.0  # a lock whose heartbeat is older than this is taken over
+    max_polls: int = 0  # stop after N polls (0 = forever); for tests and cron-like use
+
+
+@dataclass
+class PathsConfig:
+    outputs: str = "outputs"  # root of everything we write (Hydra run dirs, MLflow db, demo corpus)
+    demo_data: str = "${paths.outputs}/demo_corpus"  # prepared demo corpus (train/, validation/, tokenizer.json)
+
+
+@dataclass
+class Config:
+    mode: ModeConfig = field(default_factory=ModeConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    ckpt: Optional[str] = None  # checkpoint to evaluate: HF dir, DCP dir, .gguf file (glob:PATTERN with -m)
+    tokenizer: Optional[str] = None  # tokenizer override (dir or tokenizer.json); default: from the checkpoint
+    seed: int = 1234
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="base_config", node=Config)

@@ -1,0 +1,6 @@
+"""The one exception type for problems the user can fix. ``app.main`` prints its message as one line
+(``error: ...``) and exits non-zero; anything else is a bug and keeps its traceback."""
+
+
+class CkptEvalError(Exception):
+    """A user-facing error: the message says what is wrong and how to fix it."""

@@ -1,0 +1,111 @@
+"""Builders for tiny, offline test artefacts. Importable from any test (``from tests import factories``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+VOCAB = 512
+TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A checkpoint is a snapshot of the weights of a model during training.",
+    "Perplexity is the exponential of the average negative log likelihood per token.",
+    "def add(a, b):\n    return a + b\n",
+    "Language models predict the next token given the previous tokens.",
+    "Evaluation on held-out data tells us whether the model generalizes.",
+] * 20
+
+
+def make_tokenizer(out: Path, vocab_size: int = VOCAB) -> Path:
+    """Train a byte-level BPE on TEXT and save it as an HF tokenizer dir (AutoTokenizer can load it)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TEXT, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out)
+    return out
+
+
+def llama_config(vocab_size: int = VOCAB, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
+                 max_pos: int = 256, tie: bool = False):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2 + 16, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_pos,
+        tie_word_embeddings=tie, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+
+
+def make_model(seed: int = 0, **kw):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(llama_config(**kw))
+    # Random init gives near-uniform predictions; scale the head so losses differ clearly between models.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    return model.eval()
+
+
+def make_hf_checkpoint(out: Path, tokenizer_dir: Path | None = None, seed: int = 0, **kw) -> Path:
+    """Save a random tiny Llama as an HF dir (safetensors) with the tokenizer copied in."""
+    from transformers import AutoTokenizer
+
+    out = Path(out)
+    model = make_model(seed=seed, **kw)
+    model.save_pretrained(out, safe_serialization=True)
+    if tokenizer_dir is not None:
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
+
+
+def make_token_shards(out: Path, lengths=(1000, 777), vocab: int = VOCAB, seed: int = 0, dtype=np.uint16) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i, n in enumerate(lengths):
+        rng.integers(0, vocab, size=n).astype(dtype).tofile(out / f"shard_{i:03d}.bin")
+    return out
+
+
+def reference_loss(model, token_files: list[np.ndarray], seq_len: int, window_ids=None) -> float:
+    """Independent reference: plain ``model(input_ids, labels=...)`` per window, token-weighted.
+
+    Windows follow the contract: window k of a file covers tokens [k*L, k*L+L]; tails shorter than L+1 are
+    dropped; files in the given order. ``window_ids`` selects (with repetition) which global windows count.
+    """
+    windows = []
+    for arr in token_files:
+        n = (len(arr) - 1) // seq_len
+        windows += [np.asarray(arr[k * seq_len: k * seq_len + seq_len + 1], dtype=np.int64) for k in range(n)]
+    ids = range(len(windows)) if window_ids is None else window_ids
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in ids:
+            w = torch.from_numpy(windows[i]).unsqueeze(0)
+            # HF shifts labels internally: labels = the window itself, loss over the L next-token targets.
+            out = model(input_ids=w, labels=w)
+            total += out.loss.double().item() * seq_len
+            count += seq_len
+    return total / count
+
+
+def write_json(path: Path, obj) -> None:
+    Path(path).write_text(json.dumps(obj, indent=2))
