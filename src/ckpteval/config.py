@@ -47,7 +47,6 @@ class DataConfig:
     train_split: str = "train"  # training split (train_eval with data=hf)
     text_field: str = "text"  # column holding the document text
     # -- both
-    tokenizer: Optional[str] = None  # tokenizer dir/file; default: the checkpoint's own tokenizer
     demo: bool = False  # build the demo corpus from the Python standard library on first use (data=demo)
     num_proc: int = 1  # tokenization processes for data=hf
 

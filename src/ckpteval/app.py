@@ -1,0 +1,144 @@
+"""The one place that dispatches: set up the process, open the job's MLflow run, call the mode, report.
+
+Modes are plain functions `run(cfg, job) -> dict` in `ckpteval.modes.*`; they compose blocks (checkpoint,
+data, evaluation, parallel, training) and return the job's result. Everything around them (distributed init,
+the MLflow run, results.json, the one-line errors) lives here so no mode repeats it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+from ckpteval.errors import CkptEvalError
+from ckpteval.parallel.dist import DistContext, init_distributed, shutdown
+from ckpteval.results import job_output_dir, report
+from ckpteval.tracking import Run, flatten, mlflow_run, resolve_tracking_uri, ui_command
+
+log = logging.getLogger("ckpteval")
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    target: str  # "module:function"
+    opens_run: bool = True  # False: the mode manages MLflow itself (watch) or logs nothing (prepare)
+    needs_ckpt: bool = False
+
+    def load(self) -> Callable[[DictConfig, "Job"], dict[str, Any]]:
+        module, fn = self.target.split(":")
+        return getattr(importlib.import_module(module), fn)
+
+
+MODES: dict[str, ModeSpec] = {
+    "train_eval": ModeSpec("ckpteval.modes.train_eval:run"),
+    "loss": ModeSpec("ckpteval.modes.loss:run", needs_ckpt=True),
+    "harness": ModeSpec("ckpteval.modes.harness:run", needs_ckpt=True),
+    "convert": ModeSpec("ckpteval.modes.convert:run", needs_ckpt=True),
+    "prepare": ModeSpec("ckpteval.modes.prepare:run", opens_run=False),
+    "watch": ModeSpec("ckpteval.modes.watch:run", opens_run=False),
+}
+
+
+@dataclass
+class Job:
+    """What a mode gets besides its config: where it runs, where it writes, the MLflow run to log into."""
+
+    dist: DistContext
+    out_dir: Path
+    run: Run = field(default_factory=Run)
+    # Filled by the mode for the result header and MLflow tags; `step` is the x-axis of every metric.
+    step: int | None = None
+
+    def log(self, msg: str, *args) -> None:
+        if self.dist.is_main:
+            log.info(msg, *args)
+
+
+def main(cfg: DictConfig) -> dict[str, Any] | None:
+    """Run one job; user errors become one `error: ...` line on stderr and exit code 2."""
+    _quiet_libraries()
+    try:
+        return _main(cfg)
+    except CkptEvalError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        log.debug("details", exc_info=True)
+        shutdown()
+        sys.exit(2)
+
+
+def _main(cfg: DictConfig) -> dict[str, Any] | None:
+    spec = MODES.get(cfg.mode.name)
+    if spec is None:
+        raise CkptEvalError(f"unknown mode {cfg.mode.name!r}: choose one of {', '.join(MODES)} (mode=NAME)")
+    _reject_glob_without_multirun(cfg.ckpt)
+    if spec.needs_ckpt and not cfg.ckpt:
+        raise CkptEvalError(f"mode={cfg.mode.name} needs a checkpoint: add ckpt=PATH (an HF dir, a DCP step_N dir "
+                            f"or a .gguf file)")
+    dist = init_distributed(cfg.parallel, cfg.eval.device)
+    job = Job(dist=dist, out_dir=job_output_dir())
+    fn = spec.load()
+    try:
+        if not spec.opens_run:
+            return fn(cfg, job)
+        job.step = _step_from_path(cfg.ckpt)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        with mlflow_run(cfg.tracking, enabled=dist.is_main, run_name=run_name(cfg.mode.name, cfg.ckpt, job.step),
+                        tags={"mode": cfg.mode.name, "ckpt": _abs(cfg.ckpt), "step": job.step},
+                        params=flatten(resolved)) as run:
+            job.run = run
+            result = fn(cfg, job)
+            if dist.is_main and result is not None:
+                report(result, title=f"{cfg.mode.name} {cfg.ckpt or ''}".strip(), run=run, out_dir=job.out_dir,
+                       step=job.step)
+                run.set_tags({"step": job.step})
+        if dist.is_main and cfg.tracking.enabled:
+            print(f"MLflow: {ui_command(resolve_tracking_uri(cfg.tracking.uri))}", flush=True)
+        return result
+    finally:
+        shutdown()
+
+
+def run_name(mode: str, ckpt: str | None, step: int | None) -> str:
+    """`loss/step_0001200`: zero-padded so runs sort by step in the MLflow UI."""
+    if step is not None:
+        return f"{mode}/step_{step:07d}"
+    return f"{mode}/{Path(ckpt).name}" if ckpt else mode
+
+
+def _step_from_path(ckpt: str | None) -> int | None:
+    if not ckpt:
+        return None
+    from ckpteval.checkpoint import parse_step
+
+    return parse_step(ckpt)
+
+
+def _abs(path: str | None) -> str | None:
+    return str(Path(path).expanduser().resolve()) if path and "://" not in path else path
+
+
+def _reject_glob_without_multirun(ckpt: str | None) -> None:
+    if isinstance(ckpt, str) and ckpt.startswith("glob:"):
+        raise CkptEvalError(f"ckpt={ckpt} is a pattern: add -m to scan every match as its own job "
+                            f"(python run.py -m ckpt='{ckpt}' ...)")
+
+
+def _quiet_libraries() -> None:
+    """Keep stdout readable: our log lines and the result, not every library's warnings."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("alembic", "mlflow", "urllib3", "datasets", "filelock", "httpx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass

@@ -1,0 +1,130 @@
+"""Held-out loss: the one evaluation loop behind `mode=loss`, `train_eval`'s in-loop evaluation and `watch`.
+
+Loss = (sum of target-token NLL) / (number of target tokens), summed as float64 on every data-parallel rank,
+all-reduced once and divided once: never a mean of per-batch or per-rank means, so uneven last batches and
+padding rows (targets = -100) weigh exactly what they hold.
+
+A *scorer* turns one batch into (nll_sum, token_count). The default one runs the decoder once and projects to
+the vocabulary in chunks of `logits_chunk` tokens, so the full (B, L, V) float32 logits tensor the plain
+transformers loop builds never exists. Parallel layouts supply their own scorer (the pipeline's last stage
+computes the loss; other stages only forward), and `run_eval` stays the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Scorer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+# Architectures whose logits are exactly lm_head(last_hidden_state): no softcapping or logit scaling.
+_PLAIN_HEAD_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gpt2", "gpt_neox",
+                     "phi3", "olmo", "olmo2", "smollm3", "starcoder2", "gemma"}
+PPL_CAP = 20.0  # perplexity = exp(min(loss, 20)): an untrained model's huge loss stays a finite, plottable number
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    perplexity: float
+    tokens: int
+    nll_sum: float
+
+    def metrics(self, prefix: str = "eval/") -> dict[str, float]:
+        return {f"{prefix}loss": self.loss, f"{prefix}perplexity": self.perplexity, f"{prefix}tokens": self.tokens}
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, PPL_CAP))
+
+
+def chunked_nll(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """NLL sum and count of `targets` (-100 = ignore) under `head(hidden)`, `chunk` tokens of logits at a time.
+
+    Ignored positions are dropped before the projection, so padding rows cost nothing. Each chunk's logits are
+    upcast to float32 for the log-softmax, which is what makes bf16 evaluation match float32 closely.
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1).to(hidden.device)
+    keep = targets != -100
+    if not bool(keep.all()):
+        hidden, targets = hidden[keep], targets[keep]
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    for start in range(0, targets.numel(), chunk):
+        logits = head(hidden[start:start + chunk]).float()
+        total += F.cross_entropy(logits, targets[start:start + chunk], reduction="sum").double()
+    return total, torch.tensor(targets.numel(), dtype=torch.float64, device=hidden.device)
+
+
+def causal_lm_scorer(model: nn.Module, chunk: int = 4096) -> Scorer:
+    """Scorer for a transformers causal LM (plain, FSDP- or TP-sharded)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    decoder = model.get_decoder() if model_type in _PLAIN_HEAD_TYPES else None
+    head = model.get_output_embeddings() if decoder is not None else None
+
+    def score(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if decoder is not None and head is not None:
+            hidden = decoder(input_ids=inputs, use_cache=False).last_hidden_state
+            return chunked_nll(hidden, head, targets, chunk)
+        logits = model(input_ids=inputs, use_cache=False).logits  # exotic heads: exact, just not memory-lean
+        return chunked_nll(logits, nn.Identity(), targets, chunk)
+
+    return score
+
+
+def _autocast(device: torch.device, dtype: torch.dtype, model_dtype: torch.dtype | None):
+    """bf16 autocast only when the weights are float32 (training); weights already in bf16 need none."""
+    if dtype == torch.float32 or model_dtype == dtype:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def run_eval(scorer: Scorer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, device: torch.device,
+             dtype: torch.dtype = torch.float32, model_dtype: torch.dtype | None = None, group=None,
+             reduce: bool = True, progress: bool = False, total: int | None = None) -> EvalResult:
+    """Token-weighted loss over `batches` of (inputs (B, L), targets (B, L)); reduced across `group` ranks.
+
+    The caller puts the model in eval mode (`evaluating(model)`); this loop never touches model state, so the
+    same function serves a standalone checkpoint, a model mid-training, and every parallel layout.
+    """
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    iterator = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(batches, total=total, desc="eval", unit="batch", leave=False)
+    with torch.inference_mode(), _autocast(device, dtype, model_dtype):
+        for inputs, targets in iterator:
+            batch_nll, batch_count = scorer(inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True))
+            nll += batch_nll
+            count += batch_count
+    if reduce and torch.distributed.is_available() and torch.distributed.is_initialized():
+        both = torch.stack([nll, count])
+        torch.distributed.all_reduce(both, group=group)
+        nll, count = both[0], both[1]
+    tokens = int(count.item())
+    if tokens == 0:
+        from ckpteval.errors import CkptEvalError
+
+        raise CkptEvalError("evaluation saw no target tokens: the held-out data is empty or eval.steps=0")
+    loss = nll.item() / tokens
+    return EvalResult(loss=loss, perplexity=perplexity(loss), tokens=tokens, nll_sum=nll.item())
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """Switch to eval mode for the block and restore the previous mode (training resumes unchanged)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
