@@ -109,3 +109,49 @@ def reference_loss(model, token_files: list[np.ndarray], seq_len: int, window_id
 
 def write_json(path: Path, obj) -> None:
     Path(path).write_text(json.dumps(obj, indent=2))
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def compose(overrides: list[str]):
+    """The config `python run.py OVERRIDES` would get (schema registered, conf/ composed)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from ckpteval.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 300, env: dict | None = None, launcher: list[str] | None = None):
+    """`python run.py ARGS` in a subprocess (the real CLI contract: stdout, stderr, exit code)."""
+    import os
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                "PYTHONUNBUFFERED": "1", **(env or {})}
+    cmd = (launcher or [sys.executable]) + [str(REPO / "run.py")] + args
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def last_json_line(stdout: str) -> dict:
+    """The result JSON line a job prints last on stdout."""
+    for line in reversed(stdout.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{") and line.endswith("}"):
+            return json.loads(line)
+    raise AssertionError(f"no JSON line in stdout:\n{stdout[-2000:]}")
+
+
+def mlflow_runs(db: Path, experiment: str = "ckpteval"):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return client, []
+    return client, client.search_runs([exp.experiment_id], max_results=1000)

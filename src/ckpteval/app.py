@@ -89,7 +89,8 @@ def _main(cfg: DictConfig) -> dict[str, Any] | None:
             return fn(cfg, job)
         job.step = _step_from_path(cfg.ckpt)
         resolved = OmegaConf.to_container(cfg, resolve=True)
-        with mlflow_run(cfg.tracking, enabled=dist.is_main, run_name=run_name(cfg.mode.name, cfg.ckpt, job.step),
+        name = cfg.tracking.run_name or run_name(cfg.mode.name, cfg.ckpt, job.step)
+        with mlflow_run(cfg.tracking, enabled=dist.is_main, run_name=name,
                         tags={"mode": cfg.mode.name, "ckpt": _abs(cfg.ckpt), "step": job.step},
                         params=flatten(resolved)) as run:
             job.run = run

@@ -86,6 +86,7 @@ class Run:
 
     def __init__(self, client=None, run_id: str | None = None, uri: str | None = None):
         self.client, self.run_id, self.uri = client, run_id, uri
+        self._logged: dict[tuple[str, int], float] = {}  # a job's final report repeats in-loop metrics: log once
 
     @property
     def active(self) -> bool:
@@ -97,9 +98,15 @@ class Run:
         from mlflow.entities import Metric
         from mlflow.utils.time import get_current_time_millis
 
-        now = get_current_time_millis()
-        items = [Metric(_metric_key(k), float(v), now, int(step or 0)) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        now, step = get_current_time_millis(), int(step or 0)
+        items = []
+        for key, value in metrics.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            key = _metric_key(key)
+            if self._logged.get((key, step)) != float(value):
+                self._logged[(key, step)] = float(value)
+                items.append(Metric(key, float(value), now, step))
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
 

@@ -1,0 +1,24 @@
+"""Checkpoints: detect the format and completeness (cheap), load model weights, save atomically."""
+
+from ckpteval.checkpoint.detect import (
+                                        CheckpointInfo,
+                                        check_complete,
+                                        checkpoint_identity,
+                                        hf_weight_files,
+                                        inspect_checkpoint,
+                                        parse_step,
+                                        read_dcp_metadata,
+)
+from ckpteval.checkpoint.load import (
+                                        build_config,
+                                        build_model,
+                                        config_from_model_cfg,
+                                        load_model,
+                                        load_tokenizer,
+                                        load_weights,
+)
+from ckpteval.checkpoint.save import partial_dir, save_dcp_atomic, save_hf_atomic
+
+__all__ = ["CheckpointInfo", "build_config", "build_model", "check_complete", "checkpoint_identity",
+           "config_from_model_cfg", "hf_weight_files", "inspect_checkpoint", "load_model", "load_tokenizer",
+           "load_weights", "parse_step", "partial_dir", "read_dcp_metadata", "save_dcp_atomic", "save_hf_atomic"]

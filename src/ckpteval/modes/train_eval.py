@@ -1,0 +1,215 @@
+"""`mode=train_eval`: train a causal LM and evaluate held-out loss every `eval.interval` steps.
+
+    python run.py                                   # the demo: tiny Llama on the stdlib corpus, a few minutes on CPU
+    python run.py mode=train_eval model=tiny train.steps=2000 eval.interval=100 eval.steps=20 \
+        data=local data.train_path=DIR/train data.dataset_path=DIR/val checkpoint.interval=500
+    torchrun --nproc_per_node=2 run.py mode=train_eval parallel=fsdp ...
+
+In-loop evaluation is exactly `mode=loss` on the same model: the same windows, batches and `run_eval`, so the
+`eval/loss` logged at step N equals `mode=loss ckpt=.../step_N` afterwards. Checkpoints are DCP `step_{N}` dirs
+written atomically, with config.json, the tokenizer and `ckpteval.json` (step, tokens seen, data position,
+scheduler) inside, so every other mode can use them directly and `checkpoint.resume=true` continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ckpteval.checkpoint import (
+    build_model,
+    check_complete,
+    config_from_model_cfg,
+    parse_step,
+    save_dcp_atomic,
+)
+from ckpteval.data import load_eval_windows, load_train_windows
+from ckpteval.data.windows import check_token_ids, eval_batches, train_batches
+from ckpteval.errors import CkptEvalError
+from ckpteval.evaluation.loss import causal_lm_scorer, evaluating, run_eval
+from ckpteval.parallel import resolve_dtype
+from ckpteval.training.loop import (
+    TrainState,
+    build_optimizer,
+    build_scheduler,
+    optimizer_step,
+    rng_state,
+    set_rng_state,
+)
+
+
+def run(cfg, job) -> dict[str, Any]:
+    tokenizer = _tokenizer(cfg, job)
+    model = new_model(cfg.model, cfg.train.seed, job.dist.device)
+    train_windows = load_train_windows(cfg, tokenizer)
+    eval_windows = load_eval_windows(cfg, tokenizer) if cfg.eval.enabled else None
+    for windows in filter(None, (train_windows, eval_windows)):
+        check_token_ids(windows, model.config.vocab_size)
+    model = _parallelize(model, cfg, job)
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train)
+    ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else job.out_dir / "checkpoints"
+    state = _resume(cfg, job, model, optimizer, scheduler, ckpt_dir) if cfg.checkpoint.resume else TrainState()
+    job.log("training %s params for %d steps (batch %d x %d tokens x accum %d x dp %d), checkpoints in %s",
+            f"{sum(p.numel() for p in model.parameters()):,}", cfg.train.steps, cfg.train.batch_size,
+            cfg.train.seq_len, cfg.train.grad_accum, job.dist.dp_size, ckpt_dir)
+    result = _train(cfg, job, model, tokenizer, optimizer, scheduler, state, train_windows, eval_windows, ckpt_dir)
+    if job.dist.is_main:
+        _print_next_steps(cfg, ckpt_dir, state.step)
+    return result
+
+
+def new_model(model_cfg, seed: int, device: torch.device) -> torch.nn.Module:
+    """A freshly initialised HF causal LM from the `model` group, seeded so runs are reproducible."""
+    torch.manual_seed(seed)
+    return build_model(config_from_model_cfg(model_cfg), device="cpu").to(device)
+
+
+def _tokenizer(cfg, job):
+    """The tokenizer saved beside every checkpoint: the demo corpus's own, or `tokenizer=PATH`."""
+    from transformers import AutoTokenizer
+
+    path = cfg.tokenizer
+    if cfg.data.demo:
+        from ckpteval.data.prepare import ensure_demo_corpus
+
+        if job.dist.is_main:
+            corpus = ensure_demo_corpus(cfg.paths, cfg.prepare)
+            if corpus.vocab_size > cfg.model.vocab_size:
+                raise CkptEvalError(f"the demo tokenizer has {corpus.vocab_size} tokens but model.vocab_size="
+                                    f"{cfg.model.vocab_size}: set model.vocab_size={corpus.vocab_size}")
+        if job.dist.distributed:
+            dist.barrier()
+        path = path or str(Path(cfg.paths.demo_data) / "tokenizer")
+    return AutoTokenizer.from_pretrained(path) if path else None
+
+
+def _parallelize(model, cfg, job):
+    if cfg.parallel.name != "none":
+        from ckpteval.parallel import parallelize_for_training
+
+        return parallelize_for_training(model, cfg, job.dist)
+    if job.dist.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[job.dist.device.index] if job.dist.device.type == "cuda"
+                                       else None)
+    return model
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)
+
+
+def _train(cfg, job, model, tokenizer, optimizer, scheduler, state, train_windows, eval_windows, ckpt_dir):
+    tcfg, d = cfg.train, job.dist
+    per_micro = tcfg.batch_size * d.dp_size  # samples consumed per micro-batch across data-parallel ranks
+    stream = train_batches(train_windows, tcfg.batch_size, tcfg.seed, state.data_position, d.dp_rank, d.dp_size)
+    autocast = resolve_dtype(tcfg.dtype) if tcfg.dtype != "float32" else None
+    last_eval: dict[str, float] = {}
+    t0, tokens0 = time.perf_counter(), state.tokens_seen
+    model.train()
+    while state.step < tcfg.steps:
+        loss, grad_norm = optimizer_step(model, optimizer, scheduler, stream, tcfg.grad_accum, device=d.device,
+                                         autocast_dtype=autocast, grad_clip=tcfg.grad_clip)
+        state.step += 1
+        state.data_position += per_micro * tcfg.grad_accum
+        state.tokens_seen += per_micro * tcfg.grad_accum * tcfg.seq_len
+        last = state.step == tcfg.steps
+        if state.step % tcfg.log_interval == 0 or last:
+            loss = _mean_across(loss, d)
+            rate = (state.tokens_seen - tokens0) / max(time.perf_counter() - t0, 1e-9)
+            metrics = {"train/loss": loss, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm,
+                       "train/tokens_per_s": rate, "train/tokens_seen": state.tokens_seen}
+            job.run.log_metrics(metrics, step=state.step)
+            if d.is_main:
+                print(f"[step {state.step}] train/loss={loss:.4f} | lr={metrics['train/lr']:.2e} | "
+                      f"tokens/s={rate:,.0f}", flush=True)
+        if eval_windows is not None and (state.step % cfg.eval.interval == 0 or last):
+            last_eval = evaluate(cfg, job, model, eval_windows)
+            job.run.log_metrics(last_eval, step=state.step)
+            if d.is_main:
+                print(f"[step {state.step}] eval/loss={last_eval['eval/loss']:.4f} | "
+                      f"eval/perplexity={last_eval['eval/perplexity']:.4f}", flush=True)
+        interval = cfg.checkpoint.interval
+        if last or (interval > 0 and state.step % interval == 0):
+            save_checkpoint(cfg, job, model, optimizer, scheduler, state, tokenizer, ckpt_dir)
+    job.step = state.step
+    return {"step": state.step, "tokens_seen": state.tokens_seen, **last_eval}
+
+
+def evaluate(cfg, job, model, eval_windows) -> dict[str, float]:
+    """The same evaluation `mode=loss` runs: same windows, same batches, same `run_eval`."""
+    core = _unwrap(model)
+    batches = eval_batches(eval_windows, cfg.eval.batch_size, cfg.eval.steps, job.dist.dp_rank, job.dist.dp_size)
+    with evaluating(model):
+        result = run_eval(causal_lm_scorer(core, cfg.eval.logits_chunk), batches, device=job.dist.device,
+                          dtype=resolve_dtype(cfg.eval.dtype), model_dtype=next(core.parameters()).dtype,
+                          group=job.dist.dp_group)
+    return result.metrics()
+
+
+def _mean_across(value: float, d) -> float:
+    if not d.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=d.device)
+    dist.all_reduce(t, group=d.dp_group)
+    return t.item() / d.dp_size
+
+
+def save_checkpoint(cfg, job, model, optimizer, scheduler, state: TrainState, tokenizer, ckpt_dir: Path) -> Path:
+    """DCP `step_{N}`: model + optimizer + RNG as tensors; step, data position and scheduler in ckpteval.json."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(_unwrap(model), optimizer)
+    meta = {**state.to_dict(), "scheduler": scheduler.state_dict(), "seed": cfg.train.seed}
+    step_dir = ckpt_dir / f"step_{state.step}"
+    save_dcp_atomic(step_dir, {"model": model_sd, "optim": optim_sd, "rng": rng_state()},
+                    extra_files={"ckpteval.json": json.dumps(meta, indent=2)}, config=_unwrap(model).config,
+                    tokenizer=tokenizer)
+    job.log("saved checkpoint %s", step_dir)
+    if job.dist.is_main and cfg.checkpoint.keep_last > 0:
+        for old in _complete_steps(ckpt_dir)[:-cfg.checkpoint.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return step_dir
+
+
+def _complete_steps(ckpt_dir: Path) -> list[Path]:
+    found = [p for p in ckpt_dir.glob("step_*") if p.is_dir() and check_complete(p)[0]]
+    return sorted(found, key=lambda p: parse_step(p.name) or -1)
+
+
+def _resume(cfg, job, model, optimizer, scheduler, ckpt_dir: Path) -> TrainState:
+    """Load the newest complete checkpoint: model, optimizer, RNG, scheduler and data position."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    steps = _complete_steps(ckpt_dir)
+    if not steps:
+        job.log("checkpoint.resume=true but no complete step_N in %s: starting from scratch", ckpt_dir)
+        return TrainState()
+    path = steps[-1]
+    model_sd, optim_sd = get_state_dict(_unwrap(model), optimizer)
+    state_dict = {"model": model_sd, "optim": optim_sd, "rng": rng_state()}
+    dcp.load(state_dict, checkpoint_id=str(path))
+    set_state_dict(_unwrap(model), optimizer, model_state_dict=state_dict["model"],
+                   optim_state_dict=state_dict["optim"])
+    set_rng_state(state_dict["rng"])
+    meta = json.loads((path / "ckpteval.json").read_text())
+    scheduler.load_state_dict(meta["scheduler"])
+    job.log("resumed from %s (step %d)", path, meta["step"])
+    return TrainState(step=meta["step"], tokens_seen=meta["tokens_seen"], data_position=meta["data_position"])
+
+
+def _print_next_steps(cfg, ckpt_dir: Path, step: int) -> None:
+    ckpt = ckpt_dir / f"step_{step}"
+    data = "data=demo" if cfg.data.demo else f"data={cfg.data.kind} data.dataset_path={cfg.data.dataset_path}"
+    print("\nNext:\n"
+          f"  python run.py mode=loss ckpt={ckpt} {data}          # loss of the checkpoint just written\n"
+          f"  python run.py mode=harness ckpt={ckpt}                  # downstream benchmarks\n", flush=True)
