@@ -70,6 +70,8 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         log.debug("details", exc_info=True)
         shutdown()
+        if _in_multirun():
+            raise  # Hydra records the job FAILED; the sweep goes on and its summary lists the error
         sys.exit(2)
 
 
@@ -123,6 +125,17 @@ def _step_from_path(ckpt: str | None) -> int | None:
 
 def _abs(path: str | None) -> str | None:
     return str(Path(path).expanduser().resolve()) if path and "://" not in path else path
+
+
+def _in_multirun() -> bool:
+    """True inside a `-m` sweep job (where exiting would end every remaining job too)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except (ImportError, ValueError):
+        return False
 
 
 def _reject_glob_without_multirun(ckpt: str | None) -> None:

@@ -25,7 +25,7 @@ class ParallelConfig:
     dp: int = -1  # data-parallel degree; -1 = world_size / (tp * pp)
     tp: int = 1  # tensor-parallel degree (parallel=tp)
     pp: int = 1  # pipeline stages (parallel=pp)
-    pp_schedule: str = "GPipe"  # GPipe | 1F1B | Interleaved1F1B ... (torch.distributed.pipelining)
+    pp_schedule: str = "GPipe"  # GPipe | 1F1B (single-stage schedules of torch.distributed.pipelining)
     microbatches: int = 4  # pipeline microbatches per batch (batch_size must be divisible)
     param_dtype: Optional[str] = None  # FSDP mixed precision: parameter dtype for compute (bfloat16, ...)
     reduce_dtype: Optional[str] = None  # FSDP mixed precision: gradient reduction dtype
@@ -131,11 +131,11 @@ class HarnessConfig:
     log_samples: bool = True  # keep per-sample logs as an MLflow artifact
     gen_kwargs: Optional[str] = None  # generation tasks: "temperature=0,max_gen_toks=64"
     apply_chat_template: bool = False
-    backend: str = "fast"  # fast (our KV-reusing LM) | hf (lm-eval HFLM on the in-memory model) | subprocess (lm_eval CLI on a converted dir)
+    backend: str = "hf"  # hf (lm-eval HFLM on the in-memory model) | fast (our KV-reusing LM) | subprocess (lm_eval CLI on a converted dir)
     dtype: str = "float32"  # float32 | bfloat16
     allow_code_execution: bool = False  # tasks that execute model-written code stay refused unless true
     trust_remote_code: bool = False
-    cache_dir: Optional[str] = None  # conversion cache for backend=subprocess; default outputs/converted
+    cache_dir: Optional[str] = None  # conversion cache for backend=subprocess; default <paths.outputs>/converted
 
 
 @dataclass
@@ -162,6 +162,7 @@ class HeavyConfig:
     num_fewshot: Optional[int] = None
     every_n_steps: int = 0  # run heavy tasks when step % every_n_steps == 0 (0 = never)
     limit: Optional[float] = None
+    name: str = "heavy"  # evaluation name of the heavy suite (MLflow tag `evaluation`, run name heavy/step_N)
 
 
 @dataclass
@@ -179,6 +180,9 @@ class WatchConfig:
     state_dir: Optional[str] = None  # ledger + lock; default <watch.dir>/.ckpteval_watch (or outputs/watch/<hash> for URLs)
     lock_stale_s: float = 600.0  # a lock whose heartbeat is older than this is taken over
     max_polls: int = 0  # stop after N polls (0 = forever); for tests and cron-like use
+    heartbeat_s: float = 60.0  # lock heartbeat + "heartbeat" log line + summary-run metrics at most this often
+    events: bool = True  # also wake on filesystem events (local dirs, when the watchdog package is installed)
+    retry_failed: bool = False  # give checkpoints recorded failed another max_attempts at startup
 
 
 @dataclass

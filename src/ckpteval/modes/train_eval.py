@@ -32,7 +32,7 @@ from ckpteval.checkpoint import (
 from ckpteval.data import load_eval_windows, load_train_windows
 from ckpteval.data.windows import check_token_ids, eval_batches, train_batches
 from ckpteval.errors import CkptEvalError
-from ckpteval.evaluation.loss import causal_lm_scorer, evaluating, run_eval
+from ckpteval.evaluation.loss import evaluating, run_eval
 from ckpteval.parallel import resolve_dtype
 from ckpteval.training.loop import (
     TrainState,
@@ -146,10 +146,12 @@ def _train(cfg, job, model, tokenizer, optimizer, scheduler, state, train_window
 
 def evaluate(cfg, job, model, eval_windows) -> dict[str, float]:
     """The same evaluation `mode=loss` runs: same windows, same batches, same `run_eval`."""
+    from ckpteval.parallel import training_scorer
+
     core = _unwrap(model)
     batches = eval_batches(eval_windows, cfg.eval.batch_size, cfg.eval.steps, job.dist.dp_rank, job.dist.dp_size)
     with evaluating(model):
-        result = run_eval(causal_lm_scorer(core, cfg.eval.logits_chunk), batches, device=job.dist.device,
+        result = run_eval(training_scorer(model, cfg.eval.logits_chunk), batches, device=job.dist.device,
                           dtype=resolve_dtype(cfg.eval.dtype), model_dtype=next(core.parameters()).dtype,
                           group=job.dist.dp_group)
     return result.metrics()

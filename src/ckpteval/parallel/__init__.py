@@ -1,7 +1,12 @@
 """Model layouts: one function builds the evaluation model (and its scorer) for `parallel.name`.
 
-`none` is a full replica per rank (plain data parallel when launched by torchrun). fsdp/tp/pp live in their
-own modules and are selected here, so modes never branch on the layout.
+`none` is a full replica per rank (plain data parallel when launched by torchrun); `fsdp` shards parameters
+over the data-parallel ranks (fsdp.py); `tp` splits each decoder layer over the "tp" dim and replicates over
+the rest (tp.py); `pp` gives each "pp" rank a slice of the layers (pp.py). Modes never branch on the layout:
+they get a model and a scorer and call the same `run_eval`.
+
+Weights: HF and GGUF checkpoints are read whole on every rank and then distributed; DCP checkpoints are read
+straight into the sharded model, each rank reading only its own shards (and never the optimizer state).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from torch import nn
 
 from ckpteval.errors import CkptEvalError
 from ckpteval.evaluation.loss import Scorer, causal_lm_scorer
-from ckpteval.parallel.dist import DistContext
+from ckpteval.parallel.dist import DistContext, fail_together
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -25,11 +30,140 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 
 def load_eval_model(cfg, info, dist: DistContext) -> tuple[nn.Module, Scorer]:
-    """Build the model for `cfg.parallel.name`, load the checkpoint's weights into it, return it + its scorer."""
+    """Build the model for `cfg.parallel.name`, load the checkpoint's weights into it, return it + its scorer.
+
+    The returned model is the transformers model (its `.config`, `.parameters()`, `.eval()` are what modes use);
+    the scorer runs it in its layout.
+    """
     from ckpteval.checkpoint import load_model
 
     dtype = resolve_dtype(cfg.eval.dtype)
-    if cfg.parallel.name == "none":
+    layout = cfg.parallel.name
+    if layout == "none":
         model = load_model(info, cfg.model, device=dist.device, dtype=dtype)
         return model, causal_lm_scorer(model, cfg.eval.logits_chunk)
-    raise CkptEvalError(f"parallel={cfg.parallel.name} is not available: use parallel=none")
+    if dist.mesh is None:
+        raise CkptEvalError(f"parallel={layout} needs torchrun: torchrun --nproc_per_node=N run.py ...")
+    from ckpteval.parallel.mesh import check_model_fits
+
+    with fail_together(f"loading {info.path}"):
+        # Local work only (no collectives) until the layout is applied: a bad file fails every rank together.
+        model = _unsharded_model(cfg, info, dtype)
+        check_model_fits(dist.dims, model.config)
+        if layout == "pp":
+            from ckpteval.parallel.mesh import check_microbatches
+            from ckpteval.parallel.pp import build_stage
+
+            check_microbatches(cfg.eval.batch_size, cfg.parallel.microbatches)
+            stage = build_stage(model, dist.mesh.get_local_rank("pp"), dist.dims.pp)
+    if layout == "fsdp":
+        from ckpteval.parallel.fsdp import apply_fsdp
+
+        root = apply_fsdp(model, dist.mesh["dp"], cfg.parallel, cfg.eval.logits_chunk)
+        _load_weights(model, info, dist, no_dist=False)
+        return model.eval(), root.scorer()
+    if layout == "tp":
+        from ckpteval.parallel.tp import apply_tp
+
+        apply_tp(model.to(dist.device), dist.mesh["tp"])
+        _load_weights(model, info, dist, no_dist=False)
+        return model.eval(), causal_lm_scorer(model, cfg.eval.logits_chunk)
+    from ckpteval.parallel.pp import pipeline_scorer
+
+    stage.to(dist.device)
+    _load_weights(stage.lm, info, dist, no_dist=True)
+    stage.eval()
+    scorer = pipeline_scorer(stage, cfg.parallel, cfg.eval, dist.dims, dist.mesh, dist.device, dtype)
+    return stage.lm, scorer
+
+
+def _unsharded_model(cfg, info, dtype: torch.dtype) -> nn.Module:
+    """HF/GGUF: the whole model with its weights (on CPU). DCP: the architecture only; weights come after
+    sharding, straight from the checkpoint's shards."""
+    from ckpteval.checkpoint import build_config, build_model, load_model
+
+    if info.format == "dcp":
+        return build_model(build_config(info, cfg.model), device="cpu", dtype=dtype)
+    return load_model(info, cfg.model, device="cpu", dtype=dtype)
+
+
+def _load_weights(model: nn.Module, info, dist: DistContext, no_dist: bool) -> None:
+    if info.format == "dcp":
+        load_dcp_into(model, info, no_dist=no_dist)
+
+
+def load_dcp_into(model: nn.Module, info, no_dist: bool = False) -> None:
+    """Read the model's tensors from a DCP checkpoint into `model` as it is laid out (plain, FSDP or TP).
+
+    The request is the model's own (sharded) state dict under the checkpoint's prefix, so each rank reads only
+    the bytes of its shards; optimizer and other trainer entries are never requested. Names and global shapes
+    are checked against `.metadata` first (same checks and messages as the unsharded loader).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        set_model_state_dict,
+    )
+
+    from ckpteval.checkpoint.detect import read_dcp_metadata
+
+    metadata = read_dcp_metadata(info.path).state_dict_metadata
+    prefix = info.dcp_prefix
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    state = get_model_state_dict(model)
+    request: dict[str, torch.Tensor] = {}
+    names: dict[str, str] = {}  # model name -> checkpoint key
+    for name, tensor in state.items():
+        key = prefix + name
+        if key not in metadata and tied and name.endswith("lm_head.weight"):
+            key = prefix + "model.embed_tokens.weight"  # a tied head saved only as the embedding
+            if key in request:
+                continue
+        meta = metadata.get(key)
+        if meta is None:
+            available = [k for k in metadata if k.startswith(prefix) and "optim" not in k][:3]
+            raise CkptEvalError(f"checkpoint {info.path} does not match its architecture: tensor {prefix + name} is "
+                                f"missing (it holds e.g. {available}): the config.json (or model group) describes a "
+                                "different model")
+        shape = tuple(getattr(meta, "size", ()))
+        if shape != tuple(tensor.shape):
+            raise CkptEvalError(f"checkpoint {info.path} does not match its architecture: tensor shape mismatch "
+                                f"for {name}: checkpoint {shape} vs config {tuple(tensor.shape)}: the config.json "
+                                "(or model group) describes a different model")
+        request[key] = tensor
+        names[name] = key
+    with fail_together(f"reading DCP checkpoint {info.path}"):
+        dcp.load(request, storage_reader=dcp.FileSystemReader(str(info.path)), no_dist=no_dist)
+    set_model_state_dict(model, {name: request[key] for name, key in names.items()},
+                         options=StateDictOptions(strict=False))
+
+
+def parallelize_for_training(model: nn.Module, cfg, dist: DistContext) -> nn.Module:
+    """Lay out a freshly built model for `train_eval`: parallel=fsdp (sharded data parallel over all ranks).
+
+    Returns the module the training loop calls; its `.module` is the transformers model (plain names for
+    checkpoints). tp and pp are evaluation layouts: training them needs every parameter as a DTensor (norms and
+    embeddings replicated on the mesh) and a pipelined train step, which the training loop does not have.
+    """
+    from ckpteval.parallel.mesh import check_model_fits
+
+    layout = cfg.parallel.name
+    if layout != "fsdp":
+        raise CkptEvalError(f"mode=train_eval does not train with parallel={layout}: use parallel=fsdp (or none); "
+                            f"parallel={layout} evaluates checkpoints: mode=loss parallel={layout} ckpt=...")
+    if dist.mesh is None:
+        raise CkptEvalError(f"parallel={layout} needs torchrun: torchrun --nproc_per_node=N run.py ...")
+    check_model_fits(dist.dims, model.config)
+    from ckpteval.parallel.fsdp import apply_fsdp
+
+    return apply_fsdp(model, dist.mesh["dp"], cfg.parallel, cfg.eval.logits_chunk)
+
+
+def training_scorer(model: nn.Module, logits_chunk: int) -> Scorer:
+    """The scorer for a model laid out by `parallelize_for_training` (or plain / DDP-wrapped)."""
+    from ckpteval.parallel.fsdp import ShardedCausalLM
+
+    if isinstance(model, ShardedCausalLM):
+        return model.scorer()
+    return causal_lm_scorer(getattr(model, "module", model), logits_chunk)

@@ -1,17 +1,23 @@
 """Process-group setup from the torchrun environment, and the facts every mode needs about it.
 
 Without torchrun (no WORLD_SIZE), everything runs in one process with no process group. Under torchrun the
-backend is nccl on CUDA and gloo on CPU unless `parallel.backend` says otherwise.
+backend is nccl on CUDA and gloo on CPU unless `parallel.backend` says otherwise. For parallel=fsdp|tp|pp a
+("dp", "pp", "tp") DeviceMesh is built after the sizes are validated (before the process group starts, so a
+wrong size fails every rank the same way); data-parallel evaluation shards windows over the "dp" dim only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from ckpteval.errors import CkptEvalError
+from ckpteval.parallel.mesh import MeshDims, build_mesh, resolve_mesh_dims
 
 
 @dataclass
@@ -23,7 +29,8 @@ class DistContext:
     dp_rank: int = 0  # this rank's index among data-parallel replicas
     dp_size: int = 1
     dp_group: Any = None  # process group for data-parallel reductions (None = default/world)
-    mesh: Any = None  # DeviceMesh when a parallel layout is active
+    mesh: Any = None  # DeviceMesh ("dp", "pp", "tp") when a parallel layout is active
+    dims: MeshDims | None = None  # its sizes
 
     @property
     def is_main(self) -> bool:
@@ -47,6 +54,11 @@ def init_distributed(parallel_cfg, requested_device: str | None = None) -> DistC
     """Initialise the default process group when launched by torchrun; no-op for a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    layout = parallel_cfg.name
+    dims = resolve_mesh_dims(parallel_cfg, world_size)  # raises on every rank alike, before any collective
+    if layout != "none" and world_size == 1:
+        raise CkptEvalError(f"parallel={layout} needs several processes: launch it with torchrun "
+                            f"(torchrun --nproc_per_node=N run.py parallel={layout} ...), or use parallel=none")
     device = pick_device(requested_device, local_rank)
     if world_size == 1:
         return DistContext(device=device)
@@ -56,8 +68,39 @@ def init_distributed(parallel_cfg, requested_device: str | None = None) -> DistC
         backend = parallel_cfg.backend or ("nccl" if device.type == "cuda" else "gloo")
         dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
     rank = dist.get_rank()
+    if layout == "none":
+        return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
+                           dp_rank=rank, dp_size=world_size)
+    mesh = build_mesh(dims, device.type)
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
-                       dp_rank=rank, dp_size=world_size)
+                       dp_rank=mesh.get_local_rank("dp"), dp_size=dims.dp, dp_group=mesh.get_group("dp"),
+                       mesh=mesh, dims=dims)
+
+
+@contextlib.contextmanager
+def fail_together(what: str):
+    """Run the block on every rank; when any rank fails, every rank raises the same CkptEvalError.
+
+    Wrap blocks that contain no collectives, or whose collectives every rank leaves even on failure (DCP load
+    gathers its exceptions), so a bad file on one rank ends the whole job with one message instead of a hang.
+    """
+    message = None
+    try:
+        yield
+    except CkptEvalError as exc:
+        message = str(exc)
+    except Exception as exc:  # noqa: BLE001 - any failure on one rank must reach the others
+        message = f"{what} failed: {type(exc).__name__}: {exc}"
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if message is not None:
+            raise CkptEvalError(message)
+        return
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, message)
+    failed = [(r, m) for r, m in enumerate(gathered) if m is not None]
+    if failed:
+        rank, msg = failed[0]
+        raise CkptEvalError(msg if all(m == msg for _, m in failed) else f"rank {rank}: {msg}")
 
 
 def shutdown() -> None:

@@ -1,0 +1,135 @@
+"""Harness-path benchmark: `python run.py mode=harness` on a DCP checkpoint vs the stock route (convert to an HF
+dir, then the `lm_eval` CLI on it), whole processes, wall clock, same tasks, same numbers.
+
+    python benchmarks/bench_harness.py                       # tiny Llama, the project's offline tasks
+    python benchmarks/bench_harness.py --size small --backends hf,fast --batch-size 16
+
+The checkpoint is a random-weight Llama saved as a trainer-style DCP dir ({"model", "optim"} + config.json +
+tokenizer). Tasks: tests/tasks (ckpteval_mc: multiple choice, ckpteval_rolling: loglikelihood_rolling), which
+run offline. "ours" is one process: resolve tasks (include path only, no built-in task index), load the DCP
+weights in memory, evaluate. "stock" is what one does without ckpteval: `run.py mode=convert` (DCP -> HF, written
+and verified) and then `lm_eval --model hf --model_args pretrained=DIR ... --include_path tests/tasks`. Every
+metric of every run is checked equal to the stock run's (exactly for hf; FastLM within 1e-4 relative).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "src"))
+
+TASKS = ["ckpteval_mc", "ckpteval_rolling"]
+TASKS_DIR = ROOT / "tests" / "tasks"
+SIZES = {
+    "tiny": {"vocab_size": 4096, "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512},
+    "small": {"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12,
+              "num_attention_heads": 12, "num_key_value_heads": 12, "max_position_embeddings": 2048},
+}
+
+
+def make_checkpoint(root: Path, size: str) -> Path:
+    """A random-weight Llama as a DCP step dir with config.json and a BPE tokenizer beside the shards."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tests.factories import make_tokenizer
+
+    tok_dir = make_tokenizer(root / "tokenizer", vocab_size=min(SIZES[size]["vocab_size"], 2048))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SIZES[size], tie_word_embeddings=False, bos_token_id=0, eos_token_id=0))
+    ckpt = root / "run" / "step_1000"
+    dcp.save({"model": model.state_dict(), "optim": {"step": torch.tensor(1000)}},
+             storage_writer=dcp.FileSystemWriter(str(ckpt)), no_dist=True)
+    model.config.save_pretrained(ckpt)
+    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(ckpt)
+    return ckpt
+
+
+def timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, subprocess.CompletedProcess]:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, check=False, cwd=cwd, env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return elapsed, proc
+
+
+def last_json(stdout: str) -> dict:
+    for line in reversed(stdout.strip().splitlines()):
+        if line.startswith("{") and line.endswith("}"):
+            return json.loads(line)
+    raise SystemExit("no result line")
+
+
+def stock_metrics(out: Path) -> dict[str, float]:
+    results = json.loads(max(out.rglob("results_*.json")).read_text())["results"]
+    return {f"harness/{task}/{key.split(',')[0]}": value for task in TASKS for key, value in results[task].items()
+            if "," in key and isinstance(value, float)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--backends", default="hf,fast", help="our backends to time (fast is skipped if missing)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="cuda" if shutil.which("nvidia-smi") else "cpu")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir")
+    args = parser.parse_args()
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    tmp = Path(tempfile.mkdtemp(prefix="bench_harness_"))
+    try:
+        ckpt = make_checkpoint(tmp, args.size)
+        common = ["harness=offline", f"harness.include_path={TASKS_DIR}", f"harness.batch_size={args.batch_size}",
+                  f"eval.device={args.device}", "tracking.enabled=false"]
+
+        hf_dir = tmp / "converted"
+        t_convert, _ = timed([sys.executable, str(ROOT / "run.py"), "mode=convert", f"ckpt={ckpt}",
+                              f"convert.out={hf_dir}", "tracking.enabled=false", f"hydra.run.dir={tmp / 'h0'}"],
+                             tmp, env)
+        t_lm_eval, _ = timed([sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args",
+                              f"pretrained={hf_dir},dtype=float32", "--tasks", ",".join(TASKS), "--include_path",
+                              str(TASKS_DIR), "--batch_size", str(args.batch_size), "--device", args.device,
+                              "--output_path", str(tmp / "stock"), "--seed", "1234,1234,1234,1234"], tmp, env)
+        stock = t_convert + t_lm_eval
+        reference = stock_metrics(tmp / "stock")
+        print(f"size={args.size} device={args.device} batch_size={args.batch_size} tasks={','.join(TASKS)}")
+        print(f"stock: mode=convert {t_convert:.1f} s + lm_eval CLI {t_lm_eval:.1f} s = {stock:.1f} s")
+
+        for backend in [b for b in args.backends.split(",") if b]:
+            if backend == "fast":
+                try:
+                    import ckpteval.evaluation.fast_lm  # noqa: F401
+                except ImportError:
+                    print("ours (fast): skipped, ckpteval.evaluation.fast_lm is not importable")
+                    continue
+            t_ours, proc = timed([sys.executable, str(ROOT / "run.py"), "mode=harness", f"ckpt={ckpt}", *common,
+                                  f"harness.backend={backend}", f"hydra.run.dir={tmp / backend}"], tmp, env)
+            ours = last_json(proc.stdout)
+            worst = max(abs(ours[k] - v) / max(abs(v), 1e-12) for k, v in reference.items())
+            same = "identical" if worst == 0 else f"max rel diff {worst:.2e}"
+            limit = 0 if backend == "hf" else 1e-4
+            status = "OK" if worst <= limit else "MISMATCH"
+            print(f"ours ({backend}): {t_ours:.1f} s (in-process harness {ours['harness/runtime_s']:.1f} s)  "
+                  f"speedup {stock / t_ours:.2f}x  metrics vs stock: {same} [{status}]")
+    finally:
+        if args.keep:
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,401 @@
+"""FastLM: an lm-eval backend that returns HFLM's loglikelihoods while running each shared context once.
+
+Multiple-choice tasks ask ``loglikelihood(context, choice)`` once per choice, and lm-eval's ``HFLM`` runs the
+whole context again for every choice (its one-token cache only helps when every choice is a single token).
+FastLM tokenizes every distinct string once, groups requests by the exact token prefix HFLM conditions on
+(after its left truncation to ``max_length``), and packs that prefix with all of its continuations into one
+row::
+
+    tokens     c0 c1 c2 c3 | a1 a2 | b1 | d1 d2      prefix, then each continuation minus its last token
+    positions   0  1  2  3 |  4  5 |  4 |  4  5      every continuation continues the prefix's positions
+
+A 4-D attention mask lets each continuation see the prefix and itself, nothing else, so every scored token
+sees exactly the keys and positions it sees in HFLM's separate sequence: the results agree to float
+rounding. The vocabulary projection runs only at scored positions (``logits_to_keep``) and log-softmax is
+float32 (HFLM's is in the model dtype). Rows are sorted by length and run ``batch_size`` at a time, so
+padding is small. ``loglikelihood_rolling`` uses the same engine on HFLM's rolling windows;
+``generate_until`` delegates to an ``HFLM`` built on the same model object.
+
+Data parallel (``world_size > 1``, ``torch.distributed`` initialised): every rank receives all requests,
+context groups are split across ranks by token count, and every rank gets all results back in the original
+order. The evaluator therefore sees ``rank == 0``, ``world_size == 1`` on every process (the contract lm-eval
+keeps for launchers that distribute inside the model, e.g. its tensor-parallel mode): it builds the same
+requests everywhere, metrics are computed from identical, complete results, and ``simple_evaluate`` returns
+them where ``LOCAL_RANK == 0``. Nothing here needs ``accelerate``, so a model already in memory works.
+
+    lm = FastLM(model, tokenizer, batch_size=8, dtype="bfloat16")
+    lm_eval.simple_evaluate(model=lm, tasks=["arc_easy"])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import inspect
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.models.utils import has_bos_prefix, resolve_max_length
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
+
+from ckpteval.errors import CkptEvalError
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_MAX_LENGTH = 2048  # HFLM._DEFAULT_MAX_LENGTH: used when neither config nor tokenizer name one
+_MASKABLE_ATTENTION = {"sdpa", "eager"}  # implementations that take an arbitrary 4-D mask tensor
+
+
+@dataclass
+class _Group:
+    """Requests that condition on the same token prefix: the prefix runs once, each continuation after it."""
+
+    prefix: tuple[int, ...]
+    conts: list[tuple[int, ...]] = field(default_factory=list)  # distinct continuations
+    members: list[list[int]] = field(default_factory=list)  # request indices per continuation
+
+    @property
+    def length(self) -> int:
+        return len(self.prefix) + sum(len(c) - 1 for c in self.conts)
+
+
+def _resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype):
+        raise CkptEvalError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+    return resolved
+
+
+class FastLM(TemplateLM):
+    """Exact, faster stand-in for ``HFLM(pretrained=model, tokenizer=tokenizer)`` on loglikelihood requests.
+
+    Args:
+        model: an in-memory transformers causal LM (eval mode).
+        tokenizer: its HF tokenizer.
+        batch_size: rows (context groups, or rolling windows) per forward pass.
+        device: where inputs go; defaults to the model's device (the model is never moved).
+        dtype: compute dtype. None: the model's own. bfloat16/float16 on a float32 model: autocast.
+        rank, world_size: this process's data-parallel coordinates (``torch.distributed`` must be initialised
+            when world_size > 1). Requests are sharded internally; see the module docstring.
+        max_length: as HFLM's ``max_length`` (default: from the model config / tokenizer, else 2048).
+        group: the process group for the data-parallel gather (default: the world).
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 8, device=None, dtype=None, rank: int = 0,
+                 world_size: int = 1, max_length: int | None = None, group=None) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size_per_gpu = _parse_batch_size(batch_size)
+        first = next(model.parameters())
+        self._device = first.device  # inputs follow the model, which is never moved
+        asked = torch.device(device) if device is not None else first.device
+        if asked.type != first.device.type or asked.index not in (None, first.device.index):
+            raise CkptEvalError(f"FastLM: the model is on {first.device} but device={asked} was asked: "
+                                "move the model first or leave device unset")
+        model_dtype = first.dtype
+        self.compute_dtype = _resolve_dtype(dtype) or model_dtype
+        if self.compute_dtype == model_dtype:
+            self._autocast = None
+        elif model_dtype == torch.float32 and self.compute_dtype in (torch.bfloat16, torch.float16):
+            self._autocast = self.compute_dtype
+        else:
+            raise CkptEvalError(f"FastLM: the model weights are {model_dtype} and {self.compute_dtype} compute "
+                                f"was asked: load the model in {self.compute_dtype} instead")
+        self.dp_rank, self.dp_size, self.group = int(rank), int(world_size), group
+        if self.dp_size > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise CkptEvalError("FastLM: world_size > 1 needs torch.distributed initialised (launch with torchrun)")
+        self._max_length = max_length
+        self._prefix_str = tokenizer.decode(self.prefix_token_id)
+        self._attn_impl = getattr(model.config, "_attn_implementation", None) or "eager"
+        self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._hflm = None
+        if self._attn_impl not in _MASKABLE_ATTENTION:
+            log.warning("FastLM: attention implementation %r takes no custom mask; loglikelihood requests go "
+                        "through HFLM (exact, not faster)", self._attn_impl)
+
+    # ---- what lm-eval reads ------------------------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        if self.tokenizer.bos_token_id is not None:
+            return self.tokenizer.bos_token_id
+        return self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        if self._max_length:
+            return self._max_length
+        return resolve_max_length(self.model.config, self.tokenizer, default=_DEFAULT_MAX_LENGTH)
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    @property
+    def device(self):
+        return self._device
+
+    @property
+    def rank(self) -> int:
+        return 0  # see the module docstring: sharding happens inside, the evaluator must not shard again
+
+    @property
+    def world_size(self) -> int:
+        return 1
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer.name_or_path.replace("/", "__")
+
+    def get_model_info(self) -> dict:
+        return {"model_num_parameters": sum(p.numel() for p in self.model.parameters()),
+                "model_dtype": str(self.compute_dtype), "backend": "ckpteval-fast"}
+
+    def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
+        return self.hflm.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
+
+    @property
+    def hflm(self):
+        """An ``HFLM`` on the same model object, built on first use (generation, unsupported attention)."""
+        if self._hflm is None:
+            from lm_eval.models.huggingface import HFLM
+
+            self._hflm = HFLM(pretrained=self.model, tokenizer=self.tokenizer, batch_size=self.batch_size,
+                              max_length=self._max_length, mixed_precision_dtype=self._autocast)
+        self._hflm.cache_hook = self.cache_hook
+        return self._hflm
+
+    # ---- tokenization: HFLM's rules, each distinct string encoded once, in batches ----------------------
+    def _special_kwargs(self, string: str, add_special_tokens: bool | None) -> dict:
+        if add_special_tokens is not None:
+            return {"add_special_tokens": add_special_tokens}
+        if has_bos_prefix(string, self._prefix_str):  # HFLM: no second BOS when the text starts with one
+            return {"add_special_tokens": False}
+        return {}
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len=None, **kw):
+        enc = self.tokenizer.encode(string, **self._special_kwargs(string, add_special_tokens))
+        return enc[-left_truncate_len:] if left_truncate_len else enc
+
+    def _encode_many(self, strings, add_special_tokens: bool | None = None) -> dict[str, list[int]]:
+        by_kwargs: dict[tuple, list[str]] = {}
+        for s in dict.fromkeys(strings):
+            by_kwargs.setdefault(tuple(self._special_kwargs(s, add_special_tokens).items()), []).append(s)
+        out = {}
+        for kwargs, batch in by_kwargs.items():
+            out.update(zip(batch, self.tokenizer(batch, **dict(kwargs))["input_ids"]))
+        return out
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return self._loglikelihood_tokens(self._tokenized(requests), disable_tqdm=disable_tqdm)
+
+    def _tokenized(self, requests) -> list[tuple[tuple[str, str], list[int], list[int]]]:
+        """TemplateLM.loglikelihood's encoding (trailing context spaces move to the continuation; an empty
+        context becomes the prefix token), with each distinct string tokenized once, in batches."""
+        pairs = [req.args for req in requests]
+        split = {}
+        for ctx, cont in pairs:
+            if ctx:
+                n_spaces = len(ctx) - len(ctx.rstrip())
+                split[(ctx, cont)] = (ctx[:len(ctx) - n_spaces], ctx[len(ctx) - n_spaces:] + cont)
+        enc = self._encode_many([s for c, k in split.values() for s in (c, c + k)])
+        plain = self._encode_many([cont for ctx, cont in pairs if not ctx], add_special_tokens=False)
+        new_reqs = []
+        for ctx, cont in pairs:
+            if ctx:
+                c, k = split[(ctx, cont)]
+                ctx_enc = enc[c]
+                cont_enc = enc[c + k][len(ctx_enc):]
+            else:
+                cont_enc = plain[cont]
+                if not cont_enc:
+                    raise CkptEvalError(f"loglikelihood request with empty context and continuation {cont!r} "
+                                        "that encodes to no tokens")
+                if self.prefix_token_id != cont_enc[0]:
+                    ctx_enc = [self.prefix_token_id]
+                else:
+                    ctx_enc, cont_enc = cont_enc[:1], cont_enc[1:]
+            new_reqs.append(((ctx, cont), ctx_enc, cont_enc))
+        return new_reqs
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """HFLM's rolling windows (prefix token, ``max_length`` windows, context_len=1), scored by our engine."""
+        strings = [req.args[0] for req in requests]
+        enc = self._encode_many(strings)
+        windows, owners = [], []
+        for i, s in enumerate(strings):
+            for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=enc[s], prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
+                    context_len=1)):
+                windows.append((None, ctx, cont))
+                owners.append(i)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        totals = [0.0] * len(strings)
+        for i, (ll, _) in zip(owners, scores):
+            totals[i] += ll
+        for s, total in zip(strings, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", (s,), total)
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """No shared-prefix gain in generation: HFLM's loop, requests split across data-parallel ranks."""
+        mine = list(range(self.dp_rank, len(requests), self.dp_size))
+        outs = self.hflm.generate_until([requests[i] for i in mine], disable_tqdm=disable_tqdm)
+        return self._gather_ordered(list(zip(mine, outs)), len(requests))
+
+    # ---- the engine ----------------------------------------------------------------------------------------
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kw) -> list[tuple[float, bool]]:
+        """Score (key, context_tokens, continuation_tokens) requests; results in request order."""
+        if not requests:
+            return []
+        if self._attn_impl not in _MASKABLE_ATTENTION:
+            return self.hflm._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm)
+        groups = self._group(requests)
+        mine = _shard(groups, self.dp_rank, self.dp_size)
+        mine.sort(key=lambda g: -g.length)  # longest first: a too-large batch fails at once; similar lengths pad little
+        pbar = tqdm(total=sum(len(m) for g in mine for m in g.members), desc="loglikelihood (fast)",
+                    disable=disable_tqdm or self.dp_rank != 0)
+        local = []
+        for start in range(0, len(mine), self.batch_size):
+            batch = mine[start:start + self.batch_size]
+            for g, scores in zip(batch, self._score_batch(batch)):
+                for members, score in zip(g.members, scores):
+                    local += [(i, score) for i in members]
+                    pbar.update(len(members))
+        pbar.close()
+        results = self._gather_ordered(local, len(requests))
+        for (key, _, _), answer in zip(requests, results):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, answer)
+        return results
+
+    def _group(self, requests) -> list[_Group]:
+        """Group by the prefix HFLM conditions on: its input is (ctx + cont)[-(L+1):][:-1], whose last
+        len(cont) positions predict cont, so the prefix is that input minus cont[:-1]."""
+        L = self.max_length
+        groups: dict[tuple[int, ...], _Group] = {}
+        slots: dict[tuple, int] = {}
+        for i, (_, ctx, cont) in enumerate(requests):
+            if not ctx or not cont:
+                raise CkptEvalError(f"loglikelihood request {i} has an empty context or continuation after "
+                                    "tokenization")
+            if len(cont) > L:
+                raise CkptEvalError(f"loglikelihood request {i}: continuation of {len(cont)} tokens exceeds the "
+                                    f"model's max_length {L}")
+            inp = (list(ctx) + list(cont))[-(L + 1):][:-1]
+            prefix, cont = tuple(inp[:len(inp) - len(cont) + 1]), tuple(cont)
+            g = groups.setdefault(prefix, _Group(prefix))
+            slot = slots.setdefault((prefix, cont), len(g.conts))
+            if slot == len(g.conts):
+                g.conts.append(cont)
+                g.members.append([])
+            g.members[slot].append(i)
+        return list(groups.values())
+
+    def _score_batch(self, batch: list[_Group]) -> list[list[tuple[float, bool]]]:
+        """One forward over packed rows; per group, (loglikelihood, is_greedy) for each continuation."""
+        T = max(g.length for g in batch)
+        ids = torch.zeros(len(batch), T, dtype=torch.long)
+        pos = torch.zeros(len(batch), T, dtype=torch.long)
+        seg = torch.full((len(batch), T), -1, dtype=torch.long)  # 0: prefix, j+1: continuation j, -1: padding
+        keep = torch.zeros(len(batch), T, dtype=torch.bool)
+        flat, targets, owner = [], [], []  # per scored token: row of the kept logits, target token, continuation
+        base = n_conts = 0
+        for b, g in enumerate(batch):
+            P = len(g.prefix)
+            tokens, positions, segs = list(g.prefix), list(range(P)), [0] * P
+            for j, c in enumerate(g.conts):
+                # kept rows are positions P-1 .. n-1 of this row, in order: P-1 predicts c[0], then c[:-1]'s
+                # positions predict c[1:]
+                flat += [base] + [base + len(tokens) - P + 1 + k for k in range(len(c) - 1)]
+                targets += c
+                owner += [n_conts + j] * len(c)
+                tokens += c[:-1]
+                positions += range(P, P + len(c) - 1)
+                segs += [j + 1] * (len(c) - 1)
+            n = len(tokens)
+            ids[b, :n] = torch.tensor(tokens)
+            pos[b, :n] = torch.tensor(positions)
+            seg[b, :n] = torch.tensor(segs)
+            keep[b, P - 1:n] = True
+            base += n - P + 1
+            n_conts += len(g.conts)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        visible = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])  # [b, query, key]
+        mask = (causal & visible)[:, None]
+        logp = torch.log_softmax(self._forward(ids, pos, mask, keep).float(), dim=-1)
+        flat_t, targets_t, owner_t = (torch.tensor(x, device=logp.device) for x in (flat, targets, owner))
+        token_lp = logp[flat_t, targets_t]
+        misses = (logp.argmax(dim=-1)[flat_t] != targets_t).float()
+        ll = torch.zeros(n_conts, device=logp.device).index_add_(0, owner_t, token_lp).tolist()
+        greedy = (torch.zeros(n_conts, device=logp.device).index_add_(0, owner_t, misses) == 0).tolist()
+        out, k = [], 0
+        for g in batch:
+            out.append([(ll[k + j], bool(greedy[k + j])) for j in range(len(g.conts))])
+            k += len(g.conts)
+        return out
+
+    def _forward(self, ids, pos, mask, keep) -> torch.Tensor:
+        """Logits (n_kept, vocab) at the kept positions, in row-major order."""
+        dev = self._device
+        if self._attn_impl == "eager":  # eager attention adds the mask to the scores
+            dtype = self._autocast or self.compute_dtype
+            mask = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
+        kwargs = {"input_ids": ids.to(dev), "position_ids": pos.to(dev), "attention_mask": mask.to(dev),
+                  "use_cache": False}
+        autocast = (torch.autocast(device_type=dev.type, dtype=self._autocast) if self._autocast
+                    else contextlib.nullcontext())
+        with torch.inference_mode(), autocast:
+            if self._keep_arg:
+                logits = self.model(**kwargs, logits_to_keep=keep.to(dev)).logits
+                return logits.reshape(-1, logits.shape[-1])
+            return self.model(**kwargs).logits[keep.to(dev)]
+
+    # ---- data parallel --------------------------------------------------------------------------------------
+    def _gather_ordered(self, local: list[tuple[int, object]], n: int) -> list:
+        """(request index, result) pairs from every rank -> all n results in request order, on every rank."""
+        if self.dp_size > 1:
+            parts = [None] * self.dp_size
+            torch.distributed.all_gather_object(parts, local, group=self.group)
+            local = [pair for part in parts for pair in part]
+        out = [None] * n
+        for i, r in local:
+            out[i] = r
+        return out
+
+
+def _shard(groups: list[_Group], rank: int, world: int) -> list[_Group]:
+    """Longest-processing-time split by packed tokens; identical on every rank (same requests, same order)."""
+    if world <= 1:
+        return list(groups)
+    load = [(0, r) for r in range(world)]
+    mine = []
+    for g in sorted(groups, key=lambda g: -g.length):
+        tokens, r = heapq.heappop(load)
+        if r == rank:
+            mine.append(g)
+        heapq.heappush(load, (tokens + g.length, r))
+    return mine
+
+
+def _parse_batch_size(batch_size) -> int:
+    if isinstance(batch_size, str) and batch_size.startswith("auto"):
+        return 16  # no probing: rows are packed, a fixed row count is predictable in memory
+    try:
+        value = int(batch_size)
+    except (TypeError, ValueError):
+        raise CkptEvalError(f"harness batch_size must be a positive integer, got {batch_size!r}") from None
+    if value < 1:
+        raise CkptEvalError(f"harness batch_size must be a positive integer, got {batch_size!r}")
+    return value

@@ -1,0 +1,442 @@
+"""lm-evaluation-harness glue: resolve tasks (offline-aware), build the LM, run it, turn results into metrics.
+
+    resolved = resolve_tasks(cfg.harness)                    # before any model is loaded
+    lm = build_lm("hf", model, tokenizer, cfg.harness, dist) # or "fast" (FastLM), falls back to "hf"
+    results = run_simple_evaluate(lm, resolved, cfg.harness)
+    metrics, primaries = harness_metrics(results)            # {"harness/arc_easy/acc": ..., "harness/mean_primary": ...}
+
+Task resolution builds every requested task up front (lm-eval loads a task's dataset when it builds it), so an
+unknown name, a task that would execute model-written code, or data that is not available offline fails in
+seconds with one message, before a checkpoint is read. Built tasks are handed to ``simple_evaluate`` as objects,
+so nothing is loaded twice. lm-eval's own index of ~14k built-in task YAMLs takes ~20 s to build; when every
+requested task comes from ``harness.include_path`` the built-ins are not indexed at all, and the index is kept
+per process (the watcher evaluates many checkpoints with one).
+
+``harness.backend=subprocess`` runs the stock ``lm_eval`` CLI on an HF dir in a clean process
+(`run_lm_eval_cli`); its results JSON has the same shape, so the same metric code reads it.
+"""
+
+from __future__ import annotations
+
+import collections
+import difflib
+import fnmatch
+import functools
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ckpteval.errors import CkptEvalError
+
+log = logging.getLogger(__name__)
+
+PRIMARY_PREFERENCE = ("acc_norm", "acc")  # the primary metric of a task: the first of these it reports
+BACKENDS = ("hf", "fast", "subprocess")
+_GLOB_CHARS = set("*?[")
+_CUSTOM = "its custom_dataset loader"
+
+
+def require_lm_eval() -> None:
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise CkptEvalError("mode=harness needs lm-evaluation-harness: pip install -e '.[harness]'") from None
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+
+
+@dataclass
+class ResolvedTasks:
+    """Requested tasks, built (datasets loaded) and checked; `objects` go straight to simple_evaluate."""
+
+    manager: Any  # lm_eval.tasks.TaskManager
+    names: list[str]  # requested names after glob expansion (tasks, groups, tags or YAML paths)
+    objects: list  # top-level lm_eval Task / Group objects
+    leaf_tasks: dict[str, Any]  # every task that will run, by name
+
+
+@functools.lru_cache(maxsize=4)
+def task_manager(include_path: str | None, include_defaults: bool = True):
+    """lm-eval's TaskManager (its index of task YAMLs), built once per process and include path."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
+
+
+def _include_path(hcfg) -> str | None:
+    if not hcfg.include_path:
+        return None
+    path = Path(str(hcfg.include_path)).expanduser()
+    if not path.exists():
+        raise CkptEvalError(f"harness.include_path={hcfg.include_path} does not exist: point it at a dir (or YAML "
+                            f"file) of lm-eval task configs")
+    return str(path.resolve())
+
+
+def _known(manager, spec: str) -> bool:
+    if spec in manager.task_index:
+        return True
+    if _GLOB_CHARS & set(spec):
+        return bool(fnmatch.filter(manager.all_tasks, spec))
+    return spec.endswith((".yaml", ".yml")) and Path(spec).is_file()
+
+
+def _manager_for(specs: list[str], include: str | None):
+    """The include-path-only index when it knows every spec (no 20 s built-in index), else the full one."""
+    if include is not None:
+        own = task_manager(include, include_defaults=False)
+        if all(_known(own, s) for s in specs):
+            return own
+    return task_manager(include, include_defaults=True)
+
+
+def _expand(manager, specs: list[str]) -> list[str]:
+    names: list[str] = []
+    unknown: list[str] = []
+    for spec in specs:
+        if spec in manager.task_index or (spec.endswith((".yaml", ".yml")) and Path(spec).is_file()):
+            names.append(spec)
+        elif _GLOB_CHARS & set(spec) and fnmatch.filter(manager.all_tasks, spec):
+            names += sorted(fnmatch.filter(manager.all_tasks, spec))
+        else:
+            unknown.append(spec)
+    if unknown:
+        parts = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, manager.all_tasks, n=5, cutoff=0.6)
+            parts.append(f"{name!r}" + (f" (did you mean: {', '.join(close)}?)" if close else " (no close match)"))
+        raise CkptEvalError(f"unknown lm-eval task {'; '.join(parts)}: list the known ones with `lm_eval ls tasks`; "
+                            "for tasks of your own pass harness.include_path=DIR (a dir of task YAMLs)")
+    return list(dict.fromkeys(names))
+
+
+def _leaf_entries(manager, name: str, depth: int = 0) -> list:
+    """Index entries of the concrete tasks behind a task, group or tag name (for messages and checks)."""
+    from lm_eval.tasks._index import Kind
+
+    entry = manager.task_index.get(name)
+    if entry is None or depth > 8:
+        return []
+    if entry.kind in (Kind.TASK, Kind.PY_TASK):
+        return [entry]
+    children: list[str] = []
+    if entry.kind == Kind.GROUP:
+        for child in (entry.cfg or {}).get("task", []) or []:
+            children.append(child if isinstance(child, str) else (child or {}).get("task", ""))
+    elif entry.kind == Kind.TAG:
+        children = [n for n, e in manager.task_index.items() if name in (e.tags or ())]
+    out = []
+    for child in children:
+        if isinstance(child, str) and child:
+            out += _leaf_entries(manager, child, depth + 1)
+    return out
+
+
+def _refuse_code_tasks(names: list[str], allow: bool) -> None:
+    if names and not allow:
+        raise CkptEvalError(f"task(s) {', '.join(sorted(set(names)))} execute model-written code: they stay refused "
+                            "unless harness.allow_code_execution=true (run them only in a sandbox you trust)")
+
+
+def _dataset_of(entry) -> str:
+    cfg = entry.cfg or {}
+    path, name = cfg.get("dataset_path"), cfg.get("dataset_name")
+    if not path:
+        return _CUSTOM
+    return f"{path}" + (f" (config {name})" if name else "")
+
+
+def _load_error(spec: str, exc: Exception, manager) -> CkptEvalError:
+    """One message naming the task, the dataset it needs, and how to provide it offline."""
+    text = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+    leaves = _leaf_entries(manager, spec)
+    datasets = list(dict.fromkeys(_dataset_of(e) for e in leaves))
+    needs = ", ".join(datasets[:4]) + (f" and {len(datasets) - 4} more" if len(datasets) > 4 else "")
+    missing = isinstance(exc, (ConnectionError, FileNotFoundError, TimeoutError)) or any(
+        s in str(exc) for s in ("offline", "Offline", "Couldn't reach", "doesn't exist on the Hub", "not find"))
+    if not missing:
+        hub = [d for d in datasets if d != _CUSTOM]
+        return CkptEvalError(f"lm-eval task {spec} could not be built ({text}): check its YAML"
+                             + (f" (dataset {', '.join(hub[:4])})" if hub else ""))
+    first = next((e.cfg for e in leaves if (e.cfg or {}).get("dataset_path")), None) or {}
+    load = (f"datasets.load_dataset({first['dataset_path']!r}"
+            + (f", {first['dataset_name']!r}" if first.get("dataset_name") else "") + ")") if first else None
+    how = (f"cache it where there is network (python -c \"import datasets; {load}\") and copy that HF cache "
+           "here (HF_HOME / HF_DATASETS_CACHE), " if load else "")
+    return CkptEvalError(
+        f"lm-eval task {spec} needs the dataset {needs or '?'}, which is not available offline ({text}): "
+        f"{how}or write a task YAML that reads local files (dataset_path: json + dataset_kwargs.data_files, or "
+        f"custom_dataset) and pass harness.include_path=DIR harness.tasks=[YOUR_TASK]")
+
+
+def _top_level(loaded: dict) -> list:
+    """The Task/Group objects that are not inside another group (what a spec asked for)."""
+    children = {c for kids in (loaded.get("group_map") or {}).values() for c in kids}
+    groups = [g for name, g in (loaded.get("groups") or {}).items() if name not in children]
+    in_groups = {t for g in (loaded.get("groups") or {}).values() for t in
+                 (x.task_name for x in g.get_all_tasks())}
+    tasks = [t for name, t in loaded["tasks"].items() if name not in in_groups]
+    return groups + tasks
+
+
+def resolve_tasks(hcfg) -> ResolvedTasks:
+    """Find, check and build every task of `hcfg.tasks`; raises CkptEvalError before any model is loaded."""
+    require_lm_eval()
+    specs = [str(t) for t in (hcfg.tasks or [])]
+    if not specs:
+        raise CkptEvalError("harness.tasks is empty: name at least one task (harness.tasks=[arc_easy]) or pick a "
+                            "suite (harness=default)")
+    manager = _manager_for(specs, _include_path(hcfg))
+    names = _expand(manager, specs)
+    allow = bool(hcfg.allow_code_execution)
+    _refuse_code_tasks([e.name for n in names for e in _leaf_entries(manager, n) if (e.cfg or {}).get("unsafe_code")],
+                       allow)
+    objects: list = []
+    leaf: dict[str, Any] = {}
+    for name in names:
+        try:
+            loaded = manager.load([name])
+        except CkptEvalError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - datasets raises many types for missing data; one message for all
+            raise _load_error(name, exc, manager) from None
+        objects += _top_level(loaded)
+        leaf.update(loaded["tasks"])
+    _refuse_code_tasks([n for n, t in leaf.items() if getattr(t, "UNSAFE_CODE", False)], allow)
+    return ResolvedTasks(manager=manager, names=names, objects=objects, leaf_tasks=leaf)
+
+
+# ---------------------------------------------------------------------------------------------- LM
+
+
+def build_lm(backend: str, model, tokenizer, harness_cfg, dist):
+    """The lm-eval LM for an in-memory model: `hf` (lm-eval's HFLM) or `fast` (our FastLM, else HFLM)."""
+    if backend not in ("hf", "fast"):
+        raise CkptEvalError(f"harness.backend={backend} does not wrap an in-memory model: use hf or fast "
+                            f"(subprocess runs the lm_eval CLI on a converted dir)")
+    if backend == "fast":
+        try:
+            from ckpteval.evaluation.fast_lm import FastLM
+        except ImportError as exc:
+            log.warning("harness.backend=fast is unavailable (%s): using hf (lm-eval's HFLM)", exc)
+        else:
+            kwargs = {}
+            if dist is not None and dist.dp_size > 1:
+                kwargs = {"rank": dist.dp_rank, "world_size": dist.dp_size, "group": dist.dp_group}
+            return FastLM(model, tokenizer, batch_size=int(harness_cfg.batch_size), device=dist.device if dist else None,
+                          dtype=harness_cfg.dtype, **kwargs)
+    from lm_eval.models.huggingface import HFLM
+
+    # simple_evaluate ignores its batch_size for an LM object: HFLM's own batch_size is the one that counts.
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(harness_cfg.batch_size),
+                trust_remote_code=bool(harness_cfg.trust_remote_code))
+
+
+def _limit(value):
+    if value is None:
+        return None
+    value = float(value)
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
+def run_simple_evaluate(lm, resolved: ResolvedTasks, hcfg) -> dict | None:
+    """lm_eval.simple_evaluate on the built tasks; None on ranks that do not aggregate."""
+    from lm_eval import simple_evaluate
+
+    seed = int(hcfg.seed)
+    return simple_evaluate(
+        model=lm, tasks=list(resolved.objects), task_manager=resolved.manager, num_fewshot=hcfg.num_fewshot,
+        batch_size=int(hcfg.batch_size), limit=_limit(hcfg.limit), log_samples=bool(hcfg.log_samples),
+        gen_kwargs=hcfg.gen_kwargs or None, apply_chat_template=bool(hcfg.apply_chat_template),
+        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+        confirm_run_unsafe_code=bool(hcfg.allow_code_execution),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- subprocess
+
+
+def lm_eval_cli_command(model_dir: Path, hcfg, device: str, output_path: Path, tokenizer: Path | None = None,
+                        tasks: list[str] | None = None) -> list[str]:
+    """The stock `lm_eval` command line equivalent to our settings."""
+    model_args = f"pretrained={model_dir},dtype={hcfg.dtype}"
+    if tokenizer is not None:
+        model_args += f",tokenizer={tokenizer}"
+    if hcfg.trust_remote_code:
+        model_args += ",trust_remote_code=True"
+    seed = int(hcfg.seed)
+    cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args", model_args,
+           "--tasks", ",".join(tasks if tasks is not None else [str(t) for t in hcfg.tasks]),
+           "--batch_size", str(int(hcfg.batch_size)), "--device", str(device),
+           "--output_path", str(output_path), "--seed", f"{seed},{seed},{seed},{seed}"]
+    if hcfg.include_path:
+        cmd += ["--include_path", str(Path(str(hcfg.include_path)).expanduser().resolve())]
+    if hcfg.num_fewshot is not None:
+        cmd += ["--num_fewshot", str(int(hcfg.num_fewshot))]
+    if hcfg.limit is not None:
+        cmd += ["--limit", str(_limit(hcfg.limit))]
+    if hcfg.log_samples:
+        cmd += ["--log_samples"]
+    if hcfg.gen_kwargs:
+        cmd += ["--gen_kwargs", str(hcfg.gen_kwargs)]
+    if hcfg.apply_chat_template:
+        cmd += ["--apply_chat_template"]
+    if hcfg.allow_code_execution:
+        cmd += ["--confirm_run_unsafe_code"]
+    if hcfg.trust_remote_code:
+        cmd += ["--trust_remote_code"]
+    return cmd
+
+
+def run_lm_eval_cli(cmd: list[str], output_path: Path, env: dict | None = None) -> dict:
+    """Run the lm_eval CLI in a clean process (its stderr streams through); its results JSON, samples attached."""
+    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    log.info("running: %s", " ".join(cmd))
+    tail: collections.deque[str] = collections.deque(maxlen=30)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
+
+    def pump():
+        for line in proc.stderr:
+            tail.append(line.rstrip())
+            sys.stderr.write(line)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    proc.stdout.read()  # the CLI's table; ours is printed from the results JSON
+    proc.wait()
+    reader.join()
+    if proc.returncode != 0:
+        raise CkptEvalError(f"the lm_eval CLI failed (exit {proc.returncode}): {' | '.join(list(tail)[-4:])[:800]}; "
+                            f"command: {' '.join(cmd)}")
+    found = sorted(output_path.rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise CkptEvalError(f"the lm_eval CLI wrote no results_*.json under {output_path}")
+    results = json.loads(found[-1].read_text())
+    samples: dict[str, list] = {}
+    for f in found[-1].parent.glob("samples_*.jsonl"):
+        task = f.name[len("samples_"):].rsplit("_", 1)[0]
+        with open(f, encoding="utf-8") as fh:
+            samples[task] = [json.loads(line) for line in fh if line.strip()]
+    if samples:
+        results["samples"] = samples
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _metric_entries(res: dict) -> list[tuple[str, str, float]]:
+    """(metric, filter, value) of one results entry, stderr excluded, in lm-eval's order."""
+    out = []
+    for key, value in res.items():
+        if "," not in key or not _number(value):
+            continue
+        metric, filt = key.split(",", 1)
+        if not metric.endswith("_stderr"):
+            out.append((metric, filt, float(value)))
+    return out
+
+
+def select_primary_metric(task: str, res: dict, results: dict) -> tuple[str, str, float] | None:
+    """acc_norm, else acc, else the task's first metric (its config's metric_list order): (metric, filter, value)."""
+    entries = _metric_entries(res)
+    if not entries:
+        return None
+    for wanted in PRIMARY_PREFERENCE:
+        for metric, filt, value in entries:
+            if metric == wanted and filt == "none":
+                return metric, filt, value
+        for metric, filt, value in entries:
+            if metric == wanted:
+                return metric, filt, value
+    metric_list = ((results.get("configs") or {}).get(task) or {}).get("metric_list") or []
+    first = next((m.get("metric") for m in metric_list if isinstance(m, dict) and isinstance(m.get("metric"), str)),
+                 None)
+    for metric, filt, value in entries:
+        if metric == first:
+            return metric, filt, value
+    return entries[0]
+
+
+def _metric_name(metric: str, filt: str) -> str:
+    return metric if filt == "none" else f"{metric}_{filt}"
+
+
+def top_level_entries(results: dict) -> list[str]:
+    """Result entries not nested in a group: the tasks and groups a user asked for."""
+    children = {c for kids in (results.get("group_subtasks") or {}).values() for c in kids}
+    return [name for name in results.get("results", {}) if name not in children]
+
+
+def harness_metrics(results: dict) -> tuple[dict[str, float], dict[str, str]]:
+    """Flat metrics (`harness/{task}/{metric}` and its `_stderr`, `.../primary`, `.../n_samples`,
+    `harness/mean_primary`) and each task's primary metric name.
+
+    `mean_primary` averages the primary metric of the top-level tasks/groups whose primary is higher-is-better
+    (accuracies); perplexity-type primaries (loglikelihood_rolling tasks) are left out of the mean.
+    """
+    metrics: dict[str, float] = {}
+    primaries: dict[str, str] = {}
+    hib = results.get("higher_is_better") or {}
+    entries = {**(results.get("results") or {}), **(results.get("groups") or {})}
+    for task, res in entries.items():
+        for key, value in res.items():
+            if "," not in key or not _number(value):
+                continue
+            metric, filt = key.split(",", 1)
+            metrics[f"harness/{task}/{_metric_name(metric, filt)}"] = float(value)
+        n = ((results.get("n-samples") or {}).get(task) or {}).get("effective")
+        if _number(n):
+            metrics[f"harness/{task}/n_samples"] = float(n)
+        primary = select_primary_metric(task, res, results)
+        if primary is not None:
+            primaries[task] = _metric_name(primary[0], primary[1])
+            metrics[f"harness/{task}/primary"] = primary[2]
+    means = []
+    for task in top_level_entries(results):
+        primary = select_primary_metric(task, entries.get(task, {}), results)
+        if primary is not None and (hib.get(task) or {}).get(primary[0]) is True:
+            means.append(primary[2])
+    if means:
+        metrics["harness/mean_primary"] = sum(means) / len(means)
+    return metrics, primaries
+
+
+def results_table(results: dict) -> str:
+    from lm_eval.utils import make_table
+
+    text = make_table(results)
+    if results.get("groups"):
+        text += "\n" + make_table(results, "groups")
+    return text
+
+
+def save_results(results: dict, out_dir: Path) -> Path:
+    """lm-eval's results JSON (config, versions, n-samples, task hashes, stderr) and per-task sample logs."""
+    from lm_eval.utils import handle_non_serializable, hash_string
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    body = {k: v for k, v in results.items() if k != "samples"}
+    if "task_hashes" not in body:  # what lm_eval's CLI (EvaluationTracker) records: one hash of each task's samples
+        body["task_hashes"] = {
+            task: hash_string("".join(s["doc_hash"] + s["prompt_hash"] + s["target_hash"] for s in rows))
+            for task, rows in (results.get("samples") or {}).items()}
+    (out_dir / "results.json").write_text(json.dumps(body, indent=2, default=handle_non_serializable,
+                                                     ensure_ascii=False) + "\n")
+    for task, rows in (results.get("samples") or {}).items():
+        with open(out_dir / f"samples_{task}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, default=handle_non_serializable, ensure_ascii=False) + "\n" for row in rows)
+    return out_dir

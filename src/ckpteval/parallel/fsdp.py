@@ -1,0 +1,65 @@
+"""FSDP2: `fully_shard` per decoder layer, then the root, over the "dp" dim of the mesh.
+
+    torchrun --nproc_per_node=4 run.py mode=loss parallel=fsdp ckpt=PATH data=local ...
+    torchrun --nproc_per_node=2 run.py mode=train_eval parallel=fsdp parallel.param_dtype=bfloat16 ...
+
+The root is a small `ShardedCausalLM` wrapper around the transformers model rather than the model itself:
+FSDP all-gathers the root's own parameters (embeddings, final norm, LM head) in the root's forward hooks, and
+the memory-lean loss (decoder once, vocabulary projection in chunks) calls the decoder and the head directly,
+so it has to run *inside* a root forward. The wrapper's forward does either job: with `targets` it returns
+(nll_sum, count), without it is the plain causal LM call training uses. `.module` is the transformers model,
+so state dicts keep the plain names every other layout and checkpoint uses.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ckpteval.evaluation.loss import Scorer, causal_lm_scorer
+
+
+class ShardedCausalLM(nn.Module):
+    def __init__(self, module: nn.Module, logits_chunk: int = 4096):
+        super().__init__()
+        self.module = module
+        self._nll = causal_lm_scorer(module, logits_chunk)
+
+    @property
+    def config(self):
+        return self.module.config
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, **kwargs):
+        if targets is None:
+            return self.module(input_ids=input_ids, **kwargs)
+        nll, count = self._nll(input_ids, targets)
+        return torch.stack([nll, count])
+
+    def scorer(self) -> Scorer:
+        def score(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            both = self(inputs, targets=targets)
+            return both[0], both[1]
+
+        return score
+
+
+def mixed_precision(parallel_cfg):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from ckpteval.parallel import resolve_dtype
+
+    param = resolve_dtype(parallel_cfg.param_dtype) if parallel_cfg.param_dtype else None
+    reduce = resolve_dtype(parallel_cfg.reduce_dtype) if parallel_cfg.reduce_dtype else None
+    return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce)
+
+
+def apply_fsdp(model: nn.Module, dp_mesh, parallel_cfg, logits_chunk: int = 4096) -> ShardedCausalLM:
+    """Shard each decoder layer, then the root wrapper (what is left: embeddings, norm, head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    mp = mixed_precision(parallel_cfg)
+    for layer in model.get_decoder().layers:
+        fully_shard(layer, mesh=dp_mesh, mp_policy=mp)
+    root = ShardedCausalLM(model, logits_chunk)
+    fully_shard(root, mesh=dp_mesh, mp_policy=mp)
+    return root

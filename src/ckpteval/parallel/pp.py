@@ -1,0 +1,115 @@
+"""Pipeline parallel evaluation: each rank of the "pp" dim owns a contiguous slice of decoder layers.
+
+    torchrun --nproc_per_node=2 run.py mode=loss parallel=pp parallel.microbatches=4 ckpt=PATH ...
+
+The first stage also owns the token embedding, the last the final norm and the LM head. A batch is split into
+`parallel.microbatches` microbatches and run with `torch.distributed.pipelining` (`schedule.eval`, forward
+only). The last stage turns its hidden states into (NLL sum, target count) with the same chunked projection as
+every other layout and broadcasts the pair over the pipeline group, so every rank returns the same numbers and
+`run_eval` reduces them over the data-parallel ranks as usual.
+
+Tensor names stay those of the full transformers model (layers become a ModuleDict keyed by their original
+index), so HF, GGUF and DCP checkpoints load into a stage with the same names.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ckpteval.errors import CkptEvalError
+from ckpteval.evaluation.loss import Scorer, chunked_nll
+from ckpteval.parallel.mesh import check_microbatches, split_layers
+
+SINGLE_STAGE_SCHEDULES = ("GPipe", "1F1B")
+
+
+class DecoderStage(nn.Module):
+    """One pipeline stage of a Llama-family causal LM: [embed] -> layers[a:b] -> [norm]; hidden states out."""
+
+    def __init__(self, lm: nn.Module, layers: range, first: bool, last: bool):
+        super().__init__()
+        decoder = lm.get_decoder()
+        decoder.layers = nn.ModuleDict({str(i): decoder.layers[i] for i in layers})
+        if not first:
+            decoder.embed_tokens = None
+        if not last:
+            decoder.norm = None
+            lm.lm_head = None
+        self.lm = lm  # pruned in place: state-dict names stay the full model's
+        self.first, self.last = first, last
+        types = getattr(lm.config, "layer_types", None)
+        self.layer_types = {i: (types[i] if types else "full_attention") for i in layers}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        decoder = self.lm.get_decoder()
+        hidden = decoder.embed_tokens(x) if self.first else x
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        kwargs = {"config": self.lm.config, "inputs_embeds": hidden, "attention_mask": None,
+                  "past_key_values": None, "position_ids": position_ids}
+        masks = {"full_attention": create_causal_mask(**kwargs)}
+        if "sliding_attention" in self.layer_types.values():
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+        rope = decoder.rotary_emb(hidden, position_ids=position_ids)
+        for name, layer in decoder.layers.items():
+            hidden = layer(hidden, attention_mask=masks[self.layer_types[int(name)]], position_embeddings=rope,
+                           position_ids=position_ids, use_cache=False)
+        return decoder.norm(hidden) if self.last else hidden
+
+
+def check_pp_model(model_config) -> None:
+    decoder_types = {"llama", "mistral", "qwen2", "qwen3", "olmo2", "smollm3"}
+    if getattr(model_config, "model_type", None) not in decoder_types:
+        raise CkptEvalError(f"parallel=pp supports Llama-family decoders ({', '.join(sorted(decoder_types))}), not "
+                            f"model_type={getattr(model_config, 'model_type', None)}: use parallel=fsdp instead")
+
+
+def build_stage(lm: nn.Module, pp_rank: int, pp_size: int) -> DecoderStage:
+    """Prune `lm` to the layers of stage `pp_rank` (of `pp_size`)."""
+    check_pp_model(lm.config)
+    slices = split_layers(lm.config.num_hidden_layers, pp_size)
+    return DecoderStage(lm, slices[pp_rank], first=pp_rank == 0, last=pp_rank == pp_size - 1)
+
+
+def pipeline_scorer(stage_module: DecoderStage, parallel_cfg, eval_cfg, dims, mesh, device: torch.device,
+                    dtype: torch.dtype) -> Scorer:
+    """A scorer that runs one batch through the pipeline; every rank returns the last stage's (nll, count)."""
+    from torch.distributed.pipelining import PipelineStage
+    from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
+
+    check_microbatches(eval_cfg.batch_size, parallel_cfg.microbatches)
+    try:
+        schedule_cls = get_schedule_class(parallel_cfg.pp_schedule)
+    except ValueError as e:
+        raise CkptEvalError(f"parallel.pp_schedule={parallel_cfg.pp_schedule} is unknown ({e})") from None
+    if not issubclass(schedule_cls, PipelineScheduleSingle):
+        raise CkptEvalError(f"parallel.pp_schedule={parallel_cfg.pp_schedule} needs several stages per rank, which "
+                            f"ckpteval does not build: use one of {', '.join(SINGLE_STAGE_SCHEDULES)}")
+    pp_rank, pp_group = mesh.get_local_rank("pp"), mesh.get_group("pp")
+    micro = eval_cfg.batch_size // parallel_cfg.microbatches
+    hidden = stage_module.lm.config.hidden_size
+    seq = eval_cfg.seq_len
+    # Static shapes (every evaluation batch has the same shape): no runtime shape inference between stages.
+    example_in = (torch.empty(micro, seq, dtype=torch.long, device="meta") if stage_module.first
+                  else torch.empty(micro, seq, hidden, dtype=dtype, device="meta"))
+    example_out = torch.empty(micro, seq, hidden, dtype=dtype, device="meta")
+    stage = PipelineStage(stage_module, pp_rank, dims.pp, device, input_args=example_in, output_args=example_out,
+                          group=pp_group)
+    schedule = schedule_cls(stage, n_microbatches=parallel_cfg.microbatches)
+    head = stage_module.lm.lm_head if stage_module.last else None
+    chunk = eval_cfg.logits_chunk
+
+    def score(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = schedule.eval(inputs) if stage_module.first else schedule.eval()
+        if stage_module.last:
+            nll, count = chunked_nll(out, head, targets, chunk)
+            both = torch.stack([nll, count])
+        else:
+            both = torch.zeros(2, dtype=torch.float64, device=device)
+        dist.broadcast(both, group=pp_group, group_src=dims.pp - 1)
+        return both[0], both[1]
+
+    return score

@@ -1,0 +1,559 @@
+"""Checkpoint scans: one job per checkpoint, one MLflow parent run per scan, one summary at the end.
+
+    python run.py -m mode=loss ckpt='glob:outputs/train_eval/*/checkpoints/step_*' data=local ...
+    python run.py -m mode=loss,harness ckpt='glob:ckpts/step_*'          # cartesian product: 2 x N jobs
+    python run.py +sweep=scan_loss ckpt='glob:ckpts/step_*'               # ready files in multirun_sweeps/
+
+Two halves:
+- expansion (used by the sweeper plugin in ``hydra_plugins/ckpteval_sweeper``): a ``key=glob:PATTERN`` value,
+  on the command line or in ``hydra.sweeper.params``, becomes one value per complete checkpoint, in step order,
+  quoted for Hydra's override grammar (paths with commas, spaces, quotes, ``${``), so it combines with any
+  other sweep like a comma list does;
+- ``SweepCallback`` (``hydra.callbacks.sweep`` in conf/config.yaml): opens the MLflow parent run every job's
+  run nests under, writes ``job_status.json`` into each job dir (launcher-agnostic: it runs where the job runs),
+  and at the end prints the summary table and writes ``summary.csv`` / ``summary.png`` (metric vs step) into
+  the sweep dir, logged to the parent run, which ends FINISHED. A sweep with failed jobs exits 1 after that.
+"""
+
+from __future__ import annotations
+
+import atexit
+import csv
+import glob
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from ckpteval.errors import CkptEvalError
+
+log = logging.getLogger("ckpteval.sweep")
+
+GLOB_PREFIX = "glob:"
+PARENT_KEY = "tracking.parent_run_id"
+STATUS_FILE = "job_status.json"
+# Result keys that describe the job rather than measure the checkpoint: kept in the CSV, not ranked.
+NOT_METRICS = {"step", "tokens_seen"}
+BOOKKEEPING = re.compile(r"(tokens|_stderr|stderr|seconds|time_s|samples|n_samples)$|(^|/)n$", re.IGNORECASE)
+LOWER_IS_BETTER = re.compile(r"loss|perplexity|ppl|nll|bpb|bits|error|wer|cer", re.IGNORECASE)
+
+
+# ------------------------------------------------------------------------------------------ expansion
+
+
+def quote_value(value: str) -> str:
+    """`value` as a single-quoted Hydra override value that parses (and resolves) back to exactly `value`.
+
+    Inside quotes commas, spaces, brackets, `=`, `#` and non-ASCII need nothing; a quote (and the backslashes
+    before it) and a trailing backslash are escaped for Hydra's lexer, and `${` for OmegaConf, which would
+    otherwise read it as an interpolation."""
+    body = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    body = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", body)
+    trailing = len(body) - len(body.rstrip("\\"))
+    return "'" + body + "\\" * trailing + "'"
+
+
+def _natural_key(text: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def step_order_key(path: str) -> tuple:
+    """Checkpoints with a step first, by step; then by name with numbers compared as numbers."""
+    from ckpteval.checkpoint import parse_step
+
+    step = parse_step(path)
+    return (step is None, step if step is not None else 0, _natural_key(path))
+
+
+def every_nth(items: list, n: int) -> list:
+    """Items 0, n, 2n, ... and always the last one (the newest checkpoint is the one people ask about)."""
+    if n <= 1 or not items:
+        return list(items)
+    picked = items[::n]
+    return picked if picked[-1] is items[-1] else picked + [items[-1]]
+
+
+def _absolute_pattern(pattern: str, cwd: Path) -> str:
+    """Anchor a relative pattern at cwd; cwd and the home dir are literal text, not glob syntax."""
+    if pattern.startswith("~"):
+        head, sep, tail = pattern.partition("/")
+        return glob.escape(os.path.expanduser(head)) + sep + tail
+    if os.path.isabs(pattern):
+        return pattern
+    return os.path.join(glob.escape(str(cwd)), pattern)
+
+
+def expand_pattern(pattern: str, *, cwd: str | Path | None = None, every: int = 1,
+                   skip_incomplete: bool = True) -> list[str]:
+    """Absolute paths of the complete checkpoints matching `pattern`, in step order (every Nth if every > 1).
+
+    Incomplete matches (a save still running, a crashed copy; per ``checkpoint.check_complete``) are skipped
+    with a warning; no match at all, or no complete one, is an error naming the pattern and the dir searched."""
+    cwd = Path(cwd or os.getcwd())
+    if "://" in pattern:
+        raise CkptEvalError(f"glob:{pattern}: only local paths can be globbed; for remote storage use "
+                            f"mode=watch watch.dir=URL, or list the checkpoints: ckpt=URL1,URL2")
+    if not pattern:
+        raise CkptEvalError("ckpt=glob: has no pattern: write ckpt='glob:DIR/step_*'")
+    matches = sorted({os.path.normpath(m) for m in glob.glob(_absolute_pattern(pattern, cwd), recursive=True)},
+                     key=step_order_key)
+    if not matches:
+        raise CkptEvalError(f"glob:{pattern} matches nothing (relative paths are searched from {cwd}): check the "
+                            f"pattern, and quote it (ckpt='glob:{pattern}') so the shell passes it unexpanded")
+    if not skip_incomplete:
+        return every_nth(matches, every)
+    from ckpteval.checkpoint import check_complete
+
+    complete, reasons = [], []
+    for path in matches:
+        ok, reason = check_complete(path)
+        if ok:
+            complete.append(path)
+        else:
+            reasons.append(reason)
+            log.warning("skipping incomplete checkpoint %s: %s", path, reason)
+    if not complete:
+        raise CkptEvalError(f"glob:{pattern} matches {len(matches)} path(s) under {cwd} but no complete checkpoint "
+                            f"(first: {reasons[0]}); point the pattern at checkpoint dirs (HF, DCP step_N) or "
+                            f".gguf files")
+    return every_nth(complete, every)
+
+
+def _element_text(value: Any) -> str | None:
+    """The plain string of a parsed override element (quoted or not), None for non-strings."""
+    from hydra.core.override_parser.types import QuotedString
+
+    if isinstance(value, QuotedString):
+        return value.text
+    return value if isinstance(value, str) else None
+
+
+def job_override_lists(overrides: Iterable, expand: Callable[[str], list[str]],
+                       parent_run_id: str | None = None) -> list[list[str]]:
+    """For each key, the `key=value` strings its jobs take: glob values expanded by `expand(pattern)`, every
+    other value written back as Hydra's BasicSweeper writes it. The jobs are the cartesian product of the lists.
+
+    `parent_run_id` pins `tracking.parent_run_id` for every job (the sweep's MLflow parent run)."""
+    from hydra.core.override_parser.types import Override, Transformer
+
+    last: dict[str, Override] = {}
+    for override in overrides:  # a command-line value replaces the sweep file's (hydra.sweeper.params) one
+        assert isinstance(override, Override)
+        last[override.get_key_element()] = override
+    per_key: dict[str, list[str]] = {}
+    for key, override in last.items():
+        if override.is_sweep_override():
+            if not override.is_discrete_sweep():
+                raise CkptEvalError(f"{override.input_line}: interval sweeps need an optimizing sweeper; list the "
+                                    f"values (a,b,c), use range(start,stop,step) or glob:PATTERN")
+            elements = list(override.sweep_iterator())  # one pass: shuffle() must not reorder twice
+        else:
+            elements = [override._value]  # the parsed element (QuotedString kept), as Hydra's sweeper reads it
+        values: list[str] = []
+        for element in elements:
+            text = _element_text(element)
+            if text is not None and text.startswith(GLOB_PREFIX):
+                values += [quote_value(path) for path in expand(text[len(GLOB_PREFIX):])]
+            else:
+                values.append(Transformer.str(element) if override.is_sweep_override()
+                              else override.get_value_element_as_str())
+        per_key[key] = [f"{key}={v}" for v in dict.fromkeys(values)]  # a checkpoint matched twice runs once
+    if parent_run_id:
+        per_key.pop(PARENT_KEY, None)
+        per_key[PARENT_KEY] = [f"{PARENT_KEY}={quote_value(parent_run_id)}"]
+    return list(per_key.values())
+
+
+# ------------------------------------------------------------------------------------------ parent run
+
+
+@dataclass
+class ParentRun:
+    uri: str
+    run_id: str
+    name: str
+
+
+_parent: ParentRun | None = None  # the open sweep's parent run (sweeper and callback share the process)
+
+
+def parent_run_id() -> str | None:
+    return _parent.run_id if _parent else None
+
+
+def end_parent_run(status: str, error: str | None = None) -> None:
+    """End the open parent run early (the sweep itself failed: no match, a bad override, Ctrl-C)."""
+    global _parent
+    parent, _parent = _parent, None
+    if parent is None:
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=parent.uri)
+    try:
+        if error:
+            client.set_tag(parent.run_id, "error", error[:5000])
+        client.set_terminated(parent.run_id, status)
+    except Exception as exc:  # noqa: BLE001 - the sweep's own error is the one to report
+        log.warning("could not mark the sweep's MLflow run %s %s: %s", parent.run_id, status, exc)
+
+
+def _end_parent_at_exit() -> None:
+    end_parent_run("FAILED", "the sweep stopped before its end (see its console output)")
+
+
+# ------------------------------------------------------------------------------------------ records
+
+
+@dataclass
+class JobRecord:
+    job: int
+    status: str  # COMPLETED | FAILED
+    ckpt: str | None
+    step: int | None
+    mode: str | None
+    variant: str  # the job's overrides other than the checkpoint: what distinguishes its curve
+    metrics: dict[str, float] = field(default_factory=dict)
+    tokens_seen: int | None = None
+    error: str | None = None
+    run_dir: str | None = None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _set_variants(records: list[JobRecord], overrides: dict[int, list[str]]) -> None:
+    """A job's variant = its overrides that differ between jobs, the checkpoint aside (`mode=harness`)."""
+    parsed = {job: dict(o.split("=", 1) if "=" in o else (o, "") for o in ovs) for job, ovs in overrides.items()}
+    keys = dict.fromkeys(k for d in parsed.values() for k in d if k.lstrip("+~") not in ("ckpt", PARENT_KEY))
+    varying = [k for k in keys if len({d.get(k) for d in parsed.values()}) > 1]
+    for r in records:
+        d = parsed.get(r.job, {})
+        r.variant = " ".join(f"{k}={d[k]}" for k in varying if k in d)
+
+
+def load_records(sweep_dir: Path, since: float = 0.0) -> list[JobRecord]:
+    """The job_status.json files this sweep's jobs wrote (older ones in a reused sweep dir are ignored)."""
+    from ckpteval.checkpoint import parse_step
+
+    latest: dict[int, dict] = {}
+    for path in sorted(Path(sweep_dir).rglob(STATUS_FILE)):
+        if ".submitit" in path.parts or path.stat().st_mtime < since - 1:
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        data["run_dir"] = str(path.parent)
+        latest[int(data.get("job", -1))] = data
+    records, overrides = [], {}
+    for num, data in sorted(latest.items()):
+        overrides[num] = list(data.get("overrides") or [])
+        result = data.get("result") or {}
+        ckpt = data.get("ckpt")
+        step = result.get("step") if _is_number(result.get("step")) else (parse_step(ckpt) if ckpt else None)
+        records.append(JobRecord(
+            job=num, status=data.get("status", "UNKNOWN"), ckpt=ckpt, step=step, mode=data.get("mode"),
+            variant="",
+            metrics={k: float(v) for k, v in result.items() if k not in NOT_METRICS and _is_number(v)},
+            tokens_seen=result.get("tokens_seen"), error=data.get("error"), run_dir=data["run_dir"]))
+    _set_variants(records, overrides)
+    records.sort(key=lambda r: (r.variant, r.step is None, r.step or 0, _natural_key(r.ckpt or "")))
+    return records
+
+
+# ------------------------------------------------------------------------------------------ summary
+
+
+def key_metrics(records: list[JobRecord]) -> list[str]:
+    """Metrics that measure the checkpoint (not token counts or stderrs), in the order the jobs report them."""
+    names = dict.fromkeys(k for r in records for k in r.metrics)
+    return [k for k in names if not BOOKKEEPING.search(k)]
+
+
+def lower_is_better(metric: str) -> bool:
+    return bool(LOWER_IS_BETTER.search(metric))
+
+
+def best_per_metric(records: list[JobRecord], metrics: list[str]) -> dict[str, JobRecord]:
+    best: dict[str, JobRecord] = {}
+    for metric in metrics:
+        done = [r for r in records if r.status == "COMPLETED" and metric in r.metrics]
+        if done:
+            pick = min if lower_is_better(metric) else max
+            best[metric] = pick(done, key=lambda r: r.metrics[metric])
+    return best
+
+
+def _short_names(records: list[JobRecord]) -> dict[int, str]:
+    """Checkpoint paths relative to the dir they share (step_100, or run1/step_100 across runs)."""
+    paths = [r.ckpt for r in records if r.ckpt]
+    try:
+        root = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
+    except ValueError:  # relative and absolute mixed
+        root = ""
+    return {r.job: (os.path.relpath(r.ckpt, root) if root and r.ckpt else (r.ckpt or "-")) for r in records}
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1e5 else f"{value:.4g}"
+    return str(value)
+
+
+def summary_table(records: list[JobRecord], max_metrics: int = 6) -> str:
+    """The stdout summary: one row per job, the best checkpoint per metric, the failed jobs and their errors."""
+    metrics = key_metrics(records)
+    shown = metrics[:max_metrics]
+    names = _short_names(records)
+    variants = len({r.variant for r in records}) > 1
+    header = ["job", "checkpoint", "step"] + (["variant"] if variants else []) + shown + ["status"]
+    rows = [[str(r.job), names[r.job], _fmt(r.step)] + ([r.variant or "-"] if variants else [])
+            + [_fmt(r.metrics.get(m)) for m in shown] + [r.status] for r in records]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
+    failed = [r for r in records if r.status != "COMPLETED"]
+    lines = [f"== sweep summary: {len(records)} job(s), {len(records) - len(failed)} completed, {len(failed)} failed "
+             + "=" * 20]
+    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    best = best_per_metric(records, metrics)
+    if best:
+        lines.append("best checkpoint per metric:")
+        width = max(len(m) for m in best)
+        for metric, r in best.items():
+            arrow = "lowest" if lower_is_better(metric) else "highest"
+            where = f" [{r.variant}]" if variants and r.variant else ""
+            lines.append(f"  {metric:<{width}}  {_fmt(r.metrics[metric])} ({arrow}) at step {_fmt(r.step)}: "
+                         f"{r.ckpt}{where}")
+    if failed:
+        lines.append("failed jobs:")
+        lines += [f"  #{r.job} {names[r.job]}: {(r.error or 'unknown error').splitlines()[0][:300]}" for r in failed]
+    if len(metrics) > len(shown):
+        lines.append(f"({len(metrics) - len(shown)} more metric(s) in summary.csv)")
+    return "\n".join(lines)
+
+
+def write_csv(records: list[JobRecord], path: Path) -> Path:
+    metrics = list(dict.fromkeys(k for r in records for k in r.metrics))
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["job", "checkpoint", "step", "tokens_seen", "mode", "variant", "status", *metrics, "error",
+                         "run_dir"])
+        for r in records:
+            writer.writerow([r.job, r.ckpt, r.step, r.tokens_seen, r.mode, r.variant, r.status,
+                             *[r.metrics.get(m, "") for m in metrics], (r.error or "")[:2000], r.run_dir])
+    return path
+
+
+def plot_metrics(records: list[JobRecord], path: Path, title: str, max_metrics: int = 8) -> Path | None:
+    """One panel per key metric, value vs checkpoint step, a line per variant, the best point starred."""
+    metrics = [m for m in key_metrics(records)
+               if any(r.step is not None and m in r.metrics for r in records)][:max_metrics]
+    if not metrics:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no summary.png (pip install 'ckpteval[sweep]')")
+        return None
+    best = best_per_metric(records, metrics)
+    variants = list(dict.fromkeys(r.variant for r in records))
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(7.5, 2.4 * len(metrics) + 0.6), sharex=True, squeeze=False)
+    for ax, metric in zip(axes[:, 0], metrics):
+        for variant in variants:
+            points = sorted((r.step, r.metrics[metric]) for r in records
+                            if r.variant == variant and r.step is not None and metric in r.metrics)
+            if points:
+                ax.plot(*zip(*points), marker="o", label=variant or None)
+        for i, r in enumerate(r for r in records if r.status != "COMPLETED" and r.step is not None):
+            ax.axvline(r.step, color="grey", linestyle=":", linewidth=1, label="failed" if i == 0 else None)
+        b = best.get(metric)
+        if b is not None and b.step is not None:
+            ax.scatter([b.step], [b.metrics[metric]], marker="*", s=180, color="crimson", zorder=3,
+                       label=f"best: step {b.step}")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    axes[-1, 0].set_xlabel("checkpoint step")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def summary_markdown(records: list[JobRecord], max_metrics: int = 6) -> str:
+    """The table as markdown, for the parent run's description in the MLflow UI."""
+    metrics = key_metrics(records)[:max_metrics]
+    names = _short_names(records)
+    lines = ["| job | checkpoint | step | " + " | ".join(metrics) + " | status |",
+             "|" + "---|" * (len(metrics) + 4)]
+    lines += [f"| {r.job} | {names[r.job]} | {_fmt(r.step)} | " + " | ".join(_fmt(r.metrics.get(m)) for m in metrics)
+              + f" | {r.status} |" for r in records]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ callback
+
+
+def _in_multirun(config: DictConfig) -> bool:
+    from hydra.types import RunMode
+
+    mode = OmegaConf.select(config, "hydra.mode")
+    return mode == RunMode.MULTIRUN or str(mode).endswith("MULTIRUN")
+
+
+def _error_text(exc: BaseException) -> str:
+    from ckpteval.errors import CkptEvalError as _UserError
+
+    return str(exc) if isinstance(exc, _UserError) else f"{type(exc).__name__}: {exc}"
+
+
+def export_submitit_torch_env() -> bool:
+    """Under submitit with several tasks per job (hydra/launcher=slurm, tasks_per_node=G), each task is one rank:
+    export what torchrun would (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) so parallel=fsdp|tp|pp works."""
+    if os.environ.get("SUBMITIT_EXECUTOR") not in ("slurm", "local") or "RANK" in os.environ:
+        return False
+    try:
+        import submitit
+        from submitit.helpers import TorchDistributedEnvironment
+    except ImportError:
+        return False
+    if submitit.JobEnvironment().num_tasks <= 1:
+        return False
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)  # we pick cuda:LOCAL_RANK ourselves
+    return True
+
+
+class SweepCallback(Callback):
+    """Parent MLflow run, per-job status files, and the end-of-sweep summary (see the module docstring)."""
+
+    def __init__(self, plot: bool = True, max_table_metrics: int = 6) -> None:
+        self.plot = plot
+        self.max_table_metrics = max_table_metrics
+        self._started = 0.0
+
+    # -- start: the parent run exists before the sweeper expands the patterns, so every job can nest under it
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _parent
+        self._started = time.time()
+        _parent = None
+        tracking = config.tracking
+        if not tracking.enabled:
+            return
+        from ckpteval.tracking import git_commit, open_client
+
+        try:
+            client, experiment_id, uri = open_client(tracking)
+        except CkptEvalError as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        name = f"sweep/{sweep_dir.name}"
+        overrides = [str(o) for o in config.hydra.overrides.task]
+        tags = {"mlflow.runName": name, "ckpteval.sweep": "true", "sweep_dir": str(sweep_dir),
+                "overrides": " ".join(overrides)[:5000], **{k: str(v) for k, v in (tracking.tags or {}).items()}}
+        if tracking.parent_run_id:
+            tags["mlflow.parentRunId"] = tracking.parent_run_id
+        commit = git_commit()
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+        run = client.create_run(experiment_id, run_name=name, tags=tags)
+        _parent = ParentRun(uri=uri, run_id=run.info.run_id, name=name)
+        atexit.register(_end_parent_at_exit)
+        log.info("MLflow parent run %s (%s): each job's run nests under it", name, run.info.run_id)
+
+    # -- per job, in the job's own process (whatever the launcher)
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        export_submitit_torch_env()
+
+    # A status file the summary reads back.
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if not _in_multirun(config) or os.environ.get("RANK", "0") != "0":
+            return
+        from hydra.core.utils import JobStatus
+
+        completed = job_return.status == JobStatus.COMPLETED
+        value = job_return._return_value  # `.return_value` re-raises a failed job's exception
+        record = {
+            "job": int(config.hydra.job.num),
+            "status": "COMPLETED" if completed else "FAILED",
+            "overrides": list(job_return.overrides or []),
+            "ckpt": OmegaConf.select(config, "ckpt"),
+            "mode": OmegaConf.select(config, "mode.name"),
+            "result": value if completed and isinstance(value, dict) else None,
+            "error": None if completed else _error_text(value),
+            "traceback": None if completed or not isinstance(value, BaseException)
+            else "".join(traceback.format_exception(type(value), value, value.__traceback__))[-8000:],
+        }
+        out = Path(str(config.hydra.runtime.output_dir))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / STATUS_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+    # -- end: table on stdout, CSV + PNG in the sweep dir and on the parent run, parent FINISHED
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        global _parent
+        parent, _parent = _parent, None
+        sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        records = load_records(sweep_dir, since=self._started)
+        failed = [r for r in records if r.status != "COMPLETED"]
+        print(summary_table(records, self.max_table_metrics), flush=True)
+        csv_path = write_csv(records, sweep_dir / "summary.csv")
+        png = plot_metrics(records, sweep_dir / "summary.png", f"{sweep_dir.name}: metric vs checkpoint step") \
+            if self.plot else None
+        print(f"summary: {csv_path}" + (f", {png}" if png else ""), flush=True)
+        if parent is not None:
+            try:
+                self._finish_parent(parent, records, [csv_path] + ([png] if png else []))
+            except Exception as exc:  # noqa: BLE001 - never leave the parent RUNNING
+                log.warning("could not log the summary to MLflow run %s: %s", parent.run_id, exc)
+                _parent = parent
+                end_parent_run("FAILED", f"summary logging failed: {exc}")
+            else:
+                from ckpteval.tracking import ui_command
+
+                print(f"MLflow: parent run {parent.name} ({parent.run_id}); {ui_command(parent.uri)}", flush=True)
+        if failed:
+            sys.exit(1)
+
+    def _finish_parent(self, parent: ParentRun, records: list[JobRecord], artifacts: list[Path]) -> None:
+        from mlflow.tracking import MlflowClient
+
+        from ckpteval.tracking import Run
+
+        client = MlflowClient(tracking_uri=parent.uri)
+        run = Run(client, parent.run_id, parent.uri)
+        for path in artifacts:
+            run.log_artifact(path, "summary")
+        metrics = key_metrics(records)
+        done = [r for r in records if r.status == "COMPLETED" and r.step is not None]
+        # The parent's own history is the training curve when each (metric, step) occurs once (a plain scan).
+        pairs = [(m, r.step) for r in done for m in r.metrics]
+        if len(pairs) == len(set(pairs)):
+            for r in done:
+                run.log_metrics(r.metrics, step=r.step)
+        best = best_per_metric(records, metrics)
+        for metric, r in best.items():
+            run.log_metrics({f"best/{metric}": r.metrics[metric]}, step=r.step)
+        failed = [r for r in records if r.status != "COMPLETED"]
+        run.set_tags({"sweep.jobs": len(records), "sweep.failed": len(failed),
+                      **{f"best_ckpt/{m}": r.ckpt for m, r in best.items()},
+                      "mlflow.note.content": summary_markdown(records, self.max_table_metrics)})
+        client.set_terminated(parent.run_id, "FINISHED")

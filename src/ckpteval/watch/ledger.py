@@ -1,0 +1,317 @@
+"""Exactly-once bookkeeping: the local ledger, the MLflow view of what is done, and the single-watcher lock.
+
+A (checkpoint, evaluation) pair is done when either
+  - the ledger in `watch.state_dir` says so (written atomically: tmp file + fsync + os.replace), or
+  - MLflow holds a FINISHED run tagged `mode=watch`, `ckpt_identity=<hash>`, `evaluation=<name>`.
+The watcher writes MLflow first, the ledger second, so a crash between the two leaves MLflow ahead: the
+next look at MLflow finds the run and the pair is not evaluated again. A pair is marked failed only after
+`watch.max_attempts` attempts; attempts are counted when an evaluation starts, so a checkpoint that kills
+the process (out of memory) is not retried forever either.
+
+The lock (`lock.json` beside the ledger) is created with O_EXCL and its heartbeat refreshed by a thread;
+a lock whose owner is dead (same host) or whose heartbeat is older than `watch.lock_stale_s` is taken over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ckpteval.errors import CkptEvalError
+
+log = logging.getLogger("ckpteval.watch")
+
+DONE, FAILED, STARTED = "done", "failed", "started"
+
+
+def pair_key(identity: str, evaluation: str) -> str:
+    return f"{identity}/{evaluation}"
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Readers see the old file or the new one, never a torn write (also across a power cut: fsync first)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=1, sort_keys=True, default=str))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Ledger:
+    """`ledger.json`: {pair key: {status, ckpt, step, evaluation, attempts, run_id, error, metrics, time}}."""
+
+    def __init__(self, state_dir: Path):
+        self.path = Path(state_dir) / "ledger.json"
+        self.entries: dict[str, dict[str, Any]] = {}
+        if self.path.exists():
+            try:
+                data = json.loads(self.path.read_text())
+                self.entries = dict(data.get("entries", {}))
+            except (OSError, ValueError, AttributeError) as exc:
+                raise CkptEvalError(f"watch ledger {self.path} is unreadable ({exc}): move it aside and restart; "
+                                    "finished evaluations are recovered from MLflow") from None
+
+    def get(self, identity: str, evaluation: str) -> dict[str, Any] | None:
+        return self.entries.get(pair_key(identity, evaluation))
+
+    def status(self, identity: str, evaluation: str) -> str | None:
+        entry = self.get(identity, evaluation)
+        return entry["status"] if entry else None
+
+    def attempts(self, identity: str, evaluation: str) -> int:
+        entry = self.get(identity, evaluation)
+        return int(entry.get("attempts", 0)) if entry else 0
+
+    def record(self, identity: str, evaluation: str, status: str, **fields: Any) -> None:
+        key = pair_key(identity, evaluation)
+        entry = {**self.entries.get(key, {}), **fields, "status": status, "evaluation": evaluation,
+                 "identity": identity, "time": time.time()}
+        self.entries[key] = entry
+        self.save()
+
+    def forget(self, identity: str, evaluation: str) -> None:
+        if self.entries.pop(pair_key(identity, evaluation), None) is not None:
+            self.save()
+
+    def restore(self, identity: str, evaluation: str, entry: dict[str, Any] | None) -> None:
+        """Put back the entry as it was before an aborted attempt (or remove it if there was none)."""
+        if entry:
+            self.entries[pair_key(identity, evaluation)] = dict(entry)
+            self.save()
+        else:
+            self.forget(identity, evaluation)
+
+    def count(self, status: str) -> int:
+        return sum(1 for e in self.entries.values() if e.get("status") == status)
+
+    def save(self) -> None:
+        write_json_atomic(self.path, {"version": 1, "entries": self.entries})
+
+
+# ---------------------------------------------------------------------------------------------- MLflow view
+
+
+@dataclass
+class MlflowView:
+    """The pairs MLflow knows as FINISHED, and cleanup of runs a dead watcher left RUNNING."""
+
+    client: Any
+    experiment_id: str
+
+    @classmethod
+    def open(cls, tracking_cfg) -> MlflowView:
+        from ckpteval.tracking import open_client
+
+        client, experiment_id, _ = open_client(tracking_cfg)
+        return cls(client, experiment_id)
+
+    def _search(self, filter_string: str) -> list:
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=1000,
+                                           page_token=token)
+            runs += list(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def finished_pairs(self, watch_dir: str) -> dict[str, str]:
+        """{pair key: run_id} for every FINISHED evaluation run a watcher of `watch_dir` logged."""
+        out = {}
+        for run in self._search(f"tags.mode = 'watch' and tags.watch_dir = {_literal(watch_dir)} "
+                                "and attributes.status = 'FINISHED'"):
+            tags = run.data.tags
+            if "ckpt_identity" in tags and "evaluation" in tags:
+                out[pair_key(tags["ckpt_identity"], tags["evaluation"])] = run.info.run_id
+        return out
+
+    def finished_run(self, identity: str, evaluation: str) -> str | None:
+        runs = self._search(f"tags.ckpt_identity = '{identity}' and tags.evaluation = {_literal(evaluation)} "
+                            "and attributes.status = 'FINISHED'")
+        return runs[0].info.run_id if runs else None
+
+    def end_orphans(self, watch_dir: str) -> list[str]:
+        """Runs of this watch dir still RUNNING when no other watcher holds the lock: their process died
+        (SIGKILL, power loss). End them KILLED so the UI does not show them running forever."""
+        ended = []
+        for run in self._search(f"tags.watch_dir = {_literal(watch_dir)} and attributes.status = 'RUNNING'"):
+            self.client.set_tag(run.info.run_id, "error", "the watcher process died during this run")
+            self.client.set_terminated(run.info.run_id, "KILLED")
+            ended.append(run.info.run_id)
+        return ended
+
+
+def _literal(value: str) -> str:
+    """An MLflow filter-string literal: single-quoted, or double-quoted when the value holds a single quote
+    (MLflow's parser has no escapes)."""
+    value = str(value)
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise CkptEvalError(f"watch.dir {value!r} holds both quote characters, which MLflow filters cannot express: "
+                        "rename it or point watch.dir at a symlink")
+
+
+# ---------------------------------------------------------------------------------------------- lock
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed child its parent has not reaped yet is a zombie: dead for our purposes
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+class WatchLock:
+    """One watcher per state dir. `acquire()` -> True when ours; `lost` turns True if another process took it."""
+
+    def __init__(self, state_dir: Path, stale_s: float, heartbeat_s: float):
+        self.path = Path(state_dir) / "lock.json"
+        self.stale_s = float(stale_s)
+        self.heartbeat_s = max(0.05, min(float(heartbeat_s), self.stale_s / 4))
+        self.token = uuid.uuid4().hex
+        self.host = socket.gethostname()
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.status: dict[str, Any] = {}  # extra fields the heartbeat publishes (current evaluation, counts)
+
+    # -- reading
+    def read(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # torn/garbled: judged by the file's mtime below
+
+    def stale_reason(self, holder: dict[str, Any] | None) -> str | None:
+        """Why the current holder no longer counts (dead pid on this host, old heartbeat), or None if it does."""
+        if holder is None:
+            return "no lock"
+        if holder.get("host") == self.host and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
+            return f"holder pid {holder['pid']} on {self.host} is dead"
+        try:
+            beat = float(holder.get("heartbeat") or self.path.stat().st_mtime)
+        except (OSError, TypeError, ValueError):
+            return None
+        age = time.time() - beat
+        if age > self.stale_s:
+            return f"heartbeat {age:.0f}s old (> watch.lock_stale_s={self.stale_s:g})"
+        return None
+
+    def describe(self, holder: dict[str, Any] | None) -> str:
+        if not holder:
+            return "an unknown process"
+        return f"pid {holder.get('pid')} on {holder.get('host')} (since {holder.get('started_at', '?')})"
+
+    # -- acquiring
+    def _content(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "host": self.host, "token": self.token, "heartbeat": time.time(),
+                "started_at": getattr(self, "_started_at", None), **self.status}
+
+    def _create(self) -> bool:
+        self._started_at = time.strftime("%Y-%m-%dT%H:%M:%S")
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(self._content()))
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._create():
+            self._start_heartbeat()
+            return True
+        holder = self.read()
+        reason = self.stale_reason(holder)
+        if reason is None:
+            return False
+        # Take over: move the stale file aside under a name only we use, check it is the one we judged stale
+        # (not a fresh lock another watcher created meanwhile), then create ours with O_EXCL again.
+        aside = self.path.with_name(f".lock.{self.token}.stale")
+        try:
+            os.replace(self.path, aside)
+        except FileNotFoundError:
+            pass
+        else:
+            moved = self.read_file(aside)
+            if holder and moved and moved.get("token") != holder.get("token"):
+                try:  # we moved a live lock: put it back unless someone already holds the path
+                    os.link(aside, self.path)
+                except FileExistsError:
+                    pass
+                aside.unlink(missing_ok=True)
+                return False
+            aside.unlink(missing_ok=True)
+        log.warning("taking over the watch lock %s from %s: %s", self.path, self.describe(holder), reason)
+        if self._create():
+            self._start_heartbeat()
+            return True
+        return False
+
+    @staticmethod
+    def read_file(path: Path) -> dict[str, Any] | None:
+        try:
+            return json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            return None
+
+    # -- holding
+    def _start_heartbeat(self) -> None:
+        self.lost = False
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._beat, name="ckpteval-watch-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            self.heartbeat()
+
+    def heartbeat(self) -> None:
+        """Refresh our heartbeat; notice when another watcher took the lock over (we were judged stale)."""
+        current = self.read()
+        if current is not None and current != {} and current.get("token") != self.token:
+            if not self.lost:
+                log.error("lost the watch lock %s to %s: stopping after the current step", self.path,
+                          self.describe(current))
+            self.lost = True
+            return
+        if current is None:
+            self.lost = True
+            return
+        try:
+            write_json_atomic(self.path, self._content())
+        except OSError as exc:
+            log.warning("could not refresh the watch lock heartbeat: %s", exc)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        current = self.read()
+        if current and current.get("token") == self.token:
+            self.path.unlink(missing_ok=True)

@@ -1,0 +1,516 @@
+"""The watcher loop: look, pick the next (checkpoint, evaluation) pair, evaluate it in its own MLflow run, repeat.
+
+Decisions are logged one line each (found / waiting / skipped / started / done / failed), a heartbeat line and
+the summary "watcher" run's metrics show progress, and SIGTERM/SIGINT stop it cleanly: between evaluations it
+exits at once; inside one it aborts it (that run ends KILLED, nothing is marked done, the attempt is not
+counted) and exits. After every evaluation the loop looks again, so `watch.order=newest` lets a checkpoint that
+arrived meanwhile jump the queue.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import logging
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from ckpteval.errors import CkptEvalError
+from ckpteval.tracking import flatten, mlflow_run
+from ckpteval.watch.discovery import READY, UNSTABLE, Candidate, Discovery
+from ckpteval.watch.ledger import DONE, FAILED, STARTED, Ledger, MlflowView, WatchLock, pair_key
+from ckpteval.watch.plan import Evaluation, harness_config, plan_evaluations, validate_plan
+
+log = logging.getLogger("ckpteval.watch")
+ORDERS = ("oldest", "newest")
+
+
+class StopRequested(KeyboardInterrupt):
+    """Raised inside an evaluation on SIGTERM/SIGINT: a KeyboardInterrupt, so no `except Exception` swallows it
+    and `tracking.mlflow_run` ends the run KILLED."""
+
+
+@dataclass
+class Work:
+    cand: Candidate
+    evaluation: Evaluation
+
+    @property
+    def key(self) -> str:
+        return pair_key(self.cand.identity, self.evaluation.name)
+
+
+def default_state_dir(cfg) -> Path:
+    if cfg.watch.state_dir:
+        return Path(cfg.watch.state_dir).expanduser()
+    if "://" in cfg.watch.dir and not cfg.watch.dir.startswith("file://"):
+        digest = hashlib.sha256(cfg.watch.dir.encode()).hexdigest()[:12]
+        return Path(cfg.paths.outputs) / "watch" / f"state_{digest}"
+    local = cfg.watch.dir.removeprefix("file://")
+    return Path(local).expanduser() / ".ckpteval_watch"
+
+
+def validate(cfg) -> None:
+    w = cfg.watch
+    if not w.dir:
+        raise CkptEvalError("mode=watch needs the directory to watch: add watch.dir=PATH (or an fsspec URL such as "
+                            "s3://bucket/run1)")
+    if w.order not in ORDERS:
+        raise CkptEvalError(f"watch.order={w.order!r} is not one of {ORDERS}: use watch.order=oldest or newest")
+    if w.interval <= 0 or w.stable_s < 0 or w.backoff_s < 0 or w.lock_stale_s <= 0:
+        raise CkptEvalError("watch.interval and watch.lock_stale_s must be > 0, watch.stable_s and "
+                            "watch.backoff_s >= 0")
+    if w.max_attempts < 1:
+        raise CkptEvalError(f"watch.max_attempts={w.max_attempts}: use 1 or more")
+    validate_plan(w)
+    if "harness" in w.plan or (w.heavy.tasks and w.heavy.every_n_steps > 0):
+        try:
+            from ckpteval.modes.harness import evaluate_checkpoint_harness  # noqa: F401
+        except ImportError as exc:
+            raise CkptEvalError(f"watch.plan/watch.heavy need the harness evaluation, which cannot be imported "
+                                f"({exc}): pip install 'ckpteval[harness]', or use watch.plan=[loss]") from None
+    if "loss" in w.plan and cfg.data.kind == "local" and not cfg.data.demo:
+        path = OmegaConf.select(cfg, "data.dataset_path", throw_on_missing=False, default=None)
+        if path in (None, "???") or not Path(str(path)).expanduser().exists():
+            raise CkptEvalError(f"watch.plan includes loss but data.dataset_path={path} does not exist: point it "
+                                "at the held-out token shards (data.dataset_path=DIR)")
+
+
+class Watcher:
+    def __init__(self, cfg, dist, out_root: Path):
+        validate(cfg)
+        self.cfg, self.w, self.dist, self.out_root = cfg, cfg.watch, dist, Path(out_root)
+        self.discovery = Discovery(self.w.dir, float(self.w.stable_s))
+        self.watch_dir = self.discovery.url_of("").rstrip("/")
+        self.state_dir = default_state_dir(cfg)
+        self.downloads = self.state_dir / "downloads"
+        self.scratch = self.state_dir / "scratch"
+        self.stop = threading.Event()
+        self.wake = threading.Event()
+        self.stop_reason: str | None = None
+        self._in_eval = False
+        self.deferred: dict[str, float] = {}  # pair key -> clock time of the next attempt
+        self.session = {"evaluated": 0, "failed": 0, "retried": 0}
+        self.polls = 0
+        self.latest_step: int | None = None
+        self.current: str | None = None
+        self._known: dict[str, tuple[str, str]] = {}  # candidate name -> (state, reason) last logged
+        self._pending_names: set[str] = set()
+        self._last_beat = 0.0
+        self.view: MlflowView | None = None
+        self.resolved = OmegaConf.to_container(cfg, resolve=True)
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    def run(self) -> dict[str, Any]:
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CkptEvalError(f"cannot create the watch state dir {self.state_dir} ({exc}): set "
+                                "watch.state_dir=DIR to a writable place") from None
+        self.ledger = Ledger(self.state_dir)
+        self.lock = WatchLock(self.state_dir, self.w.lock_stale_s, self.w.heartbeat_s)
+        with self._signals():
+            if not self._acquire_lock():
+                return self._summary()
+            observer = None
+            try:
+                self._startup()
+                observer = self.discovery.start_events(self.wake) if self.w.events else None
+                with mlflow_run(self.cfg.tracking, enabled=True, run_name=f"watch/{Path(self.watch_dir).name}",
+                                tags={"mode": "watch", "evaluation": "watcher", "watch_dir": self.watch_dir,
+                                      "ckpt": self.watch_dir},
+                                params=flatten(self.resolved)) as summary_run:
+                    self.summary_run = summary_run
+                    self._loop()
+                    summary_run.set_tags({"stopped_by": self.stop_reason or "done"})
+                    self._publish(force=True)
+            finally:
+                if observer is not None:
+                    observer.stop()
+                self.lock.release()
+                shutil.rmtree(self.downloads, ignore_errors=True)
+                shutil.rmtree(self.scratch, ignore_errors=True)
+        return self._summary()
+
+    def _acquire_lock(self) -> bool:
+        waiting_logged = False
+        while not self.stop.is_set():
+            if self.lock.acquire():
+                log.info("watching %s (state %s, plan %s%s, order %s, every %gs)", self.watch_dir, self.state_dir,
+                         list(self.w.plan), self._heavy_text(), self.w.order, self.w.interval)
+                return True
+            holder = self.lock.describe(self.lock.read())
+            if self.w.once:
+                log.warning("another watcher (%s) holds %s: it evaluates this dir; exiting", holder, self.lock.path)
+                return False
+            if not waiting_logged:
+                log.warning("another watcher (%s) holds %s: standing by until it stops or its heartbeat is "
+                            "older than watch.lock_stale_s=%gs", holder, self.lock.path, self.w.lock_stale_s)
+                waiting_logged = True
+            self.stop.wait(min(self.w.interval, max(self.w.lock_stale_s / 4, 0.1)))
+        return False
+
+    def _heavy_text(self) -> str:
+        h = self.w.heavy
+        if h.tasks and h.every_n_steps > 0:
+            return f" + {h.name} {list(h.tasks)} every {h.every_n_steps} steps"
+        return ""
+
+    def _startup(self) -> None:
+        shutil.rmtree(self.downloads, ignore_errors=True)  # a previous process's partial downloads
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        if self.cfg.tracking.enabled:
+            self.view = MlflowView.open(self.cfg.tracking)
+            for run_id in self.view.end_orphans(self.watch_dir):
+                log.warning("ended MLflow run %s KILLED: a previous watcher died while it ran", run_id)
+            synced = 0
+            for key, run_id in self.view.finished_pairs(self.watch_dir).items():
+                if self.ledger.entries.get(key, {}).get("status") != DONE:
+                    identity, _, evaluation = key.partition("/")
+                    self.ledger.entries[key] = {**self.ledger.entries.get(key, {}), "status": DONE,
+                                                "identity": identity, "evaluation": evaluation, "run_id": run_id,
+                                                "time": time.time()}
+                    synced += 1
+            if synced:
+                self.ledger.save()
+                log.info("ledger: %d finished evaluation(s) recovered from MLflow", synced)
+        reset = 0
+        for entry in self.ledger.entries.values():
+            if entry.get("status") == FAILED and self.w.retry_failed:
+                entry.update(status=STARTED, attempts=0)
+                reset += 1
+        if reset:
+            self.ledger.save()
+            log.info("watch.retry_failed: %d failed evaluation(s) get another %d attempt(s)", reset,
+                     self.w.max_attempts)
+
+    @contextmanager
+    def _signals(self) -> Iterator[None]:
+        def handler(signum, _frame):
+            name = signal.Signals(signum).name
+            first = not self.stop.is_set()
+            self.stop_reason = self.stop_reason or name
+            self.stop.set()
+            self.wake.set()
+            if first:
+                log.warning("%s: stopping%s", name, f" (aborting {self.current})" if self._in_eval else "")
+            if self._in_eval:
+                self._in_eval = False
+                raise StopRequested(name)
+
+        previous = {}
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread (embedded use): no handlers, stop() still works
+            pass
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    @contextmanager
+    def _interruptible(self) -> Iterator[None]:
+        if self.stop.is_set():
+            raise StopRequested(self.stop_reason or "stop")
+        self._in_eval = True
+        try:
+            yield
+        finally:
+            self._in_eval = False
+
+    # ------------------------------------------------------------------------------------------ loop
+
+    def _loop(self) -> None:
+        dir_missing_logged = False
+        while not self.stop.is_set():
+            if self.lock.lost:
+                raise CkptEvalError(f"another watcher took over {self.lock.path} (this one was judged stale): "
+                                    "raise watch.lock_stale_s if evaluations block the heartbeat")
+            if self.w.max_polls and self.polls >= self.w.max_polls:
+                log.info("watch.max_polls=%d reached: stopping", self.w.max_polls)
+                return
+            self.polls += 1
+            if not self.discovery.exists():
+                if self.w.once:
+                    raise CkptEvalError(f"watch.dir={self.w.dir} does not exist: check the path")
+                if not dir_missing_logged:
+                    log.warning("waiting for %s to appear", self.watch_dir)
+                    dir_missing_logged = True
+                self._sleep(self.w.interval)
+                continue
+            dir_missing_logged = False
+            try:
+                candidates = self.discovery.look()
+            except Exception as exc:
+                if isinstance(exc, CkptEvalError):
+                    raise
+                log.warning("listing %s failed (%s: %s): retrying in %gs", self.watch_dir, type(exc).__name__, exc,
+                            self.w.interval)
+                self._sleep(self.w.interval)
+                continue
+            work = self._work(candidates)
+            self._publish()
+            now = time.monotonic()
+            ready = [item for item in work if self.deferred.get(item.key, 0.0) <= now]
+            if ready:
+                self._evaluate(ready[0])
+                continue  # look again before the next pair: new arrivals, deletions, order=newest
+            waits = [t - now for item in work if (t := self.deferred.get(item.key)) is not None]
+            stable_in = self.discovery.next_stable_in()
+            if stable_in is not None:
+                waits.append(stable_in + 0.05)
+            if self.w.once and not waits:
+                log.info("backlog done: exiting (watch.once=true)")
+                return
+            self._sleep(min(waits) if waits else self.w.interval, wake_on_events=not waits)
+
+    def _sleep(self, seconds: float, wake_on_events: bool = True) -> None:
+        seconds = max(0.0, min(seconds, self.w.interval))
+        if not wake_on_events:
+            self.stop.wait(seconds)
+            return
+        if self.wake.wait(seconds) and not self.stop.is_set():
+            self.wake.clear()
+            self.stop.wait(min(0.5, self.w.stable_s or 0.5))  # let a burst of events settle
+
+    def _work(self, candidates: list[Candidate]) -> list[Work]:
+        """Pending pairs of ready candidates in watch.order; logs each candidate's state when it changes."""
+        names = {c.name for c in candidates}
+        for gone in sorted(self._pending_names - names):
+            log.warning("skipped %s: deleted before it was evaluated", self.discovery.url_of(gone))
+        self._pending_names &= names
+        for gone in set(self._known) - names:
+            del self._known[gone]
+        work: list[Work] = []
+        for cand in candidates:
+            self._log_state(cand)
+            if cand.state != READY:
+                continue
+            if cand.step is not None and cand.step < self.w.from_step:
+                continue
+            todo = [ev for ev in plan_evaluations(cand.step, self.w)
+                    if self.ledger.status(cand.identity, ev.name) not in (DONE, FAILED)]
+            if todo:
+                self._pending_names.add(cand.name)
+            else:
+                self._pending_names.discard(cand.name)
+            work += [Work(cand, ev) for ev in todo]
+        newest = self.w.order == "newest"
+        work.sort(key=lambda item: (-(item.cand.step or 0) if newest else (item.cand.step or 0), item.cand.name))
+        return work
+
+    def _log_state(self, cand: Candidate) -> None:
+        before = self._known.get(cand.name)
+        reason = cand.reason if cand.state != UNSTABLE else ""  # "changed 0.3s ago" changes every look
+        now = (cand.state, reason)
+        if before == now:
+            return
+        self._known[cand.name] = now
+        if cand.step is not None and cand.step < self.w.from_step:
+            if before is None:
+                log.info("skipped %s (step %s): before watch.from_step=%d", cand.url, cand.step, self.w.from_step)
+            return
+        if cand.state == READY:
+            evals = [ev.name for ev in plan_evaluations(cand.step, self.w)]
+            done = [e for e in evals if self.ledger.status(cand.identity, e) == DONE]
+            failed = [e for e in evals if self.ledger.status(cand.identity, e) == FAILED]
+            if len(done) + len(failed) == len(evals):
+                log.info("skipped %s (step %s): already evaluated (%s)", cand.url, cand.step,
+                         ", ".join([f"{e} done" for e in done] + [f"{e} failed" for e in failed]) or "empty plan")
+            else:
+                log.info("found %s (step %s): complete; plan %s%s", cand.url, cand.step, evals,
+                         f" ({', '.join(done + failed)} already recorded)" if done or failed else "")
+        elif cand.state == UNSTABLE:
+            if before is not None:  # first look at a checkpoint is always "unstable": no news
+                log.info("found %s (step %s): complete, waiting %gs for its files to stop changing", cand.url,
+                         cand.step, self.w.stable_s)
+        else:
+            log.info("waiting for %s (step %s): %s", cand.url, cand.step, cand.reason)
+
+    # ------------------------------------------------------------------------------------------ one pair
+
+    def _evaluate(self, item: Work) -> None:
+        cand, ev = item.cand, item.evaluation
+        what = f"{ev.name} on {cand.url} (step {cand.step})"
+        if self.view is not None:
+            try:
+                run_id = self.view.finished_run(cand.identity, ev.name)
+            except Exception as exc:  # noqa: BLE001 - store down: wait, do not burn an attempt
+                log.warning("MLflow store unreachable (%s: %s): retrying %s in %gs", type(exc).__name__,
+                            str(exc)[:200], what, self.w.interval)
+                self.deferred[item.key] = time.monotonic() + self.w.interval
+                return
+            if run_id:
+                log.info("skipped %s: already done (MLflow run %s)", what, run_id)
+                self.ledger.record(cand.identity, ev.name, DONE, run_id=run_id, ckpt=cand.url, step=cand.step)
+                return
+        if not self.discovery.still_there(cand):
+            log.warning("skipped %s: deleted before its turn", what)
+            return
+        previous = self.ledger.get(cand.identity, ev.name) or {}
+        attempt = int(previous.get("attempts", 0)) + 1
+        if attempt > self.w.max_attempts:  # earlier processes died during every attempt (e.g. killed for memory)
+            self._give_up(item, attempt - 1, "the watcher process died during every attempt", None)
+            return
+        self.ledger.record(cand.identity, ev.name, STARTED, attempts=attempt, ckpt=cand.url, step=cand.step)
+        self.current = what
+        self.lock.status = {"current": what}
+        log.info("started %s, attempt %d/%d", what, attempt, self.w.max_attempts)
+        t0 = time.monotonic()
+        run = None
+        try:
+            result, run = self._run_one(cand, ev, attempt)
+        except StopRequested:
+            log.warning("aborted %s: not marked done; it runs again on the next start", what)
+            self.ledger.restore(cand.identity, ev.name, previous)
+            return
+        except Exception as exc:  # noqa: BLE001 - any failure of one checkpoint: record, retry, move on
+            run = getattr(exc, "_watch_run", None)
+            self._failed(item, attempt, exc, run)
+            return
+        finally:
+            self.current = None
+            self.lock.status = {}
+            gc.collect()
+            _empty_device_cache()
+        self.deferred.pop(item.key, None)
+        metrics = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.ledger.record(cand.identity, ev.name, DONE, run_id=run.run_id if run else None, metrics=metrics,
+                           error=None)
+        self.session["evaluated"] += 1
+        self.latest_step = max(self.latest_step or 0, cand.step or 0)
+        log.info("done %s in %.1fs: %s", what, time.monotonic() - t0, _key_metrics(result))
+
+    def _run_one(self, cand: Candidate, ev: Evaluation, attempt: int) -> tuple[dict[str, Any], Any]:
+        from ckpteval.app import Job, run_name
+        from ckpteval.results import report
+
+        hcfg = None
+        resolved = dict(self.resolved)
+        if ev.kind == "harness":
+            # Conversions (harness.backend=subprocess on a DCP/GGUF checkpoint) go to a scratch dir removed after
+            # every evaluation: the watcher never evaluates an identity twice, so a cache would only grow.
+            hcfg = harness_config(self.cfg, ev) or OmegaConf.merge(self.cfg.harness, {})
+            hcfg.cache_dir = str(self.scratch / "converted")
+            resolved["harness"] = OmegaConf.to_container(hcfg, resolve=True)
+        tags = {"mode": "watch", "evaluation": ev.name, "ckpt": cand.url, "step": cand.step,
+                "ckpt_identity": cand.identity, "watch_dir": self.watch_dir, "attempt": attempt}
+        out_dir = self.out_root / cand.name / ev.name
+        run = None
+        try:
+            with self.discovery.local_copy(cand, self.downloads) as path, \
+                    mlflow_run(self.cfg.tracking, enabled=True, run_name=run_name(ev.name, path, cand.step),
+                               tags=tags, params=flatten(resolved)) as run:
+                job = Job(dist=self.dist, out_dir=out_dir, run=run, step=cand.step)
+                with self._interruptible():
+                    result = self._call(ev, job, path, hcfg)
+                    report(result, title=f"watch {ev.name} {cand.name}", run=run, out_dir=out_dir,
+                           step=job.step if job.step is not None else cand.step)
+        except Exception as exc:
+            exc._watch_run = run  # so the failure can be tagged on the run that recorded it
+            raise
+        finally:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        if run is not None and run.active:  # lm-eval outputs are run artifacts now: keep only results.json here
+            shutil.rmtree(out_dir / "lm_eval", ignore_errors=True)
+        return result, run
+
+    def _call(self, ev: Evaluation, job, path: str, hcfg) -> dict[str, Any]:
+        if ev.kind == "loss":
+            from ckpteval.modes.loss import evaluate_checkpoint_loss
+
+            return evaluate_checkpoint_loss(self.cfg, job, path)
+        from ckpteval.modes.harness import evaluate_checkpoint_harness
+
+        return evaluate_checkpoint_harness(self.cfg, job, path, harness_cfg=hcfg)
+
+    def _failed(self, item: Work, attempt: int, exc: BaseException, run) -> None:
+        cand, ev = item.cand, item.evaluation
+        error = f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, CkptEvalError):
+            log.debug("traceback of %s on %s", ev.name, cand.url, exc_info=exc)
+        if attempt >= self.w.max_attempts:
+            self._give_up(item, attempt, error, run)
+            return
+        delay = self.w.backoff_s * 2 ** (attempt - 1)
+        self.deferred[item.key] = time.monotonic() + delay
+        self.ledger.record(cand.identity, ev.name, STARTED, attempts=attempt, error=error[:2000],
+                           run_id=run.run_id if run else None)
+        self.session["retried"] += 1
+        _tag(run, {"watch_result": f"retry in {delay:g}s"})
+        log.warning("attempt %d/%d of %s on %s (step %s) failed: %s; retrying in %gs", attempt, self.w.max_attempts,
+                    ev.name, cand.url, cand.step, error[:500], delay)
+
+    def _give_up(self, item: Work, attempts: int, error: str, run) -> None:
+        cand, ev = item.cand, item.evaluation
+        self.deferred.pop(item.key, None)
+        self.ledger.record(cand.identity, ev.name, FAILED, attempts=attempts, error=error[:2000], ckpt=cand.url,
+                           step=cand.step, run_id=run.run_id if run else None)
+        self.session["failed"] += 1
+        _tag(run, {"watch_result": "failed"})
+        log.error("failed %s on %s (step %s) after %d attempt(s): %s; recorded failed, moving on (watch.retry_failed"
+                  "=true retries it)", ev.name, cand.url, cand.step, attempts, error[:500])
+
+    # ------------------------------------------------------------------------------------------ progress
+
+    def _counts(self) -> dict[str, float]:
+        return {"watch/done": self.ledger.count(DONE), "watch/failed": self.ledger.count(FAILED),
+                "watch/pending": sum(1 for n in self._pending_names),
+                "watch/evaluated": self.session["evaluated"], "watch/retries": self.session["retried"],
+                "watch/polls": self.polls,
+                **({"watch/latest_step": self.latest_step} if self.latest_step is not None else {})}
+
+    def _publish(self, force: bool = False) -> None:
+        """Heartbeat log line + summary-run metrics, at most every watch.heartbeat_s (and after each evaluation)."""
+        now = time.monotonic()
+        evaluated = self.session["evaluated"] + self.session["failed"]
+        if not force and now - self._last_beat < self.w.heartbeat_s and evaluated == getattr(self, "_last_n", 0):
+            return
+        self._last_beat, self._last_n = now, evaluated
+        counts = self._counts()
+        log.info("heartbeat: %d done, %d failed, %d checkpoint(s) pending, %d evaluated this session",
+                 counts["watch/done"], counts["watch/failed"], counts["watch/pending"], counts["watch/evaluated"])
+        try:
+            self.summary_run.log_metrics(counts, step=self.polls)
+            self.summary_run.set_tags({"heartbeat": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        except Exception as exc:  # noqa: BLE001 - the summary run is best effort; evaluations carry the results
+            log.warning("could not update the watcher run: %s", exc)
+
+    def _summary(self) -> dict[str, Any]:
+        counts = self._counts() if hasattr(self, "ledger") else {}
+        return {**counts, "watch/stopped_by": self.stop_reason or "done"}
+
+
+def _tag(run, tags: dict[str, Any]) -> None:
+    if run is None:
+        return
+    try:
+        run.set_tags(tags)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not tag MLflow run: %s", exc)
+
+
+def _key_metrics(result: dict[str, Any], limit: int = 4) -> str:
+    items = [(k, v) for k, v in result.items()
+             if k not in ("step", "tokens_seen") and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    preferred = sorted(items, key=lambda kv: (not kv[0].startswith("eval/loss"), "stderr" in kv[0]))
+    return ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in preferred[:limit]) or "-"
+
+
+def _empty_device_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,291 @@
+"""FastLM (harness.backend=fast) against lm-eval's own HFLM on the same in-memory model and tokenizer.
+
+Per request: loglikelihoods within 1e-4 (float32) and identical is_greedy on shared contexts with 4 choices,
+empty contexts, trailing spaces, duplicates and contexts longer than max_length; rolling loglikelihoods and
+generation; task metrics from `lm_eval.simple_evaluate` on a small offline multiple-choice task and a
+perplexity task written here; and under `torchrun --nproc_per_node=2` (this module run as a script) the same
+results on both ranks as in one process.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests import factories
+
+
+from lm_eval.api.instance import Instance
+
+from ckpteval.errors import CkptEvalError
+from ckpteval.evaluation.fast_lm import FastLM
+
+TEXT = factories.TEXT[:6]
+
+
+def _tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _hflm(model, tok, batch_size: int = 4, **kw):
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, **kw)
+
+
+def _greedy_text(model, tok, context: str, n: int) -> str:
+    """The model's own greedy continuation of `context`, as text (so HFLM reports is_greedy=True for it)."""
+    ids = torch.tensor([tok.encode(context)])
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+    return tok.decode(ids[0, -n:])
+
+
+def _requests(model, tok) -> list[tuple[str, str]]:
+    reqs = []
+    for i in range(3):  # multiple choice: one context, four choices (single- and multi-token)
+        ctx = f"Question: {TEXT[i]}\nAnswer:"
+        reqs += [(ctx, " yes"), (ctx, " no"), (ctx, " the lazy dog jumps"), (ctx, " model weights")]
+    for ctx in ("The quick brown", "def add(a, b):"):  # greedy continuations: is_greedy True somewhere
+        reqs += [(ctx, _greedy_text(model, tok, ctx, n)) for n in (1, 3)]
+    reqs += [("", "The quick brown fox"), ("", "<|endoftext|>Perplexity is"),  # empty context, both branches
+             ("A checkpoint is ", "a snapshot"),  # trailing space moves to the continuation
+             ("A checkpoint is ", "a snapshot"),  # duplicate request
+             (" ".join(factories.TEXT[:40]), " of the model."),  # longer than max_length (256): truncated
+             (" ".join(factories.TEXT[:40]), " tokens")]
+    return reqs
+
+
+def _instances(reqs, kind: str = "loglikelihood"):
+    return [Instance(kind, {}, r, i) for i, r in enumerate(reqs)]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_tokenizer_dir):
+    model = factories.make_model()
+    tok = _tokenizer(tiny_tokenizer_dir)
+    return model, tok, _requests(model, tok)
+
+
+def test_loglikelihood_matches_hflm_per_request(setup):
+    model, tok, reqs = setup
+    assert len(tok.encode(reqs[-1][0])) > 256, "the truncation case must exceed the model's max_length"
+    ref = _hflm(model, tok, batch_size=4).loglikelihood(_instances(reqs))
+    ours = FastLM(model, tok, batch_size=3).loglikelihood(_instances(reqs))
+    assert any(greedy for _, greedy in ref), "no request exercises is_greedy=True"
+    for req, (ref_ll, ref_greedy), (ll, greedy) in zip(reqs, ref, ours, strict=True):
+        assert abs(ll - ref_ll) <= 1e-4, (req, ll, ref_ll)
+        assert greedy == ref_greedy, req
+
+
+def test_tokenization_matches_hflm(setup):
+    model, tok, reqs = setup
+    ref, ours = _hflm(model, tok), FastLM(model, tok)
+    for ctx, cont in reqs:
+        for text in filter(None, (ctx, ctx + cont, cont)):
+            assert ours.tok_encode(text) == ref.tok_encode(text)
+    assert (ours.max_length, ours.prefix_token_id, ours.eot_token_id) == \
+           (ref.max_length, ref.prefix_token_id, ref.eot_token_id)
+
+
+def test_short_max_length_truncates_like_hflm(setup):
+    model, tok, reqs = setup
+    ref = _hflm(model, tok, max_length=24).loglikelihood(_instances(reqs))
+    ours = FastLM(model, tok, batch_size=8, max_length=24).loglikelihood(_instances(reqs))
+    for (ref_ll, ref_greedy), (ll, greedy) in zip(ref, ours, strict=True):
+        assert abs(ll - ref_ll) <= 1e-4 and greedy == ref_greedy
+
+
+def test_rolling_and_generation_match_hflm(setup):
+    model, tok, _ = setup
+    texts = [TEXT[0], " ".join(factories.TEXT[:30]), "<|endoftext|>" + TEXT[2]]  # 1 and several windows
+    rolling = _instances([(t,) for t in texts], "loglikelihood_rolling")
+    ref, ours = _hflm(model, tok, max_length=64), FastLM(model, tok, max_length=64)
+    for r, o in zip(ref.loglikelihood_rolling(rolling), ours.loglikelihood_rolling(rolling), strict=True):
+        assert o == pytest.approx(r, rel=1e-6, abs=1e-4)
+    gen = _instances([(t, {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}) for t in TEXT[:3]],
+                     "generate_until")
+    assert ours.generate_until(gen) == ref.generate_until(gen)
+
+
+def test_bfloat16_is_close_to_float32(setup):
+    model, tok, reqs = setup
+    ref = FastLM(model, tok).loglikelihood(_instances(reqs))
+    autocast = FastLM(model, tok, dtype="bfloat16").loglikelihood(_instances(reqs))
+    bf16_model = factories.make_model().to(torch.bfloat16)
+    native = FastLM(bf16_model, tok, dtype=torch.bfloat16).loglikelihood(_instances(reqs))
+    for (r, _), (a, _), (n, _) in zip(ref, autocast, native, strict=True):
+        assert a == pytest.approx(r, rel=0.05, abs=0.5)
+        assert n == pytest.approx(r, rel=0.05, abs=0.5)
+
+
+def test_user_errors(setup):
+    model, tok, _ = setup
+    with pytest.raises(CkptEvalError, match="torch.distributed"):
+        FastLM(model, tok, rank=0, world_size=2)
+    with pytest.raises(CkptEvalError, match="load the model in"):
+        FastLM(factories.make_model().to(torch.bfloat16), tok, dtype="float32")
+    with pytest.raises(CkptEvalError, match="batch_size"):
+        FastLM(model, tok, batch_size=0)
+
+
+# ------------------------------------------------------------------------------------------ task level
+MC_TASK = """task: fastlm_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+PPL_TASK = """task: fastlm_ppl
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{question}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+"""
+
+
+def write_tasks(root: Path) -> Path:
+    """A 12-question, 4-choice task and a perplexity task over the same local jsonl: no network needed."""
+    root.mkdir(parents=True, exist_ok=True)
+    choices = [" the lazy dog", " a snapshot of the weights", " the next token", " held-out data"]
+    rows = [{"question": factories.TEXT[i % 6] + f" ({i})", "choices": choices[i % 2:] + choices[:i % 2],
+             "label": i % 4} for i in range(12)]
+    data = root / "fastlm.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "fastlm_mc.yaml").write_text(MC_TASK.format(data=data))
+    (root / "fastlm_ppl.yaml").write_text(PPL_TASK.format(data=data))
+    return root
+
+
+@functools.lru_cache
+def _task_manager(task_dir: str):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=task_dir, include_defaults=False)  # indexing lm-eval's own tasks takes ~30 s
+
+
+def evaluate(lm, task_dir: Path) -> dict | None:
+    import lm_eval
+
+    out = lm_eval.simple_evaluate(model=lm, tasks=["fastlm_mc", "fastlm_ppl"], num_fewshot=0, log_samples=True,
+                                  task_manager=_task_manager(str(task_dir)), bootstrap_iters=0)
+    if out is None:
+        return None
+    return {"results": out["results"],
+            "resps": {t: [s["resps"] for s in out["samples"][t]] for t in out["samples"]}}
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    return write_tasks(tmp_path_factory.mktemp("fastlm_tasks"))
+
+
+def _assert_same_metrics(ours: dict, ref: dict) -> None:
+    mc, ref_mc = ours["results"]["fastlm_mc"], ref["results"]["fastlm_mc"]
+    for key in ("acc,none", "acc_stderr,none", "acc_norm,none", "acc_norm_stderr,none"):
+        assert mc[key] == ref_mc[key], key
+    for key, value in ref["results"]["fastlm_ppl"].items():
+        if isinstance(value, float):
+            assert ours["results"]["fastlm_ppl"][key] == pytest.approx(value, rel=1e-6), key
+    for task in ("fastlm_mc", "fastlm_ppl"):
+        for doc, ref_doc in zip(ours["resps"][task], ref["resps"][task], strict=True):
+            for resp, ref_resp in zip(doc, ref_doc, strict=True):
+                got, want = (resp[0], ref_resp[0])
+                if isinstance(want, (list, tuple)):  # loglikelihood: (ll, is_greedy)
+                    assert abs(got[0] - want[0]) <= 1e-4 and got[1] == want[1]
+                else:  # rolling: summed over the document
+                    assert got == pytest.approx(want, rel=1e-6, abs=1e-4)
+
+
+def test_task_metrics_identical_to_hflm(setup, task_dir):
+    model, tok, _ = setup
+    ref = evaluate(_hflm(model, tok, batch_size=4), task_dir)
+    ours = evaluate(FastLM(model, tok, batch_size=4), task_dir)
+    assert len(ref["resps"]["fastlm_mc"]) == 12
+    _assert_same_metrics(ours, ref)
+
+
+# ------------------------------------------------------------------------------------------ data parallel
+def _driver(spec_path: str) -> None:
+    """Under torchrun: FastLM sharded over 2 ranks; each rank writes what it got back."""
+    spec = json.loads(Path(spec_path).read_text())
+    torch.distributed.init_process_group("gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    model = factories.make_model()
+    tok = _tokenizer(spec["tok"])
+    lm = FastLM(model, tok, batch_size=2, rank=rank, world_size=world)
+    reqs = _requests(model, tok)
+    rows, score_batch = [], lm._score_batch
+    lm._score_batch = lambda batch: rows.append(len(batch)) or score_batch(batch)  # count this rank's share
+    gen = _instances([(t, {"until": ["\n"], "max_gen_toks": 4}) for t in TEXT[:3]], "generate_until")
+    out = {"ll": lm.loglikelihood(_instances(reqs))}
+    out["rows"] = sum(rows)
+    out |= {"gen": lm.generate_until(gen), "evaluate": evaluate(lm, Path(spec["tasks"]))}
+    Path(spec["out"], f"rank{rank}.json").write_text(json.dumps(out))
+    torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_data_parallel_matches_single_process(setup, task_dir, tiny_tokenizer_dir, tmp_path):
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"tok": str(tiny_tokenizer_dir), "tasks": str(task_dir), "out": str(tmp_path)}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(factories.REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "tests.test_fast_lm", str(spec)]
+    proc = subprocess.run(cmd, check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+    model, tok, reqs = setup
+    single = FastLM(model, tok, batch_size=2)
+    groups = len(single._group(single._tokenized(_instances(reqs))))
+    assert ranks[0]["rows"] > 0 and ranks[1]["rows"] > 0 and ranks[0]["rows"] + ranks[1]["rows"] == groups
+    ll = single.loglikelihood(_instances(reqs))
+    gen = _instances([(t, {"until": ["\n"], "max_gen_toks": 4}) for t in TEXT[:3]], "generate_until")
+    for r in ranks:  # every rank holds every result, in request order
+        assert len(r["ll"]) == len(reqs)
+        for (want, want_greedy), (got, got_greedy) in zip(ll, r["ll"], strict=True):
+            assert abs(got - want) <= 1e-5 and got_greedy == want_greedy
+        assert r["gen"] == single.generate_until(gen)
+    # simple_evaluate returns results where LOCAL_RANK == 0 only, identical to one process
+    assert ranks[1]["evaluate"] is None
+    _assert_same_metrics(ranks[0]["evaluate"], evaluate(single, task_dir))
+
+
+if __name__ == "__main__":
+    _driver(sys.argv[1])

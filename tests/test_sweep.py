@@ -1,0 +1,263 @@
+"""Checkpoint scans: glob expansion (order, escaping, errors, incomplete skip, products), plugin discovery, the
+summary, and one end-to-end `python run.py -m` over 3 good + 1 broken + 1 incomplete checkpoint."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from ckpteval import app, sweep
+from ckpteval.errors import CkptEvalError
+from tests import factories
+
+SEQ = 32
+
+
+def fake_hf_ckpt(path: Path) -> Path:
+    """The cheapest dir `check_complete` accepts as an HF checkpoint (config.json + a whole safetensors file)."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(4)}, str(path / "model.safetensors"))
+    return path
+
+
+def truncate(path: Path, keep: int = 40) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def parse(overrides: list[str]):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_overrides(overrides)
+
+
+# ------------------------------------------------------------------------------------------ expansion
+
+
+NASTY = ["/data/run 1/step_100", "/data/a,b/step_2", "/data/it's/step_3", '/data/say "hi"/step_4', "/d/x=y/step_5",
+         "/d/[br]{c}(p)/step_6", "/d/${oc.env:HOME}/step_7", "/d/back\\slash/step_8", "/d/trail\\", "/d/ünï #1/s",
+         "/d/a:b/step_9", "/d/quote\\'mix/s", "/d/esc\\${x}/s"]
+
+
+@pytest.mark.parametrize("path", NASTY)
+def test_quoted_value_composes_back_to_the_exact_path(path):
+    """The real contract: the job's composed config holds exactly the matched path."""
+    assert factories.compose(["mode=loss", f"ckpt={sweep.quote_value(path)}"]).ckpt == path
+
+
+def test_expand_pattern_natural_step_order_and_absolute_paths(tmp_path):
+    for name in ["step_100", "step_20", "step_3", "step_1000", "global_step7", "checkpoint-50", "final"]:
+        fake_hf_ckpt(tmp_path / "ckpts" / name)
+    got = sweep.expand_pattern("ckpts/*", cwd=tmp_path)
+    assert got == [str(tmp_path / "ckpts" / n) for n in
+                   ["step_3", "global_step7", "step_20", "checkpoint-50", "step_100", "step_1000", "final"]]
+
+
+def test_expand_pattern_skips_incomplete_with_a_warning(tmp_path, caplog):
+    good = [fake_hf_ckpt(tmp_path / f"step_{s}") for s in (1, 2)]
+    partial = fake_hf_ckpt(tmp_path / "step_3")
+    truncate(partial / "model.safetensors")  # a copy cut short
+    dcp = tmp_path / "step_4"
+    dcp.mkdir()
+    (dcp / "__0_0.distcp").write_bytes(b"x")  # a DCP save that never wrote .metadata
+    (tmp_path / "step_5.log").write_text("not a checkpoint")
+    with caplog.at_level("WARNING", logger="ckpteval.sweep"):
+        got = sweep.expand_pattern(str(tmp_path / "step_*"))
+    assert got == [str(p) for p in good]
+    warned = caplog.text
+    assert "step_3" in warned and "truncated" in warned
+    assert "step_4" in warned and ".metadata" in warned and "step_5.log" in warned
+
+
+def test_expand_pattern_no_match_names_pattern_and_cwd(tmp_path):
+    with pytest.raises(CkptEvalError) as err:
+        sweep.expand_pattern("ckpts/step_*", cwd=tmp_path)
+    assert "glob:ckpts/step_*" in str(err.value) and str(tmp_path) in str(err.value)
+
+
+def test_expand_pattern_only_incomplete_matches_is_an_error(tmp_path):
+    truncate(fake_hf_ckpt(tmp_path / "step_1") / "model.safetensors")
+    with pytest.raises(CkptEvalError, match="no complete checkpoint"):
+        sweep.expand_pattern("step_*", cwd=tmp_path)
+
+
+def test_expand_pattern_cwd_with_glob_characters_is_literal(tmp_path):
+    root = tmp_path / "exp[1]"
+    fake_hf_ckpt(root / "step_1")
+    assert sweep.expand_pattern("step_*", cwd=root) == [str(root / "step_1")]
+
+
+def test_every_nth_keeps_the_newest():
+    assert sweep.every_nth(list(range(10)), 4) == [0, 4, 8, 9]
+    assert sweep.every_nth(list(range(9)), 4) == [0, 4, 8]
+    assert sweep.every_nth([1, 2], 1) == [1, 2]
+
+
+def test_glob_overrides_product_with_other_sweeps_and_escaping(tmp_path):
+    paths = [fake_hf_ckpt(tmp_path / "run 1,final" / f"step_{s}") for s in (30, 4)]
+    fake_hf_ckpt(tmp_path / "it's" / "step_9")
+    lists = sweep.job_override_lists(
+        parse(["mode=loss,harness", f"ckpt='glob:{tmp_path}/run 1,final/step_*',\"glob:{tmp_path}/it's/step_*\"",
+               "eval.steps=3"]),
+        lambda pattern: sweep.expand_pattern(pattern), parent_run_id="abc123")
+    jobs = [list(x) for x in itertools.product(*lists)]
+    assert len(jobs) == 2 * 3
+    composed = [factories.compose(job) for job in jobs]
+    expected_ckpts = [str(paths[1]), str(paths[0]), str(tmp_path / "it's" / "step_9")]  # step order per glob
+    assert [(c.mode.name, c.ckpt) for c in composed] == list(itertools.product(["loss", "harness"], expected_ckpts))
+    assert all(c.eval.steps == 3 and c.tracking.parent_run_id == "abc123" for c in composed)
+
+
+def test_sweeper_params_from_config_expand_and_command_line_wins(tmp_path, monkeypatch):
+    from hydra_plugins.ckpteval_sweeper.ckpteval_sweeper import CkptEvalSweeper
+
+    for s in (1, 2, 3, 4, 5):
+        fake_hf_ckpt(tmp_path / "a" / f"step_{s}")
+    fake_hf_ckpt(tmp_path / "b" / "step_7")
+    monkeypatch.chdir(tmp_path)
+    sweeper = CkptEvalSweeper(params={"ckpt": "glob:a/step_*", "mode": "loss"}, every=2)
+    sweeper.hydra_context = SimpleNamespace(config_loader=None)
+    [batch] = sweeper.job_batches(["eval.steps=1"])  # the sweep file's pattern, every 2nd + newest
+    assert [job[0] for job in batch] == [f"ckpt={sweep.quote_value(str(tmp_path / 'a' / f'step_{s}'))}"
+                                         for s in (1, 3, 5)]
+    [batch] = sweeper.job_batches(["ckpt=glob:b/step_*"])  # the command line replaces it
+    assert [job[0] for job in batch] == [f"ckpt={sweep.quote_value(str(tmp_path / 'b' / 'step_7'))}"]
+
+
+# ------------------------------------------------------------------------------------------ discovery, configs
+
+
+def test_hydra_discovers_the_sweeper_and_the_config_selects_it():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.sweeper import Sweeper
+
+    from ckpteval.config import register_configs
+
+    names = [f"{c.__module__}.{c.__name__}" for c in Plugins.instance().discover(Sweeper)]
+    assert "hydra_plugins.ckpteval_sweeper.ckpteval_sweeper.CkptEvalSweeper" in names
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=str(factories.REPO / "conf")):
+        cfg = compose(config_name="config", overrides=["+sweep=scan_every_nth"], return_hydra_config=True)
+    assert cfg.hydra.sweeper._target_.endswith("CkptEvalSweeper")
+    assert cfg.hydra.callbacks.sweep._target_ == "ckpteval.sweep.SweepCallback"
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and cfg.hydra.sweeper.every == 5
+    assert cfg.hydra.sweeper.params.ckpt.startswith("glob:") and cfg.harness.tasks == ["arc_easy", "piqa"]
+
+
+@pytest.mark.parametrize("name,mode", [("scan_loss", "loss"), ("scan_harness", "harness")])
+def test_ready_sweep_files_compose(name, mode):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(factories.REPO / "conf")):
+        cfg = compose(config_name="config", overrides=[f"+sweep={name}"], return_hydra_config=True)
+    assert cfg.mode.name == mode and str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    assert cfg.hydra.sweeper.params.ckpt.startswith("glob:")
+
+
+def test_glob_without_multirun_says_add_m(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        app.main(factories.compose(["mode=loss", "ckpt=glob:ckpts/step_*", "tracking.enabled=false"]))
+    assert exc.value.code == 2 and "add -m" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ summary
+
+
+def _status(dir_: Path, job: int, ckpt: str, result=None, error=None, overrides=()):
+    dir_.mkdir(parents=True)
+    (dir_ / sweep.STATUS_FILE).write_text(json.dumps({
+        "job": job, "status": "FAILED" if error else "COMPLETED", "ckpt": ckpt, "mode": "loss",
+        "overrides": [f"ckpt={ckpt}", *overrides], "result": result, "error": error}))
+
+
+def test_summary_table_best_per_metric_and_failures(tmp_path):
+    _status(tmp_path / "0", 0, "/c/step_200", {"step": 200, "eval/loss": 2.5, "acc": 0.4, "eval/tokens": 99})
+    _status(tmp_path / "1", 1, "/c/step_100", {"step": 100, "eval/loss": 3.0, "acc": 0.6, "eval/tokens": 99})
+    _status(tmp_path / "2", 2, "/c/step_300", error="checkpoint /c/step_300 is broken: re-save it")
+    records = sweep.load_records(tmp_path)
+    assert [(r.step, r.status) for r in records] == [(100, "COMPLETED"), (200, "COMPLETED"), (300, "FAILED")]
+    best = sweep.best_per_metric(records, sweep.key_metrics(records))
+    assert best["eval/loss"].step == 200 and best["acc"].step == 100  # loss: lowest wins; accuracy: highest
+    assert "eval/tokens" not in best
+    table = sweep.summary_table(records)
+    assert "step_300" in table and "re-save it" in table and "FAILED" in table
+    rows = (tmp_path / "s.csv").read_text() if sweep.write_csv(records, tmp_path / "s.csv") else ""
+    assert rows.splitlines()[0].startswith("job,checkpoint,step") and len(rows.splitlines()) == 4
+    png = sweep.plot_metrics(records, tmp_path / "s.png", "t")
+    assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+@pytest.mark.slow
+def test_multirun_scan_end_to_end(tmp_path, tiny_tokenizer_dir, tiny_token_shards):
+    """3 good checkpoints + 1 broken (config/weights mismatch) + 1 incomplete (skipped): 4 child runs under a
+    parent with the summary artifacts; losses checked against plain transformers on the same windows."""
+    from transformers import AutoModelForCausalLM
+
+    ckpts = tmp_path / "ckpts"
+    steps = [1200, 100, 300]
+    for seed, step in enumerate(steps):
+        factories.make_hf_checkpoint(ckpts / f"step_{step}", tiny_tokenizer_dir, seed=seed)
+    broken = ckpts / "step_400"
+    shutil.copytree(ckpts / "step_300", broken)
+    cfg = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3}))
+    shutil.copytree(ckpts / "step_300", ckpts / "step_500")
+    truncate(ckpts / "step_500" / "model.safetensors", 5000)
+    db = tmp_path / "mlflow.db"
+
+    proc = factories.run_cli(["-m", "mode=loss", "ckpt=glob:ckpts/step_*", "data=local",
+                              f"data.dataset_path={tiny_token_shards}", f"eval.seq_len={SEQ}", "eval.batch_size=4",
+                              "eval.steps=-1", f"tracking.uri=sqlite:///{db}", "hydra.sweep.dir=sweep"],
+                             cwd=tmp_path, timeout=400)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # a job failed: the sweep finished, then says so
+    out = proc.stdout
+    assert "skipping incomplete checkpoint" in out and "step_500" in out
+    assert "sweep summary: 4 job(s), 3 completed, 1 failed" in out and "does not match its architecture" in out
+
+    shards = [np.fromfile(f, dtype=np.uint16) for f in sorted(Path(tiny_token_shards).glob("*.bin"))]
+    client, runs = factories.mlflow_runs(db)
+    [parent] = [r for r in runs if r.data.tags.get("ckpteval.sweep") == "true"]
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert sorted(children) == ["loss/step_0000100", "loss/step_0000300", "loss/step_0000400", "loss/step_0001200"]
+    assert parent.info.status == "FINISHED"
+    for step in steps:
+        run = children[f"loss/step_{step:07d}"]
+        assert run.info.status == "FINISHED"
+        [point] = client.get_metric_history(run.info.run_id, "eval/loss")
+        model = AutoModelForCausalLM.from_pretrained(ckpts / f"step_{step}", dtype=torch.float32).eval()
+        assert point.step == step
+        assert point.value == pytest.approx(factories.reference_loss(model, shards, SEQ), abs=1e-4)
+    failed = children["loss/step_0000400"]
+    assert failed.info.status == "FAILED" and "does not match its architecture" in failed.data.tags["error"]
+
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
+    assert arts == {"summary/summary.csv", "summary/summary.png"}
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, "eval/loss")] == [100, 300, 1200]
+    csv_rows = (tmp_path / "sweep" / "summary.csv").read_text().splitlines()
+    assert len(csv_rows) == 5 and sum(",FAILED," in row for row in csv_rows) == 1
+    assert (tmp_path / "sweep" / "summary.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_multirun_no_match_is_a_loud_error_and_the_parent_run_fails(tmp_path):
+    db = tmp_path / "mlflow.db"
+    proc = factories.run_cli(["-m", "mode=loss", "ckpt=glob:nowhere/step_*", f"tracking.uri=sqlite:///{db}"],
+                             cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert "error: glob:nowhere/step_* matches nothing" in proc.stderr and str(tmp_path) in proc.stderr
+    _, runs = factories.mlflow_runs(db)
+    assert [(r.info.status, "matches nothing" in r.data.tags.get("error", "")) for r in runs] == [("FAILED", True)]
