@@ -98,7 +98,9 @@ def test_bfloat16_storage_and_default_output(in_tmp, tiny_tokenizer_dir):
     result = app.main(factories.compose(["mode=convert", f"ckpt={ckpt}", "convert.dtype=bfloat16",
                                          f"tracking.uri=sqlite:///{in_tmp}/mlflow.db"]))
     out = Path(result["convert/out"])
-    assert out == ckpt.parent / "step_7_hf"
+    # default: under outputs/converted, never beside the checkpoint (where scans would take it for a step)
+    assert out.resolve().parent == (in_tmp / "outputs" / "converted").resolve() and out.name.startswith("step_7-")
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["step_7"]
     with safe_open(out / "model.safetensors", "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # noqa: SIM118
     # The stored model is the source rounded to bfloat16: reference = saved weights rounded the same way.

@@ -67,9 +67,14 @@ def _reference_metrics(ref: dict) -> dict[str, float]:
     return out
 
 
-def test_in_memory_equals_stock_hflm_on_converted_dir(evaluated):
+@pytest.fixture(scope="module")
+def reference(evaluated) -> dict[str, float]:
+    return _reference_metrics(_reference(evaluated["hf_dir"]))
+
+
+def test_in_memory_equals_stock_hflm_on_converted_dir(evaluated, reference):
     result = evaluated["result"]
-    expected = _reference_metrics(_reference(evaluated["hf_dir"]))
+    expected = reference
     assert {"harness/ckpteval_mc/acc", "harness/ckpteval_mc/acc_norm", "harness/ckpteval_mc/acc_stderr",
             "harness/ckpteval_rolling/word_perplexity", "harness/ckpteval_rolling/bits_per_byte"} <= set(expected)
     assert {k: result[k] for k in expected} == expected  # identical, not just close
@@ -107,24 +112,17 @@ def test_mlflow_run_read_back(evaluated):
     assert len(samples.read_text().splitlines()) == 40
 
 
-def test_fast_backend_falls_back_to_hflm_when_unavailable(evaluated, monkeypatch, caplog):
-    import sys
-
-    from lm_eval.models.huggingface import HFLM
-    from omegaconf import OmegaConf
-
-    from ckpteval.config import HarnessConfig
-    from ckpteval.evaluation.harness import build_lm
-    from ckpteval.parallel.dist import DistContext
-    from tests.factories import make_model
-
-    monkeypatch.setitem(sys.modules, "ckpteval.evaluation.fast_lm", None)  # import fails
-    from transformers import AutoTokenizer
-
-    hcfg = OmegaConf.structured(HarnessConfig(batch_size=3))
-    lm = build_lm("fast", make_model(), AutoTokenizer.from_pretrained(evaluated["hf_dir"]), hcfg, DistContext())
-    assert isinstance(lm, HFLM) and lm.batch_size == 3
-    assert "using hf" in caplog.text
+def test_default_fast_backend_gives_the_stock_metrics(evaluated, reference):
+    """The default backend (FastLM) end to end: the same accuracies as stock lm-eval, perplexities to 1e-6."""
+    tmp = evaluated["tmp"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)
+        result = app.main(_harness_cfg(tmp, evaluated["ckpt"], "tracking.enabled=false"))
+    for key, value in reference.items():
+        if "ckpteval_mc" in key:
+            assert result[key] == value, key
+        else:
+            assert result[key] == pytest.approx(value, rel=1e-6), key
 
 
 # ---- errors before any model is loaded -----------------------------------------------------------------

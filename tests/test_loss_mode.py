@@ -209,3 +209,42 @@ def test_error_unreachable_tracking_server(in_tmp, tiny_hf_ckpt, tiny_token_shar
     assert exc.value.code != 0
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "unreachable" in err[0] and "tracking.uri" in err[0]
+
+
+def _per_document_reference(model, arrays: list[np.ndarray], seq: int, sep: int) -> tuple[float, int]:
+    """Every window cut at its documents' ends (a `sep` token ends a document), each piece run alone through a
+    plain transformers forward from position 0; token-weighted NLL over all targets of all windows."""
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for arr in arrays:
+            tokens = torch.as_tensor(arr.astype(np.int64))
+            for k in range((len(tokens) - 1) // seq):
+                inputs, targets = tokens[k * seq:k * seq + seq], tokens[k * seq + 1:k * seq + seq + 1]
+                ends = [i + 1 for i in range(seq) if int(inputs[i]) == sep and i + 1 < seq] + [seq]
+                start = 0
+                for end in ends:
+                    logits = model(input_ids=inputs[None, start:end]).logits[0].double()
+                    nll += torch.nn.functional.cross_entropy(logits, targets[start:end], reduction="sum").item()
+                    count += end - start
+                    start = end
+    return nll / count, count
+
+
+def test_doc_mask_scores_each_document_alone(in_tmp, tiny_hf_ckpt):
+    """eval.doc_mask=true: windows packed with several documents score each one as if it were run alone."""
+    sep = 7
+    rng = np.random.default_rng(5)
+    data = in_tmp / "docs"
+    data.mkdir()
+    arrays = []
+    for part in range(2):
+        docs = [np.append(rng.integers(8, 512, size=int(rng.integers(2, 40))), sep) for _ in range(12)]
+        arrays.append(np.concatenate(docs).astype(np.uint16))
+        arrays[-1].tofile(data / f"part_{part}.bin")
+    common = ("data=local", f"data.dataset_path={data}", "eval.steps=-1")
+    masked = app.main(_loss_cfg(in_tmp, tiny_hf_ckpt, *common, "eval.doc_mask=true", f"eval.doc_sep_id={sep}"))
+    plain = app.main(_loss_cfg(in_tmp, tiny_hf_ckpt, *common))
+    ref, count = _per_document_reference(_model(tiny_hf_ckpt), arrays, SEQ, sep)
+    assert masked["eval/tokens"] == count == plain["eval/tokens"]
+    assert abs(masked["eval/loss"] - ref) < 1e-5
+    assert abs(plain["eval/loss"] - ref) > 1e-3  # the mask changed what each token sees

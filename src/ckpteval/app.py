@@ -67,12 +67,26 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
     try:
         return _main(cfg)
     except CkptEvalError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        _print_error(exc)
         log.debug("details", exc_info=True)
         shutdown()
         if _in_multirun():
             raise  # Hydra records the job FAILED; the sweep goes on and its summary lists the error
         sys.exit(2)
+
+
+def _print_error(exc: CkptEvalError) -> None:
+    """One `error:` line per job: under torchrun, errors every rank shares (config errors before the process
+    group exists, failures gathered by `fail_together`) are printed by rank 0 only; a rank's own error keeps
+    its rank in the line."""
+    import torch.distributed as tdist
+
+    rank = int(os.environ.get("RANK", "0"))
+    shared = getattr(exc, "all_ranks", False) or not (tdist.is_available() and tdist.is_initialized())
+    if rank == 0:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+    elif not shared:
+        print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
 
 
 def _main(cfg: DictConfig) -> dict[str, Any] | None:

@@ -80,6 +80,8 @@ class EvalConfig:
     seq_len: int = 256  # tokens per window (inputs); targets are the next L tokens
     dtype: str = "float32"  # float32 | bfloat16: compute dtype (loss always accumulated in float32)
     logits_chunk: int = 4096  # tokens per chunk of the vocabulary projection (no full float32 logits)
+    doc_mask: bool = False  # keep document boundaries in a window: attend within a document, positions restart
+    doc_sep_id: Optional[int] = None  # token that ends a document (doc_mask); default: the model's eos_token_id
     device: Optional[str] = None  # cpu | cuda | cuda:N; default: cuda when available, else cpu
 
 
@@ -131,7 +133,7 @@ class HarnessConfig:
     log_samples: bool = True  # keep per-sample logs as an MLflow artifact
     gen_kwargs: Optional[str] = None  # generation tasks: "temperature=0,max_gen_toks=64"
     apply_chat_template: bool = False
-    backend: str = "hf"  # hf (lm-eval HFLM on the in-memory model) | fast (our KV-reusing LM) | subprocess (lm_eval CLI on a converted dir)
+    backend: str = "fast"  # fast (FastLM: HFLM's numbers, shared contexts run once) | hf (lm-eval HFLM) | subprocess (lm_eval CLI)
     dtype: str = "float32"  # float32 | bfloat16
     allow_code_execution: bool = False  # tasks that execute model-written code stay refused unless true
     trust_remote_code: bool = False
@@ -140,7 +142,7 @@ class HarnessConfig:
 
 @dataclass
 class ConvertConfig:
-    out: Optional[str] = None  # output HF dir; default: <ckpt>_hf beside the checkpoint
+    out: Optional[str] = None  # output HF dir; default: <paths.outputs>/converted/<name>-<path hash>
     tolerance: float = 1e-5  # max abs logits difference allowed between source and converted model
     dtype: str = "float32"  # dtype of the saved safetensors (float32 | bfloat16)
 

@@ -32,10 +32,14 @@ RECORD = "ckpteval_source.json"
 VERIFY_BATCH, VERIFY_LEN = 2, 32
 
 
-def default_output(info: CheckpointInfo) -> Path:
-    """`<ckpt>_hf` beside the checkpoint (`model_hf` beside `model.gguf`)."""
-    src = info.path
-    return src.parent / f"{src.stem if src.is_file() else src.name}_hf"
+def default_output(info: CheckpointInfo, outputs: str | Path = "outputs") -> Path:
+    """`<outputs>/converted/<name>-<hash of the source path>`: never beside the checkpoint, where sweeps and the
+    watcher would take a `step_300_hf` dir for another checkpoint."""
+    import hashlib
+
+    src = info.path.resolve()
+    tag = hashlib.sha1(str(src).encode()).hexdigest()[:8]
+    return Path(outputs) / "converted" / f"{src.stem if src.is_file() else src.name}-{tag}"
 
 
 def _dtype(dtype) -> torch.dtype:

@@ -218,21 +218,18 @@ def resolve_tasks(hcfg) -> ResolvedTasks:
 
 
 def build_lm(backend: str, model, tokenizer, harness_cfg, dist):
-    """The lm-eval LM for an in-memory model: `hf` (lm-eval's HFLM) or `fast` (our FastLM, else HFLM)."""
+    """The lm-eval LM for an in-memory model: `fast` (our FastLM, the default) or `hf` (lm-eval's HFLM)."""
     if backend not in ("hf", "fast"):
         raise CkptEvalError(f"harness.backend={backend} does not wrap an in-memory model: use hf or fast "
                             f"(subprocess runs the lm_eval CLI on a converted dir)")
     if backend == "fast":
-        try:
-            from ckpteval.evaluation.fast_lm import FastLM
-        except ImportError as exc:
-            log.warning("harness.backend=fast is unavailable (%s): using hf (lm-eval's HFLM)", exc)
-        else:
-            kwargs = {}
-            if dist is not None and dist.dp_size > 1:
-                kwargs = {"rank": dist.dp_rank, "world_size": dist.dp_size, "group": dist.dp_group}
-            return FastLM(model, tokenizer, batch_size=int(harness_cfg.batch_size), device=dist.device if dist else None,
-                          dtype=harness_cfg.dtype, **kwargs)
+        from ckpteval.evaluation.fast_lm import FastLM
+
+        kwargs = {}
+        if dist is not None and dist.dp_size > 1:
+            kwargs = {"rank": dist.dp_rank, "world_size": dist.dp_size, "group": dist.dp_group}
+        return FastLM(model, tokenizer, batch_size=int(harness_cfg.batch_size), device=dist.device if dist else None,
+                      dtype=harness_cfg.dtype, **kwargs)
     from lm_eval.models.huggingface import HFLM
 
     # simple_evaluate ignores its batch_size for an LM object: HFLM's own batch_size is the one that counts.

@@ -63,17 +63,65 @@ def chunked_nll(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, ch
     return total, torch.tensor(targets.numel(), dtype=torch.float64, device=hidden.device)
 
 
-def causal_lm_scorer(model: nn.Module, chunk: int = 4096) -> Scorer:
-    """Scorer for a transformers causal LM (plain, FSDP- or TP-sharded)."""
+def document_sep_id(eval_cfg, model_config) -> int | None:
+    """The token that ends each document when `eval.doc_mask=true` (else None): `eval.doc_sep_id`, or EOS."""
+    if not getattr(eval_cfg, "doc_mask", False):
+        return None
+    sep = eval_cfg.doc_sep_id if eval_cfg.doc_sep_id is not None else getattr(model_config, "eos_token_id", None)
+    if isinstance(sep, (list, tuple)):
+        sep = sep[0] if sep else None
+    if sep is None:
+        from ckpteval.errors import CkptEvalError
+
+        raise CkptEvalError("eval.doc_mask=true needs the token that ends each document and the model config has no "
+                            "eos_token_id: set eval.doc_sep_id=N")
+    return int(sep)
+
+
+def document_layout(inputs: torch.Tensor, sep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position ids and a (B, 1, L, L) boolean mask (True = attend) for windows packed with whole documents.
+
+    A document ends with its `sep` token; the next one starts right after it. Every token attends causally to
+    its own document only and its positions restart at 0, so each document is scored exactly as if it were run
+    alone (its first token is predicted from the previous document's `sep`, as in the unmasked stream).
+    """
+    is_sep = inputs == sep
+    seg = torch.cumsum(is_sep, dim=1) - is_sep.long()  # the sep token belongs to the document it ends
+    idx = torch.arange(inputs.shape[1], device=inputs.device).expand_as(inputs)
+    starts = torch.ones_like(is_sep)
+    starts[:, 1:] = is_sep[:, :-1]
+    start_idx = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    causal = torch.ones(inputs.shape[1], inputs.shape[1], dtype=torch.bool, device=inputs.device).tril()
+    mask = (seg[:, :, None] == seg[:, None, :]) & causal
+    return idx - start_idx, mask[:, None]
+
+
+def _document_kwargs(model: nn.Module, inputs: torch.Tensor, sep: int, dtype: torch.dtype) -> dict:
+    pos, mask = document_layout(inputs, sep)
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
+    if impl and "flash" in impl:  # flash attention finds packed documents from restarting position ids alone
+        return {"position_ids": pos}
+    if impl == "eager":  # eager attention adds the mask to the scores
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    return {"position_ids": pos, "attention_mask": mask}
+
+
+def causal_lm_scorer(model: nn.Module, chunk: int = 4096, doc_sep: int | None = None) -> Scorer:
+    """Scorer for a transformers causal LM (plain, FSDP- or TP-sharded); `doc_sep`: see `document_layout`."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     decoder = model.get_decoder() if model_type in _PLAIN_HEAD_TYPES else None
     head = model.get_output_embeddings() if decoder is not None else None
 
     def score(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kwargs = {}
+        if doc_sep is not None:
+            dtype = torch.get_autocast_dtype(inputs.device.type) if torch.is_autocast_enabled(inputs.device.type) \
+                else next(model.parameters()).dtype
+            kwargs = _document_kwargs(model, inputs, doc_sep, dtype)
         if decoder is not None and head is not None:
-            hidden = decoder(input_ids=inputs, use_cache=False).last_hidden_state
+            hidden = decoder(input_ids=inputs, use_cache=False, **kwargs).last_hidden_state
             return chunked_nll(hidden, head, targets, chunk)
-        logits = model(input_ids=inputs, use_cache=False).logits  # exotic heads: exact, just not memory-lean
+        logits = model(input_ids=inputs, use_cache=False, **kwargs).logits  # exotic heads: exact, not memory-lean
         return chunked_nll(logits, nn.Identity(), targets, chunk)
 
     return score

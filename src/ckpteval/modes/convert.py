@@ -1,6 +1,6 @@
 """`mode=convert`: a checkpoint (DCP, GGUF or HF) -> a verified Hugging Face model dir, once.
 
-    python run.py mode=convert ckpt=outputs/.../checkpoints/step_300                          # -> step_300_hf beside it
+    python run.py mode=convert ckpt=outputs/.../checkpoints/step_300                          # -> outputs/converted/step_300-<hash>
     python run.py mode=convert ckpt=outputs/.../step_300 convert.out=exports/step_300 convert.dtype=bfloat16
 
 The dir holds config.json, model.safetensors and the tokenizer; it appears only after the converted model
@@ -23,7 +23,7 @@ def run(cfg, job) -> dict[str, Any]:
         raise CkptEvalError("mode=convert runs in one process: python run.py mode=convert ckpt=... (no torchrun)")
     info = inspect_checkpoint(cfg.ckpt, cfg.tokenizer)
     job.step = info.step
-    out = cfg.convert.out or default_output(info)
+    out = cfg.convert.out or default_output(info, cfg.paths.outputs)
     start = time.perf_counter()
     reused = is_converted(info, out, cfg.convert.dtype)
     path = convert_to_hf(info, out, cfg.model, cfg.convert.dtype, float(cfg.convert.tolerance))

@@ -146,12 +146,14 @@ def _train(cfg, job, model, tokenizer, optimizer, scheduler, state, train_window
 
 def evaluate(cfg, job, model, eval_windows) -> dict[str, float]:
     """The same evaluation `mode=loss` runs: same windows, same batches, same `run_eval`."""
+    from ckpteval.evaluation.loss import document_sep_id
     from ckpteval.parallel import training_scorer
 
     core = _unwrap(model)
     batches = eval_batches(eval_windows, cfg.eval.batch_size, cfg.eval.steps, job.dist.dp_rank, job.dist.dp_size)
     with evaluating(model):
-        result = run_eval(training_scorer(model, cfg.eval.logits_chunk), batches, device=job.dist.device,
+        scorer = training_scorer(model, cfg.eval.logits_chunk, document_sep_id(cfg.eval, core.config))
+        result = run_eval(scorer, batches, device=job.dist.device,
                           dtype=resolve_dtype(cfg.eval.dtype), model_dtype=next(core.parameters()).dtype,
                           group=job.dist.dp_group)
     return result.metrics()

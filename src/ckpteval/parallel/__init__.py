@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ckpteval.errors import CkptEvalError
-from ckpteval.evaluation.loss import Scorer, causal_lm_scorer
+from ckpteval.evaluation.loss import Scorer, causal_lm_scorer, document_sep_id
 from ckpteval.parallel.dist import DistContext, fail_together
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -41,7 +41,7 @@ def load_eval_model(cfg, info, dist: DistContext) -> tuple[nn.Module, Scorer]:
     layout = cfg.parallel.name
     if layout == "none":
         model = load_model(info, cfg.model, device=dist.device, dtype=dtype)
-        return model, causal_lm_scorer(model, cfg.eval.logits_chunk)
+        return model, causal_lm_scorer(model, cfg.eval.logits_chunk, document_sep_id(cfg.eval, model.config))
     if dist.mesh is None:
         raise CkptEvalError(f"parallel={layout} needs torchrun: torchrun --nproc_per_node=N run.py ...")
     from ckpteval.parallel.mesh import check_model_fits
@@ -50,7 +50,11 @@ def load_eval_model(cfg, info, dist: DistContext) -> tuple[nn.Module, Scorer]:
         # Local work only (no collectives) until the layout is applied: a bad file fails every rank together.
         model = _unsharded_model(cfg, info, dtype)
         check_model_fits(dist.dims, model.config)
+        doc_sep = document_sep_id(cfg.eval, model.config)
         if layout == "pp":
+            if doc_sep is not None:
+                raise CkptEvalError("eval.doc_mask=true is not supported with parallel=pp (stages pass hidden states "
+                                    "only): use parallel=fsdp or tp, or eval.doc_mask=false")
             from ckpteval.parallel.mesh import check_microbatches
             from ckpteval.parallel.pp import build_stage
 
@@ -59,7 +63,7 @@ def load_eval_model(cfg, info, dist: DistContext) -> tuple[nn.Module, Scorer]:
     if layout == "fsdp":
         from ckpteval.parallel.fsdp import apply_fsdp
 
-        root = apply_fsdp(model, dist.mesh["dp"], cfg.parallel, cfg.eval.logits_chunk)
+        root = apply_fsdp(model, dist.mesh["dp"], cfg.parallel, cfg.eval.logits_chunk, doc_sep)
         _load_weights(model, info, dist, no_dist=False)
         return model.eval(), root.scorer()
     if layout == "tp":
@@ -67,7 +71,7 @@ def load_eval_model(cfg, info, dist: DistContext) -> tuple[nn.Module, Scorer]:
 
         apply_tp(model.to(dist.device), dist.mesh["tp"])
         _load_weights(model, info, dist, no_dist=False)
-        return model.eval(), causal_lm_scorer(model, cfg.eval.logits_chunk)
+        return model.eval(), causal_lm_scorer(model, cfg.eval.logits_chunk, doc_sep)
     from ckpteval.parallel.pp import pipeline_scorer
 
     stage.to(dist.device)
@@ -157,13 +161,14 @@ def parallelize_for_training(model: nn.Module, cfg, dist: DistContext) -> nn.Mod
     check_model_fits(dist.dims, model.config)
     from ckpteval.parallel.fsdp import apply_fsdp
 
-    return apply_fsdp(model, dist.mesh["dp"], cfg.parallel, cfg.eval.logits_chunk)
+    return apply_fsdp(model, dist.mesh["dp"], cfg.parallel, cfg.eval.logits_chunk,
+                      document_sep_id(cfg.eval, model.config))
 
 
-def training_scorer(model: nn.Module, logits_chunk: int) -> Scorer:
+def training_scorer(model: nn.Module, logits_chunk: int, doc_sep: int | None = None) -> Scorer:
     """The scorer for a model laid out by `parallelize_for_training` (or plain / DDP-wrapped)."""
     from ckpteval.parallel.fsdp import ShardedCausalLM
 
     if isinstance(model, ShardedCausalLM):
         return model.scorer()
-    return causal_lm_scorer(getattr(model, "module", model), logits_chunk)
+    return causal_lm_scorer(getattr(model, "module", model), logits_chunk, doc_sep)

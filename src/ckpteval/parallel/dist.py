@@ -100,7 +100,9 @@ def fail_together(what: str):
     failed = [(r, m) for r, m in enumerate(gathered) if m is not None]
     if failed:
         rank, msg = failed[0]
-        raise CkptEvalError(msg if all(m == msg for _, m in failed) else f"rank {rank}: {msg}")
+        error = CkptEvalError(msg if all(m == msg for _, m in failed) else f"rank {rank}: {msg}")
+        error.all_ranks = True  # every rank raises this same error: only rank 0 needs to print it
+        raise error
 
 
 def shutdown() -> None:

@@ -20,10 +20,10 @@ from ckpteval.evaluation.loss import Scorer, causal_lm_scorer
 
 
 class ShardedCausalLM(nn.Module):
-    def __init__(self, module: nn.Module, logits_chunk: int = 4096):
+    def __init__(self, module: nn.Module, logits_chunk: int = 4096, doc_sep: int | None = None):
         super().__init__()
         self.module = module
-        self._nll = causal_lm_scorer(module, logits_chunk)
+        self._nll = causal_lm_scorer(module, logits_chunk, doc_sep)
 
     @property
     def config(self):
@@ -53,13 +53,14 @@ def mixed_precision(parallel_cfg):
     return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce)
 
 
-def apply_fsdp(model: nn.Module, dp_mesh, parallel_cfg, logits_chunk: int = 4096) -> ShardedCausalLM:
+def apply_fsdp(model: nn.Module, dp_mesh, parallel_cfg, logits_chunk: int = 4096,
+               doc_sep: int | None = None) -> ShardedCausalLM:
     """Shard each decoder layer, then the root wrapper (what is left: embeddings, norm, head)."""
     from torch.distributed.fsdp import fully_shard
 
     mp = mixed_precision(parallel_cfg)
     for layer in model.get_decoder().layers:
         fully_shard(layer, mesh=dp_mesh, mp_policy=mp)
-    root = ShardedCausalLM(model, logits_chunk)
+    root = ShardedCausalLM(model, logits_chunk, doc_sep)
     fully_shard(root, mesh=dp_mesh, mp_policy=mp)
     return root
