@@ -248,3 +248,22 @@ def test_doc_mask_scores_each_document_alone(in_tmp, tiny_hf_ckpt):
     assert masked["eval/tokens"] == count == plain["eval/tokens"]
     assert abs(masked["eval/loss"] - ref) < 1e-5
     assert abs(plain["eval/loss"] - ref) > 1e-3  # the mask changed what each token sees
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 7, 10_000])
+def test_chunked_nll_equals_full_cross_entropy(chunk):
+    """Any chunking of the vocabulary projection (0 = auto) gives the full-logits loss; -100 targets are ignored."""
+    from ckpteval.evaluation.loss import chunked_nll
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(3, 9, 16)
+    targets = torch.randint(0, 50, (3, 9))
+    targets[2] = -100  # a padding row
+    targets[0, 4] = -100
+    nll, count = chunked_nll(hidden, head, targets, chunk)
+    with torch.no_grad():
+        full = torch.nn.functional.cross_entropy(head(hidden).reshape(-1, 50).double(), targets.reshape(-1),
+                                                 reduction="sum", ignore_index=-100)
+    assert int(count) == 17
+    assert float(nll) == pytest.approx(float(full), rel=1e-6)

@@ -79,7 +79,7 @@ class EvalConfig:
     batch_size: int = 8  # windows per batch (per data-parallel rank)
     seq_len: int = 256  # tokens per window (inputs); targets are the next L tokens
     dtype: str = "float32"  # float32 | bfloat16: compute dtype (loss always accumulated in float32)
-    logits_chunk: int = 4096  # tokens per chunk of the vocabulary projection (no full float32 logits)
+    logits_chunk: int = 0  # tokens per chunk of the vocabulary projection; 0 = auto (~16M logits, 64 MB float32)
     doc_mask: bool = False  # keep document boundaries in a window: attend within a document, positions restart
     doc_sep_id: Optional[int] = None  # token that ends a document (doc_mask); default: the model's eos_token_id
     device: Optional[str] = None  # cpu | cuda | cuda:N; default: cuda when available, else cpu

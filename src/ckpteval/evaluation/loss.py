@@ -5,7 +5,7 @@ all-reduced once and divided once: never a mean of per-batch or per-rank means, 
 padding rows (targets = -100) weigh exactly what they hold.
 
 A *scorer* turns one batch into (nll_sum, token_count). The default one runs the decoder once and projects to
-the vocabulary in chunks of `logits_chunk` tokens, so the full (B, L, V) float32 logits tensor the plain
+the vocabulary in chunks of `logits_chunk` tokens (auto: about 16M logits per chunk), so the full (B, L, V) float32 logits tensor the plain
 transformers loop builds never exists. Parallel layouts supply their own scorer (the pipeline's last stage
 computes the loss; other stages only forward), and `run_eval` stays the same.
 """
@@ -44,6 +44,16 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, PPL_CAP))
 
 
+LOGITS_PER_CHUNK = 1 << 24  # 16M logits = 64 MB in float32: big enough for efficient GEMMs, small next to a model
+
+
+def auto_chunk(head: nn.Module, width: int) -> int:
+    """Tokens per chunk so that one chunk's logits hold about LOGITS_PER_CHUNK values."""
+    weight = getattr(head, "weight", None)
+    vocab = weight.shape[0] if weight is not None and weight.dim() == 2 else width  # Identity: already logits
+    return max(1, LOGITS_PER_CHUNK // vocab)
+
+
 def chunked_nll(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """NLL sum and count of `targets` (-100 = ignore) under `head(hidden)`, `chunk` tokens of logits at a time.
@@ -53,6 +63,8 @@ def chunked_nll(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, ch
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1).to(hidden.device)
+    if chunk <= 0:
+        chunk = auto_chunk(head, hidden.shape[-1])
     keep = targets != -100
     if not bool(keep.all()):
         hidden, targets = hidden[keep], targets[keep]
@@ -106,7 +118,7 @@ def _document_kwargs(model: nn.Module, inputs: torch.Tensor, sep: int, dtype: to
     return {"position_ids": pos, "attention_mask": mask}
 
 
-def causal_lm_scorer(model: nn.Module, chunk: int = 4096, doc_sep: int | None = None) -> Scorer:
+def causal_lm_scorer(model: nn.Module, chunk: int = 0, doc_sep: int | None = None) -> Scorer:
     """Scorer for a transformers causal LM (plain, FSDP- or TP-sharded); `doc_sep`: see `document_layout`."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     decoder = model.get_decoder() if model_type in _PLAIN_HEAD_TYPES else None

@@ -20,7 +20,7 @@ from ckpteval.evaluation.loss import Scorer, causal_lm_scorer
 
 
 class ShardedCausalLM(nn.Module):
-    def __init__(self, module: nn.Module, logits_chunk: int = 4096, doc_sep: int | None = None):
+    def __init__(self, module: nn.Module, logits_chunk: int = 0, doc_sep: int | None = None):
         super().__init__()
         self.module = module
         self._nll = causal_lm_scorer(module, logits_chunk, doc_sep)
@@ -53,7 +53,7 @@ def mixed_precision(parallel_cfg):
     return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce)
 
 
-def apply_fsdp(model: nn.Module, dp_mesh, parallel_cfg, logits_chunk: int = 4096,
+def apply_fsdp(model: nn.Module, dp_mesh, parallel_cfg, logits_chunk: int = 0,
                doc_sep: int | None = None) -> ShardedCausalLM:
     """Shard each decoder layer, then the root wrapper (what is left: embeddings, norm, head)."""
     from torch.distributed.fsdp import fully_shard
