@@ -130,3 +130,29 @@ def test_ckpteval_metadata_gives_tokens_seen(in_tmp, tiny_hf_ckpt, tiny_token_sh
     (ckpt / "ckpteval.json").write_text(json.dumps({"step": 77, "tokens_seen": 12345}))
     result = _loss(in_tmp, ckpt, tiny_token_shards, "eval.steps=1")
     assert result["step"] == 77 and result["tokens_seen"] == 12345
+
+
+def test_gguf_file_loss_equals_the_source_model(in_tmp, tiny_tokenizer_dir, tiny_token_shards):
+    """A .gguf file (tokenizer beside it): loaded through transformers' GGUF loader, the step from its dir."""
+    model = factories.make_model(seed=9)
+    step_dir = in_tmp / "step_50"
+    step_dir.mkdir()
+    gguf_file = factories.write_llama_gguf(model, step_dir / "model.gguf")
+    shutil.copy(tiny_tokenizer_dir / "tokenizer.json", step_dir / "tokenizer.json")
+    info = inspect_checkpoint(gguf_file)
+    assert (info.format, info.step, info.tokenizer_path) == ("gguf", 50, step_dir)
+    result = _loss(in_tmp, gguf_file, tiny_token_shards)
+    assert result["step"] == 50
+    assert abs(result["eval/loss"] - _reference(model.eval(), tiny_token_shards)) < 1e-5
+
+
+def test_truncated_gguf_is_one_clear_error(in_tmp, tiny_token_shards, capsys):
+    step_dir = in_tmp / "step_60"
+    step_dir.mkdir()
+    data = factories.write_llama_gguf(factories.make_model(), step_dir / "model.gguf").read_bytes()
+    (step_dir / "model.gguf").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SystemExit) as exc:
+        _loss(in_tmp, step_dir / "model.gguf", tiny_token_shards)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: checkpoint") and "incomplete or corrupt GGUF" in err[0], err
