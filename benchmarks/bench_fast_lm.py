@@ -28,14 +28,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SIZES = {
-    "small": {"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12,
-              "num_attention_heads": 12, "num_key_value_heads": 12, "max_position_embeddings": 2048},
-    "tiny": {"vocab_size": 4096, "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4,
-             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512},
-}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+import _measure  # noqa: E402
+from _measure import DTYPES, SIZES, matmul_peak, peak_since, reset_peak  # noqa: E402
 
 
 def word_tokenizer(vocab: int):
@@ -50,10 +46,7 @@ def word_tokenizer(vocab: int):
 
 
 def build(size: str, dtype: torch.dtype, device: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SIZES[size], tie_word_embeddings=False))
+    model = _measure.build(size, torch.float32, "cpu")
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)  # less uniform predictions, so is_greedy is not always False
     return model.to(device=device, dtype=dtype).eval()
@@ -74,29 +67,6 @@ def requests(docs: int, vocab: int, seed: int = 1) -> list:
         for c in range(4):
             out.append(Instance("loglikelihood", {}, (ctx, " " + words(rng.randint(4, 20))), c))
     return out
-
-
-def _reset_peak(device: str) -> int:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    return _status_kb("VmRSS") * 1024
-
-
-def _peak(device: str, base: int) -> int:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    return _status_kb("VmHWM") * 1024 - base
-
-
-def _status_kb(name: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(name + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(name)
 
 
 def run_one(impl: str, args, dtype_name: str) -> dict:
@@ -123,7 +93,7 @@ def run_one(impl: str, args, dtype_name: str) -> dict:
     # positions projected to the vocabulary: HFLM every input position, FastLM only scored ones
     head_positions = tokens if impl == "hflm" else len(pairs[::4]) + sum(k - 1 for _, k in pairs)
     lm.loglikelihood(reqs[:4], disable_tqdm=True)  # warm-up: allocator, oneDNN kernel selection
-    base = _reset_peak(args.device)
+    base = reset_peak(args.device)
     times = []
     for _ in range(args.repeats):  # best of N: other processes on a shared machine only ever slow a run down
         start = time.perf_counter()
@@ -131,33 +101,13 @@ def run_one(impl: str, args, dtype_name: str) -> dict:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    peak_bytes = _peak(args.device, base)
+    peak_bytes = peak_since(args.device, base)
     params = sum(p.numel() for p in model.parameters())
     head = model.get_output_embeddings().weight.numel()
     body = params - head - model.get_input_embeddings().weight.numel()  # the embedding is a lookup
     return {"flops_counted": 2 * body * tokens + 2 * head * head_positions,"requests_per_s": len(reqs) / min(times), "seconds": min(times), "all_seconds": times,
             "peak_bytes": peak_bytes, "tokens": tokens, "flops": 2 * params * tokens, "params": params,
             "matmul_peak": matmul_peak(DTYPES[dtype_name], args.device), "results": res}
-
-
-def matmul_peak(dtype: torch.dtype, device: str, n: int = 1024) -> float:
-    """FLOP/s of an n x n x n matmul in `dtype`, best of several timings (the machine's peak, not its load).
-
-    Through F.linear, the kernel nn.Linear uses (CPU bf16 `a @ b` takes a far slower path than oneDNN's linear).
-    """
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    torch.nn.functional.linear(a, b)
-    reps = 10 if dtype == torch.float32 or device != "cpu" else 2
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(reps):
-            torch.nn.functional.linear(a, b)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - start) / reps)
-    return 2 * n ** 3 / best
 
 
 def main() -> None:

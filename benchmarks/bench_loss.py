@@ -24,21 +24,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-SIZES = {
-    "small": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                  num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=2048),
-    "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
-}
-
-
-def build(size: str, dtype: torch.dtype, device: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SIZES[size], tie_word_embeddings=False)).to(device=device, dtype=dtype)
-    return model.eval()
+from _measure import DTYPES, SIZES, build, matmul_peak, peak_since, reset_peak  # noqa: E402
 
 
 def windows(n: int, seq: int, vocab: int) -> torch.Tensor:
@@ -46,32 +34,9 @@ def windows(n: int, seq: int, vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (n, seq + 1), generator=g)
 
 
-def _reset_peak(device: str) -> int:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    return _status_kb("VmRSS") * 1024
-
-
-def _peak(device: str, base: int) -> int:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    return _status_kb("VmHWM") * 1024 - base
-
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def run_one(impl: str, size: str, dtype_name: str, batch: int, seq: int, batches: int, device: str) -> dict:
     """One loop in this process: returns tokens/s, peak memory and the loss."""
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+    dtype = DTYPES[dtype_name]
     model = build(size, dtype, device)
     data = windows(batch * batches, seq, model.config.vocab_size)
     batches_list = [(data[i:i + batch, :-1], data[i:i + batch, 1:]) for i in range(0, len(data), batch)]
@@ -94,29 +59,15 @@ def run_one(impl: str, size: str, dtype_name: str, batch: int, seq: int, batches
             return total / count
 
     loop(batches_list[:1])  # warm-up: allocator, oneDNN/cuBLAS kernel selection
-    base = _reset_peak(device)
+    base = reset_peak(device)
     start = time.perf_counter()
     loss = loop(batches_list)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     params = sum(p.numel() for p in model.parameters() if p.dim() > 1) - model.config.vocab_size * model.config.hidden_size
-    return {"tokens_per_s": batch * seq * batches / elapsed, "peak_bytes": _peak(device, base), "loss": loss,
+    return {"tokens_per_s": batch * seq * batches / elapsed, "peak_bytes": peak_since(device, base), "loss": loss,
             "flops_per_token": 2 * params}
-
-
-def matmul_peak(dtype: torch.dtype, device: str, n: int = 2048) -> float:
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    for _ in range(3):
-        a @ b
-    reps = 10
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return 2 * n ** 3 * reps / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -143,7 +94,7 @@ def main() -> None:
     print(header)
     for dtype_name in args.dtypes.split(","):
         res = {impl: _child(args, impl, dtype_name) for impl in ("ckpteval", "plain")}
-        peak = matmul_peak({"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name], args.device)
+        peak = matmul_peak(DTYPES[dtype_name], args.device)
         ours, plain = res["ckpteval"], res["plain"]
         frac = {k: v["tokens_per_s"] * v["flops_per_token"] / peak for k, v in res.items()}
         print(f"{dtype_name:9} {ours['tokens_per_s']:11.0f} {plain['tokens_per_s']:12.0f} "

@@ -92,16 +92,15 @@ def _hf_state(info: CheckpointInfo) -> dict[str, torch.Tensor]:
     return state
 
 
-def _dcp_state(info: CheckpointInfo, model: nn.Module) -> dict[str, torch.Tensor]:
-    """Read only the model's tensors from a DCP checkpoint (optimizer, RNG, ... are never touched)."""
-    import torch.distributed.checkpoint as dcp
-
+def match_dcp_keys(info: CheckpointInfo, model: nn.Module, state: dict) -> dict[str, str]:
+    """{model tensor name: DCP key} for every tensor of `state` (plain or DTensor), checked against the
+    checkpoint's metadata: a missing tensor or another shape is one clear error. A tied head that was saved only
+    as the embedding is left out (tying fills it)."""
     metadata = read_dcp_metadata(info.path).state_dict_metadata
     prefix = info.dcp_prefix
-    expected = {k: v for k, v in model.state_dict().items()}
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    wanted: dict[str, torch.Tensor] = {}
-    for name, tensor in expected.items():
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    keys: dict[str, str] = {}
+    for name, tensor in state.items():
         key = prefix + name
         meta = metadata.get(key)
         if meta is None:
@@ -116,9 +115,20 @@ def _dcp_state(info: CheckpointInfo, model: nn.Module) -> dict[str, torch.Tensor
             raise CkptEvalError(f"checkpoint {info.path} does not match its architecture: tensor shape mismatch "
                                 f"for {name}: checkpoint {shape} vs config {tuple(tensor.shape)}: the config.json "
                                 "(or model group) describes a different model")
-        wanted[key] = torch.empty(shape, dtype=meta.properties.dtype)
+        keys[name] = key
+    return keys
+
+
+def _dcp_state(info: CheckpointInfo, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Read only the model's tensors from a DCP checkpoint (optimizer, RNG, ... are never touched)."""
+    import torch.distributed.checkpoint as dcp
+
+    metadata = read_dcp_metadata(info.path).state_dict_metadata
+    keys = match_dcp_keys(info, model, model.state_dict())
+    wanted = {key: torch.empty(tuple(metadata[key].size), dtype=metadata[key].properties.dtype)
+              for key in keys.values()}
     dcp.load(wanted, storage_reader=dcp.FileSystemReader(str(info.path)), no_dist=True)
-    return {k[len(prefix):]: v for k, v in wanted.items()}
+    return {name: wanted[key] for name, key in keys.items()}
 
 
 def load_weights(model: nn.Module, info: CheckpointInfo) -> nn.Module:

@@ -110,33 +110,11 @@ def load_dcp_into(model: nn.Module, info, no_dist: bool = False) -> None:
         set_model_state_dict,
     )
 
-    from ckpteval.checkpoint.detect import read_dcp_metadata
+    from ckpteval.checkpoint.load import match_dcp_keys
 
-    metadata = read_dcp_metadata(info.path).state_dict_metadata
-    prefix = info.dcp_prefix
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
     state = get_model_state_dict(model)
-    request: dict[str, torch.Tensor] = {}
-    names: dict[str, str] = {}  # model name -> checkpoint key
-    for name, tensor in state.items():
-        key = prefix + name
-        if key not in metadata and tied and name.endswith("lm_head.weight"):
-            key = prefix + "model.embed_tokens.weight"  # a tied head saved only as the embedding
-            if key in request:
-                continue
-        meta = metadata.get(key)
-        if meta is None:
-            available = [k for k in metadata if k.startswith(prefix) and "optim" not in k][:3]
-            raise CkptEvalError(f"checkpoint {info.path} does not match its architecture: tensor {prefix + name} is "
-                                f"missing (it holds e.g. {available}): the config.json (or model group) describes a "
-                                "different model")
-        shape = tuple(getattr(meta, "size", ()))
-        if shape != tuple(tensor.shape):
-            raise CkptEvalError(f"checkpoint {info.path} does not match its architecture: tensor shape mismatch "
-                                f"for {name}: checkpoint {shape} vs config {tuple(tensor.shape)}: the config.json "
-                                "(or model group) describes a different model")
-        request[key] = tensor
-        names[name] = key
+    names = match_dcp_keys(info, model, state)  # model name -> checkpoint key
+    request = {key: state[name] for name, key in names.items()}
     with fail_together(f"reading DCP checkpoint {info.path}"):
         dcp.load(request, storage_reader=dcp.FileSystemReader(str(info.path)), no_dist=no_dist)
     set_model_state_dict(model, {name: request[key] for name, key in names.items()},
