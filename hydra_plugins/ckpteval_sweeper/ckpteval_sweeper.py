@@ -132,5 +132,7 @@ class CkptEvalSweeper(BasicSweeper):
 
 
 def _describe(exc: Any) -> str:
-    text = str(exc).splitlines()[0][:300] if str(exc) else ""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    if len(text) > 600:  # keep both ends: the path comes first, the fix last
+        text = text[:300] + " ... " + text[-295:]
     return text if type(exc).__name__ == "CkptEvalError" else f"{type(exc).__name__}: {text}"

@@ -341,7 +341,7 @@ def summary_table(records: list[JobRecord], max_metrics: int = 6) -> str:
                          f"{r.ckpt}{where}")
     if failed:
         lines.append("failed jobs:")
-        lines += [f"  #{r.job} {names[r.job]}: {(r.error or 'unknown error').splitlines()[0][:300]}" for r in failed]
+        lines += [f"  #{r.job} {names[r.job]}: {(r.error or 'unknown error').splitlines()[0]}" for r in failed]
     if len(metrics) > len(shown):
         lines.append(f"({len(metrics) - len(shown)} more metric(s) in summary.csv)")
     return "\n".join(lines)

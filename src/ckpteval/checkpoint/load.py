@@ -69,9 +69,10 @@ def _check_and_load(model: nn.Module, state: dict[str, torch.Tensor], source: Pa
                             f"(checkpoint vs config) for {', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''}"
                             f": the config.json (or model group) describes a different model")
     if missing or unexpected:
-        raise CkptEvalError(f"checkpoint {source} does not match its architecture: missing tensors "
-                            f"{missing[:3]}, unexpected tensors {unexpected[:3]}: the config.json (or model group) "
-                            "describes a different model")
+        parts = [f"{len(names)} {what} tensor(s) (e.g. {names[0]})"
+                 for what, names in (("missing", missing), ("unexpected", unexpected)) if names]
+        raise CkptEvalError(f"checkpoint {source} does not match its architecture: {', '.join(parts)}: the config.json "
+                            "(or model group) describes a different model")
     with torch.no_grad():
         for name, param in expected.items():
             if name in state:
