@@ -6,6 +6,9 @@
     python run.py -m mode=loss ckpt='glob:outputs/**/step_*' data=local data.dataset_path=DIR
 """
 
+import os
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -15,10 +18,22 @@ from ckpteval.config import register_configs
 register_configs()
 
 
+def _rank_overrides(argv: list[str]) -> list[str]:
+    """Under torchrun, rank 0 owns the Hydra run dir (the app hands its path to the other ranks once the process
+    group is up); the other ranks log to the console and create no run dir of their own."""
+    if int(os.environ.get("RANK", "0")) == 0 or {"-m", "--multirun"} & set(argv):
+        return []
+    extra = ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    if not any(a.lstrip("+").startswith("hydra.run.dir=") for a in argv):
+        extra.append("hydra.run.dir=${paths.outputs}")
+    return extra
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict | None:
     return app_main(cfg)
 
 
 if __name__ == "__main__":
+    sys.argv += _rank_overrides(sys.argv[1:])
     main()

@@ -211,11 +211,15 @@ def launched(tmp_path_factory, tiny_tokenizer_dir):
     factories.make_token_shards(tmp / "train", lengths=(3000,), seed=1)
     factories.make_token_shards(tmp / "val", lengths=(230,), seed=2)  # 14 windows of 16
 
+    # default run dir and checkpoint dir: every rank must agree on them (rank 0's, whatever second each started)
     cli = factories.run_cli(_train_args(tmp, "parallel=fsdp", "train.batch_size=2", "eval.batch_size=2",
-                                        f"checkpoint.dir={tmp / 'ck_fsdp'}", "tracking.run_name=fsdp",
-                                        f"hydra.run.dir={tmp / 'cli_run'}"),
+                                        "tracking.run_name=fsdp", f"paths.outputs={tmp / 'out'}"),
                             cwd=tmp, timeout=240, launcher=_torchrun())
     assert cli.returncode == 0, cli.stderr[-4000:]
+    run_dirs = list((tmp / "out" / "train_eval").iterdir())
+    assert len(run_dirs) == 1, run_dirs  # no second run dir from rank 1
+    run_dirs[0].rename(tmp / "cli_run")
+    shutil.move(tmp / "cli_run" / "checkpoints", tmp / "ck_fsdp")
     shutil.copytree(tmp / "ck_fsdp", tmp / "ck_resume")
     shutil.rmtree(tmp / "ck_resume" / "step_6")  # as if the job died after step_3
 

@@ -98,7 +98,7 @@ def _main(cfg: DictConfig) -> dict[str, Any] | None:
         raise CkptEvalError(f"mode={cfg.mode.name} needs a checkpoint: add ckpt=PATH (an HF dir, a DCP step_N dir "
                             f"or a .gguf file)")
     dist = init_distributed(cfg.parallel, cfg.eval.device)
-    job = Job(dist=dist, out_dir=job_output_dir())
+    job = Job(dist=dist, out_dir=_shared_out_dir(dist))
     fn = spec.load()
     try:
         if not spec.opens_run:
@@ -139,6 +139,19 @@ def _step_from_path(ckpt: str | None) -> int | None:
 
 def _abs(path: str | None) -> str | None:
     return str(Path(path).expanduser().resolve()) if path and "://" not in path else path
+
+
+def _shared_out_dir(dist: DistContext) -> Path:
+    """Rank 0's run dir on every rank: each rank's Hydra resolves its own `${now:...}`, and a shared path (the
+    default checkpoint dir of an FSDP training run) must not depend on which second a rank started in."""
+    out = job_output_dir()
+    if not dist.distributed:
+        return out
+    import torch.distributed as tdist
+
+    box = [str(out)]
+    tdist.broadcast_object_list(box, src=0)
+    return Path(box[0])
 
 
 def _in_multirun() -> bool:
