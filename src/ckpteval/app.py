@@ -87,6 +87,11 @@ def _print_error(exc: CkptEvalError) -> None:
         print(f"error: {exc}", file=sys.stderr, flush=True)
     elif not shared:
         print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
+    else:
+        import time
+
+        # torchrun ends every rank as soon as one exits: give rank 0 the moment it needs to print the line
+        time.sleep(float(os.environ.get("CKPTEVAL_ERROR_GRACE_S", "2")))
 
 
 def _main(cfg: DictConfig) -> dict[str, Any] | None:
