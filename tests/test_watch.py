@@ -248,39 +248,21 @@ def test_discovery_of_a_remote_fsspec_store(templates):
     fs.rm(base, recursive=True)
 
 
-def test_filesystem_events_wake_the_loop_when_watchdog_is_installed(tmp_path, monkeypatch):
-    """The glue to watchdog (an optional package): an observer on watch.dir whose events set the wake flag."""
-    import types
-
-    scheduled = []
-
-    class Observer:
-        daemon = False
-
-        def schedule(self, handler, path, recursive):
-            scheduled.append((handler, path, recursive))
-
-        def start(self):
-            self.started = True
-
-        def stop(self):
-            self.started = False
-
-    events = types.ModuleType("watchdog.events")
-    events.FileSystemEventHandler = type("FileSystemEventHandler", (), {})
-    observers = types.ModuleType("watchdog.observers")
-    observers.Observer = Observer
-    monkeypatch.setitem(sys.modules, "watchdog", types.ModuleType("watchdog"))
-    monkeypatch.setitem(sys.modules, "watchdog.events", events)
-    monkeypatch.setitem(sys.modules, "watchdog.observers", observers)
+def test_filesystem_events_wake_the_loop(tmp_path, monkeypatch):
+    """A real watchdog observer on watch.dir: a checkpoint dir appearing wakes the loop before the next poll."""
     wake = threading.Event()
     observer = Discovery(str(tmp_path), stable_s=1).start_events(wake)
-    assert observer.started and observer.daemon
-    handler, path, recursive = scheduled[0]
-    assert path == str(tmp_path.resolve()) and recursive
-    handler.on_any_event(object())
-    assert wake.is_set()
-    monkeypatch.setitem(sys.modules, "watchdog.observers", None)  # not installed: polling only
+    try:
+        assert observer is not None and observer.daemon
+        time.sleep(0.2)  # the observer thread is scheduling its watch
+        wake.clear()
+        (tmp_path / "step_100").mkdir()
+        (tmp_path / "step_100" / "model.safetensors").write_bytes(b"x")
+        assert wake.wait(timeout=10), "no filesystem event reached the loop"
+    finally:
+        observer.stop()
+        observer.join(timeout=5)
+    monkeypatch.setitem(sys.modules, "watchdog.observers", None)  # without watchdog: polling only
     assert Discovery(str(tmp_path), stable_s=1).start_events(threading.Event()) is None
 
 

@@ -183,7 +183,7 @@ class WatchConfig:
     lock_stale_s: float = 600.0  # a lock whose heartbeat is older than this is taken over
     max_polls: int = 0  # stop after N polls (0 = forever); for tests and cron-like use
     heartbeat_s: float = 60.0  # lock heartbeat + "heartbeat" log line + summary-run metrics at most this often
-    events: bool = True  # also wake on filesystem events (local dirs, when the watchdog package is installed)
+    events: bool = True  # also wake on filesystem events (local dirs, through watchdog)
     retry_failed: bool = False  # give checkpoints recorded failed another max_attempts at startup
 
 
