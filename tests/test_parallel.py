@@ -161,6 +161,9 @@ def _driver_jobs(tmp: Path, hf: Path, dcp: Path) -> dict[str, dict]:
     for layout in ("fsdp", "tp", "pp", "none"):
         jobs[f"dcp_{layout}_all"] = {"args": _loss(dcp, val, 16, -1, layout, "parallel.microbatches=2")}
     jobs["dcp_fsdp_5"] = {"args": _loss(dcp, val, 16, 5, "fsdp")}
+    # data=hf: rank 0 tokenizes, every rank gets the same windows (broadcast), each evaluates its share
+    jobs["hfdata_fsdp_all"] = {"args": [a for a in _loss(hf, val, SEQ, -1, "fsdp") if not a.startswith("data")]
+                               + ["data=hf", f"data.name={tmp / 'ds'}"]}
     jobs["resume"] = {"args": _train_args(tmp, "parallel=fsdp", "train.batch_size=2", "eval.batch_size=2",
                                           f"checkpoint.dir={tmp / 'ck_resume'}", "checkpoint.resume=true",
                                           "tracking.run_name=fsdp_resumed")}
@@ -210,6 +213,7 @@ def launched(tmp_path_factory, tiny_tokenizer_dir):
     factories.make_token_shards(tmp / "shards")
     factories.make_token_shards(tmp / "train", lengths=(3000,), seed=1)
     factories.make_token_shards(tmp / "val", lengths=(230,), seed=2)  # 14 windows of 16
+    _hf_dataset(tmp / "ds")
 
     # default run dir and checkpoint dir: every rank must agree on them (rank 0's, whatever second each started)
     cli = factories.run_cli(_train_args(tmp, "parallel=fsdp", "train.batch_size=2", "eval.batch_size=2",
@@ -308,6 +312,31 @@ def test_fsdp_training_matches_single_process(launched, monkeypatch):
     for step in resumed:
         assert resumed[step] == pytest.approx(full[step], abs=1e-6)
     assert launched.ranks[0]["resume"]["result"]["eval/loss"] == pytest.approx(cli_result["eval/loss"], abs=1e-6)
+
+
+def _hf_dataset(path: Path) -> list[str]:
+    from datasets import Dataset, DatasetDict
+
+    docs = [f"Document {i}: " + " ".join(factories.TEXT[(i + k) % len(factories.TEXT)] for k in range(4))
+            for i in range(15)]
+    DatasetDict({"validation": Dataset.from_dict({"text": docs})}).save_to_disk(path)
+    return docs
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_hf_dataset_under_fsdp_matches_reference(launched):
+    """data=hf under torchrun: rank 0 tokenizes and broadcasts; one pass over the windows split over 2 ranks."""
+    from transformers import AutoTokenizer
+
+    result = launched.ranks[0]["hfdata_fsdp_all"]["result"]
+    assert launched.ranks[1]["hfdata_fsdp_all"]["result"] == result
+    tok = AutoTokenizer.from_pretrained(launched.hf)
+    docs = _hf_dataset(launched.tmp / "ds_check")
+    stream = [t for d in docs for t in tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    ref = factories.reference_loss(_hf_model(launched.hf), [np.array(stream)], SEQ)
+    assert result["eval/tokens"] == ((len(stream) - 1) // SEQ) * SEQ
+    assert abs(result["eval/loss"] - ref) < TOL
 
 
 @pytest.mark.dist
