@@ -167,6 +167,8 @@ def _driver_jobs(tmp: Path, hf: Path, dcp: Path) -> dict[str, dict]:
     jobs["resume"] = {"args": _train_args(tmp, "parallel=fsdp", "train.batch_size=2", "eval.batch_size=2",
                                           f"checkpoint.dir={tmp / 'ck_resume'}", "checkpoint.resume=true",
                                           "tracking.run_name=fsdp_resumed")}
+    jobs["tp_train"] = {"args": _train_args(tmp, "parallel=tp", "train.batch_size=4", "eval.batch_size=4",
+                                            f"checkpoint.dir={tmp / 'ck_tp'}", "tracking.run_name=tp")}
     jobs["fail_rank1"] = {"args": _loss(hf, shards, SEQ, 2, "fsdp"), "fail_rank": 1}
     jobs["bad_microbatches"] = {"args": _loss(hf, shards, SEQ, 2, "pp", "parallel.microbatches=3")}
     return jobs
@@ -284,21 +286,45 @@ def test_dcp_from_fsdp_training_loads_in_every_layout(launched, layout, monkeypa
         assert fixed["eval/tokens"] == 40 * 16 and abs(fixed["eval/loss"] - ref5) < TOL
 
 
-@pytest.mark.dist
-@pytest.mark.slow
-def test_fsdp_training_matches_single_process(launched, monkeypatch):
+@pytest.fixture(scope="module")
+def single_process_training(launched):
+    """The same training in one process, batch 4: what 2 FSDP ranks x batch 2 and tp=2 x batch 4 both see."""
     from ckpteval import app
 
     tmp = launched.tmp
-    monkeypatch.chdir(tmp)
-    # one process, batch 4 == two FSDP ranks with batch 2 each: the same global batches and eval windows
-    app.main(factories.compose(_train_args(tmp, "train.batch_size=4", "eval.batch_size=4",
-                                           f"checkpoint.dir={tmp / 'ck_none'}", "tracking.run_name=none")))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)
+        app.main(factories.compose(_train_args(tmp, "train.batch_size=4", "eval.batch_size=4",
+                                               f"checkpoint.dir={tmp / 'ck_none'}", "tracking.run_name=none")))
+    return tmp
+
+
+def _assert_same_training(tmp: Path, run_name: str) -> None:
     for key in ("train/loss", "eval/loss"):
-        none, fsdp = _history(tmp, "none", key), _history(tmp, "fsdp", key)
-        assert sorted(fsdp) == sorted(none) and len(none) >= 2
+        none, other = _history(tmp, "none", key), _history(tmp, run_name, key)
+        assert sorted(other) == sorted(none) and len(none) >= 2
         for step in none:
-            assert fsdp[step] == pytest.approx(none[step], abs=2e-5), (key, step)
+            assert other[step] == pytest.approx(none[step], abs=2e-5), (run_name, key, step)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_tp_training_matches_single_process(launched, single_process_training, monkeypatch):
+    from ckpteval import app
+
+    tmp = launched.tmp
+    _assert_same_training(tmp, "tp")
+    # its DCP checkpoint (DTensor shards + replicated tensors) loads unsharded: mode=loss == the in-loop eval
+    monkeypatch.chdir(tmp)
+    result = app.main(factories.compose(_loss(tmp / "ck_tp" / "step_6", tmp / "val", 16, 3, "none")))
+    assert result["eval/loss"] == pytest.approx(_history(tmp, "tp", "eval/loss")[6], abs=1e-5)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_fsdp_training_matches_single_process(launched, single_process_training):
+    tmp = launched.tmp
+    _assert_same_training(tmp, "fsdp")
     # the CLI contract under torchrun: one result line, results.json in the (shared) run dir
     cli_result = factories.last_json_line(launched.cli.stdout)
     assert cli_result["step"] == 6

@@ -3,7 +3,7 @@
     python run.py                                   # the demo: tiny Llama on the stdlib corpus, a few minutes on CPU
     python run.py mode=train_eval model=tiny train.steps=2000 eval.interval=100 eval.steps=20 \
         data=local data.train_path=DIR/train data.dataset_path=DIR/val checkpoint.interval=500
-    torchrun --nproc_per_node=2 run.py mode=train_eval parallel=fsdp ...
+    torchrun --nproc_per_node=2 run.py mode=train_eval parallel=fsdp ...      # or parallel=tp
 
 In-loop evaluation is exactly `mode=loss` on the same model: the same windows, batches and `run_eval`, so the
 `eval/loss` logged at step N equals `mode=loss ckpt=.../step_N` afterwards. Checkpoints are DCP `step_{N}` dirs

@@ -122,25 +122,32 @@ def load_dcp_into(model: nn.Module, info, no_dist: bool = False) -> None:
 
 
 def parallelize_for_training(model: nn.Module, cfg, dist: DistContext) -> nn.Module:
-    """Lay out a freshly built model for `train_eval`: parallel=fsdp (sharded data parallel over all ranks).
+    """Lay out a freshly built model for `train_eval`: parallel=fsdp (sharded data parallel over all ranks) or
+    parallel=tp (tensor parallel over all ranks: every rank sees the same batches).
 
-    Returns the module the training loop calls; its `.module` is the transformers model (plain names for
-    checkpoints). tp and pp are evaluation layouts: training them needs every parameter as a DTensor (norms and
-    embeddings replicated on the mesh) and a pipelined train step, which the training loop does not have.
+    Returns the module the training loop calls; its `.module` (fsdp) or itself (tp) is the transformers model
+    (plain names for checkpoints). pp would need a pipelined train step, which the training loop does not have.
     """
     from ckpteval.parallel.mesh import check_model_fits
 
     layout = cfg.parallel.name
-    if layout != "fsdp":
-        raise CkptEvalError(f"mode=train_eval does not train with parallel={layout}: use parallel=fsdp (or none); "
-                            f"parallel={layout} evaluates checkpoints: mode=loss parallel={layout} ckpt=...")
+    if layout not in ("fsdp", "tp"):
+        raise CkptEvalError(f"mode=train_eval does not train with parallel={layout}: use parallel=fsdp or tp (or "
+                            f"none); parallel={layout} evaluates checkpoints: mode=loss parallel={layout} ckpt=...")
     if dist.mesh is None:
         raise CkptEvalError(f"parallel={layout} needs torchrun: torchrun --nproc_per_node=N run.py ...")
     check_model_fits(dist.dims, model.config)
+    doc_sep = document_sep_id(cfg.eval, model.config)
+    if layout == "tp":
+        if dist.dims.dp != 1:
+            raise CkptEvalError(f"parallel=tp trains with tensor parallelism over every rank: set parallel.tp="
+                                f"{dist.world_size} (it is {dist.dims.tp}), or train with parallel=fsdp")
+        from ckpteval.parallel.tp import apply_tp
+
+        return apply_tp(model.to(dist.device), dist.mesh["tp"])
     from ckpteval.parallel.fsdp import apply_fsdp
 
-    return apply_fsdp(model, dist.mesh["dp"], cfg.parallel, cfg.eval.logits_chunk,
-                      document_sep_id(cfg.eval, model.config))
+    return apply_fsdp(model, dist.mesh["dp"], cfg.parallel, cfg.eval.logits_chunk, doc_sep)
 
 
 def training_scorer(model: nn.Module, logits_chunk: int, doc_sep: int | None = None) -> Scorer:

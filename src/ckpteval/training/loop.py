@@ -37,7 +37,18 @@ def build_optimizer(model: nn.Module, train_cfg) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": train_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=tuple(train_cfg.betas), foreach=True)
+    # foreach kernels take one tensor kind per list: tensor parallel mixes DTensor and replicated plain params
+    foreach = not _mixed_dtensor(decay + no_decay)
+    return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=tuple(train_cfg.betas), foreach=foreach)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "full_tensor")
+
+
+def _mixed_dtensor(tensors: list[torch.Tensor]) -> bool:
+    kinds = {_is_dtensor(t) for t in tensors}
+    return len(kinds) > 1
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg) -> torch.optim.lr_scheduler.LambdaLR:
@@ -51,11 +62,23 @@ def lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> to
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """Global gradient norm (works for DTensor-sharded params too: clip_grad_norm_ reduces across the mesh)."""
+    """Global gradient norm, clipped to `max_norm` (0 = no clipping).
+
+    All-plain or all-DTensor (FSDP) gradients go through `clip_grad_norm_`, which reduces across the mesh.
+    Tensor parallel mixes sharded DTensor gradients with replicated plain ones (embeddings, norms, head, the same
+    on every rank): each norm is taken in its own kind, the DTensor ones reduced over the mesh, then combined.
+    """
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
+    limit = max_norm if max_norm > 0 else float("inf")
+    if not _mixed_dtensor([p.grad for p in params]):
+        norm = torch.nn.utils.clip_grad_norm_(params, limit, foreach=True)
+        return norm.full_tensor() if _is_dtensor(norm) else norm
+    norms = [torch.linalg.vector_norm(p.grad.detach(), 2, dtype=torch.float32) for p in params]
+    norm = torch.linalg.vector_norm(torch.stack([n.full_tensor() if _is_dtensor(n) else n for n in norms]))
+    scale = min(1.0, limit / (float(norm) + 1e-6))
+    if scale < 1.0:
+        for p in params:
+            p.grad.detach().mul_(scale)
     return norm
 
 
