@@ -169,6 +169,9 @@ def _driver_jobs(tmp: Path, hf: Path, dcp: Path) -> dict[str, dict]:
                                           "tracking.run_name=fsdp_resumed")}
     jobs["tp_train"] = {"args": _train_args(tmp, "parallel=tp", "train.batch_size=4", "eval.batch_size=4",
                                             f"checkpoint.dir={tmp / 'ck_tp'}", "tracking.run_name=tp")}
+    jobs["pp_train"] = {"args": _train_args(tmp, "parallel=pp", "parallel.microbatches=2", "train.batch_size=4",
+                                            "eval.batch_size=4", f"checkpoint.dir={tmp / 'ck_pp'}",
+                                            "tracking.run_name=pp")}
     jobs["fail_rank1"] = {"args": _loss(hf, shards, SEQ, 2, "fsdp"), "fail_rank": 1}
     jobs["bad_microbatches"] = {"args": _loss(hf, shards, SEQ, 2, "pp", "parallel.microbatches=3")}
     return jobs
@@ -318,6 +321,19 @@ def test_tp_training_matches_single_process(launched, single_process_training, m
     monkeypatch.chdir(tmp)
     result = app.main(factories.compose(_loss(tmp / "ck_tp" / "step_6", tmp / "val", 16, 3, "none")))
     assert result["eval/loss"] == pytest.approx(_history(tmp, "tp", "eval/loss")[6], abs=1e-5)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_pp_training_matches_single_process(launched, single_process_training, monkeypatch):
+    """2 pipeline stages x 2 microbatches: the same losses; each stage saved its own layers into one checkpoint."""
+    from ckpteval import app
+
+    tmp = launched.tmp
+    _assert_same_training(tmp, "pp")
+    monkeypatch.chdir(tmp)
+    result = app.main(factories.compose(_loss(tmp / "ck_pp" / "step_6", tmp / "val", 16, 3, "none")))
+    assert result["eval/loss"] == pytest.approx(_history(tmp, "pp", "eval/loss")[6], abs=1e-5)
 
 
 @pytest.mark.dist

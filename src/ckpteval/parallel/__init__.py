@@ -122,18 +122,18 @@ def load_dcp_into(model: nn.Module, info, no_dist: bool = False) -> None:
 
 
 def parallelize_for_training(model: nn.Module, cfg, dist: DistContext) -> nn.Module:
-    """Lay out a freshly built model for `train_eval`: parallel=fsdp (sharded data parallel over all ranks) or
-    parallel=tp (tensor parallel over all ranks: every rank sees the same batches).
+    """Lay out a freshly built model for `train_eval`: parallel=fsdp (sharded data parallel over all ranks),
+    parallel=tp (tensor parallel over all ranks) or parallel=pp (pipeline stages over all ranks); with tp and pp
+    every rank sees the same batches.
 
-    Returns the module the training loop calls; its `.module` (fsdp) or itself (tp) is the transformers model
-    (plain names for checkpoints). pp would need a pipelined train step, which the training loop does not have.
+    Returns the module the training loop calls; its `.module` (fsdp, pp) or itself (tp) is the transformers
+    model (full-model tensor names for checkpoints).
     """
     from ckpteval.parallel.mesh import check_model_fits
 
     layout = cfg.parallel.name
-    if layout not in ("fsdp", "tp"):
-        raise CkptEvalError(f"mode=train_eval does not train with parallel={layout}: use parallel=fsdp or tp (or "
-                            f"none); parallel={layout} evaluates checkpoints: mode=loss parallel={layout} ckpt=...")
+    if layout not in ("fsdp", "tp", "pp"):
+        raise CkptEvalError(f"mode=train_eval does not train with parallel={layout}: use none, fsdp, tp or pp")
     if dist.mesh is None:
         raise CkptEvalError(f"parallel={layout} needs torchrun: torchrun --nproc_per_node=N run.py ...")
     check_model_fits(dist.dims, model.config)
@@ -145,6 +145,16 @@ def parallelize_for_training(model: nn.Module, cfg, dist: DistContext) -> nn.Mod
         from ckpteval.parallel.tp import apply_tp
 
         return apply_tp(model.to(dist.device), dist.mesh["tp"])
+    if layout == "pp":
+        if dist.dims.dp != 1 or dist.dims.tp != 1:
+            raise CkptEvalError(f"parallel=pp trains with pipeline stages over every rank: set parallel.pp="
+                                f"{dist.world_size} and parallel.tp=1, or train with parallel=fsdp")
+        if doc_sep is not None:
+            raise CkptEvalError("eval.doc_mask=true is not supported with parallel=pp: use parallel=fsdp or tp")
+        from ckpteval.parallel.pp import PipelineTrainer, build_stage
+
+        stage = build_stage(model, dist.mesh.get_local_rank("pp"), dist.dims.pp).to(dist.device)
+        return PipelineTrainer(stage, cfg, dist.dims, dist.mesh, dist.device)
     from ckpteval.parallel.fsdp import apply_fsdp
 
     return apply_fsdp(model, dist.mesh["dp"], cfg.parallel, cfg.eval.logits_chunk, doc_sep)
@@ -153,7 +163,8 @@ def parallelize_for_training(model: nn.Module, cfg, dist: DistContext) -> nn.Mod
 def training_scorer(model: nn.Module, logits_chunk: int, doc_sep: int | None = None) -> Scorer:
     """The scorer for a model laid out by `parallelize_for_training` (or plain / DDP-wrapped)."""
     from ckpteval.parallel.fsdp import ShardedCausalLM
+    from ckpteval.parallel.pp import PipelineTrainer
 
-    if isinstance(model, ShardedCausalLM):
+    if isinstance(model, (ShardedCausalLM, PipelineTrainer)):
         return model.scorer()
     return causal_lm_scorer(getattr(model, "module", model), logits_chunk, doc_sep)

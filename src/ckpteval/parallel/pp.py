@@ -1,6 +1,7 @@
-"""Pipeline parallel evaluation: each rank of the "pp" dim owns a contiguous slice of decoder layers.
+"""Pipeline parallel: each rank of the "pp" dim owns a contiguous slice of decoder layers.
 
     torchrun --nproc_per_node=2 run.py mode=loss parallel=pp parallel.microbatches=4 ckpt=PATH ...
+    torchrun --nproc_per_node=2 run.py mode=train_eval parallel=pp parallel.microbatches=4 ...   # `PipelineTrainer`
 
 The first stage also owns the token embedding, the last the final norm and the LM head. A batch is split into
 `parallel.microbatches` microbatches and run with `torch.distributed.pipelining` (`schedule.eval`, forward
@@ -78,16 +79,9 @@ def pipeline_scorer(stage_module: DecoderStage, parallel_cfg, eval_cfg, dims, me
                     dtype: torch.dtype) -> Scorer:
     """A scorer that runs one batch through the pipeline; every rank returns the last stage's (nll, count)."""
     from torch.distributed.pipelining import PipelineStage
-    from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
     check_microbatches(eval_cfg.batch_size, parallel_cfg.microbatches)
-    try:
-        schedule_cls = get_schedule_class(parallel_cfg.pp_schedule)
-    except ValueError as e:
-        raise CkptEvalError(f"parallel.pp_schedule={parallel_cfg.pp_schedule} is unknown ({e})") from None
-    if not issubclass(schedule_cls, PipelineScheduleSingle):
-        raise CkptEvalError(f"parallel.pp_schedule={parallel_cfg.pp_schedule} needs several stages per rank, which "
-                            f"ckpteval does not build: use one of {', '.join(SINGLE_STAGE_SCHEDULES)}")
+    schedule_cls = _schedule_class(parallel_cfg)
     pp_rank, pp_group = mesh.get_local_rank("pp"), mesh.get_group("pp")
     micro = eval_cfg.batch_size // parallel_cfg.microbatches
     hidden = stage_module.lm.config.hidden_size
@@ -113,3 +107,73 @@ def pipeline_scorer(stage_module: DecoderStage, parallel_cfg, eval_cfg, dims, me
         return both[0], both[1]
 
     return score
+
+
+def _schedule_class(parallel_cfg):
+    from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
+
+    try:
+        schedule_cls = get_schedule_class(parallel_cfg.pp_schedule)
+    except ValueError as e:
+        raise CkptEvalError(f"parallel.pp_schedule={parallel_cfg.pp_schedule} is unknown ({e})") from None
+    if not issubclass(schedule_cls, PipelineScheduleSingle):
+        raise CkptEvalError(f"parallel.pp_schedule={parallel_cfg.pp_schedule} needs several stages per rank, which "
+                            f"ckpteval does not build: use one of {', '.join(SINGLE_STAGE_SCHEDULES)}")
+    return schedule_cls
+
+
+class PipelineTrainer(nn.Module):
+    """A pipeline stage for `train_eval`: `pipeline_step` replaces forward + backward of one micro-batch.
+
+    The last stage computes the loss of each pipeline microbatch (head + cross-entropy in float32) divided by
+    microbatches x grad_accum, so the accumulated gradients are those of the batch mean, exactly as one process
+    computes them; the batch's mean loss is broadcast over the pipeline so every rank logs the same number.
+    `.module` is the pruned transformers model (full-model tensor names for checkpoints), `grad_norm_group` the
+    group over which the gradient norm is summed (each rank holds different layers).
+    """
+
+    def __init__(self, stage_module: DecoderStage, cfg, dims, mesh, device: torch.device):
+        super().__init__()
+        from torch.distributed.pipelining import PipelineStage
+
+        check_microbatches(cfg.train.batch_size, cfg.parallel.microbatches, "train.batch_size")
+        if getattr(stage_module.lm.config, "tie_word_embeddings", False):
+            raise CkptEvalError("parallel=pp cannot train a model with tied embeddings (the embedding and the head "
+                                "live on different stages): use parallel=fsdp, or model.tie_word_embeddings=false")
+        self.stage_module = stage_module
+        self.module = stage_module.lm
+        self._cfg, self._dims, self._mesh, self._device = cfg, dims, mesh, device
+        self.grad_norm_group = mesh.get_group("pp")
+        self._scale = cfg.parallel.microbatches * cfg.train.grad_accum
+        stage = PipelineStage(stage_module, mesh.get_local_rank("pp"), dims.pp, device, group=self.grad_norm_group)
+        self._schedule = _schedule_class(cfg.parallel)(stage, n_microbatches=cfg.parallel.microbatches,
+                                                       loss_fn=self._loss, scale_grads=False)
+
+    @property
+    def config(self):
+        return self.module.config
+
+    def _loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.module.lm_head(hidden).float()
+        return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()) / self._scale
+
+    def pipeline_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        """Forward + backward of one training micro-batch through every stage; its mean loss on every rank."""
+        losses: list[torch.Tensor] = []
+        if self.stage_module.first:
+            self._schedule.step(inputs)
+        elif self.stage_module.last:
+            self._schedule.step(target=targets, losses=losses)
+        else:
+            self._schedule.step()
+        mean = torch.zeros((), dtype=torch.float64, device=self._device)
+        if self.stage_module.last:
+            mean += torch.stack([x.detach().double() for x in losses]).sum() * self._scale / len(losses)
+        dist.broadcast(mean, group=self.grad_norm_group, group_src=self._dims.pp - 1)
+        return float(mean)
+
+    def scorer(self) -> Scorer:
+        from ckpteval.parallel import resolve_dtype
+
+        return pipeline_scorer(self.stage_module, self._cfg.parallel, self._cfg.eval, self._dims, self._mesh,
+                               self._device, resolve_dtype("float32"))

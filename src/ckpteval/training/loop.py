@@ -65,16 +65,24 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Global gradient norm, clipped to `max_norm` (0 = no clipping).
 
     All-plain or all-DTensor (FSDP) gradients go through `clip_grad_norm_`, which reduces across the mesh.
-    Tensor parallel mixes sharded DTensor gradients with replicated plain ones (embeddings, norms, head, the same
-    on every rank): each norm is taken in its own kind, the DTensor ones reduced over the mesh, then combined.
+    Tensor parallel mixes sharded DTensor gradients with replicated plain ones (embeddings, norms, head: the same
+    on every rank), and a pipeline stage holds only its own layers (`model.grad_norm_group`: the stages): there
+    the squared norms are summed by hand, the DTensor ones over their mesh, a stage's over the pipeline.
     """
     params = [p for p in model.parameters() if p.grad is not None]
     limit = max_norm if max_norm > 0 else float("inf")
-    if not _mixed_dtensor([p.grad for p in params]):
+    group = getattr(model, "grad_norm_group", None)
+    if group is None and not _mixed_dtensor([p.grad for p in params]):
         norm = torch.nn.utils.clip_grad_norm_(params, limit, foreach=True)
         return norm.full_tensor() if _is_dtensor(norm) else norm
-    norms = [torch.linalg.vector_norm(p.grad.detach(), 2, dtype=torch.float32) for p in params]
-    norm = torch.linalg.vector_norm(torch.stack([n.full_tensor() if _is_dtensor(n) else n for n in norms]))
+    device = next(model.parameters()).device
+    squares = torch.zeros((), dtype=torch.float32, device=device)
+    for p in params:
+        n = torch.linalg.vector_norm(p.grad.detach(), 2, dtype=torch.float32)
+        squares += (n.full_tensor() if _is_dtensor(n) else n).square()
+    if group is not None:
+        torch.distributed.all_reduce(squares, group=group)
+    norm = squares.sqrt()
     scale = min(1.0, limit / (float(norm) + 1e-6))
     if scale < 1.0:
         for p in params:
@@ -91,6 +99,10 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
         inputs, targets = next(micro_batches)
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+        if hasattr(model, "pipeline_step"):  # pipeline parallel: forward and backward run inside the schedule
+            with ctx:
+                total += model.pipeline_step(inputs, targets) / grad_accum
+            continue
         with ctx:
             loss = loss_fn(model, inputs, targets) / grad_accum
         loss.backward()
