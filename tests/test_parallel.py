@@ -312,28 +312,18 @@ def _assert_same_training(tmp: Path, run_name: str) -> None:
 
 @pytest.mark.dist
 @pytest.mark.slow
-def test_tp_training_matches_single_process(launched, single_process_training, monkeypatch):
+@pytest.mark.parametrize("layout", ["tp", "pp"])
+def test_model_parallel_training_matches_single_process(launched, single_process_training, layout, monkeypatch):
+    """tp=2 (DTensor shards + replicated embeddings/norms/head) and pp=2 (2 stages x 2 microbatches) train with
+    the same losses as one process; the DCP checkpoint they save together loads unsharded, mode=loss giving the
+    in-loop eval/loss."""
     from ckpteval import app
 
     tmp = launched.tmp
-    _assert_same_training(tmp, "tp")
-    # its DCP checkpoint (DTensor shards + replicated tensors) loads unsharded: mode=loss == the in-loop eval
+    _assert_same_training(tmp, layout)
     monkeypatch.chdir(tmp)
-    result = app.main(factories.compose(_loss(tmp / "ck_tp" / "step_6", tmp / "val", 16, 3, "none")))
-    assert result["eval/loss"] == pytest.approx(_history(tmp, "tp", "eval/loss")[6], abs=1e-5)
-
-
-@pytest.mark.dist
-@pytest.mark.slow
-def test_pp_training_matches_single_process(launched, single_process_training, monkeypatch):
-    """2 pipeline stages x 2 microbatches: the same losses; each stage saved its own layers into one checkpoint."""
-    from ckpteval import app
-
-    tmp = launched.tmp
-    _assert_same_training(tmp, "pp")
-    monkeypatch.chdir(tmp)
-    result = app.main(factories.compose(_loss(tmp / "ck_pp" / "step_6", tmp / "val", 16, 3, "none")))
-    assert result["eval/loss"] == pytest.approx(_history(tmp, "pp", "eval/loss")[6], abs=1e-5)
+    result = app.main(factories.compose(_loss(tmp / f"ck_{layout}" / "step_6", tmp / "val", 16, 3, "none")))
+    assert result["eval/loss"] == pytest.approx(_history(tmp, layout, "eval/loss")[6], abs=1e-5)
 
 
 @pytest.mark.dist
