@@ -23,10 +23,9 @@ def _rank_overrides(argv: list[str]) -> list[str]:
     group is up); the other ranks log to the console and create no run dir of their own."""
     if int(os.environ.get("RANK", "0")) == 0 or {"-m", "--multirun"} & set(argv):
         return []
-    extra = ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
-    if not any(a.lstrip("+").startswith("hydra.run.dir=") for a in argv):
-        extra.append("hydra.run.dir=${paths.outputs}")
-    return extra
+    wanted = {"hydra.output_subdir": "null", "hydra/job_logging": "stdout", "hydra.run.dir": "${paths.outputs}"}
+    given = {a.lstrip("+").split("=", 1)[0] for a in argv}
+    return [f"{key}={value}" for key, value in wanted.items() if key not in given]
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
