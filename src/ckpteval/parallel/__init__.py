@@ -123,8 +123,9 @@ def load_dcp_into(model: nn.Module, info, no_dist: bool = False) -> None:
 
 def parallelize_for_training(model: nn.Module, cfg, dist: DistContext) -> nn.Module:
     """Lay out a freshly built model for `train_eval`: parallel=fsdp (sharded data parallel over all ranks),
-    parallel=tp (tensor parallel over all ranks) or parallel=pp (pipeline stages over all ranks); with tp and pp
-    every rank sees the same batches.
+    parallel=tp (tensor parallel in groups of parallel.tp ranks, FSDP over the "dp" dim when there are several
+    groups) or parallel=pp (pipeline stages over all ranks); ranks of one tp group or pipeline see the same
+    batches.
 
     Returns the module the training loop calls; its `.module` (fsdp, pp) or itself (tp) is the transformers
     model (full-model tensor names for checkpoints).
@@ -139,12 +140,14 @@ def parallelize_for_training(model: nn.Module, cfg, dist: DistContext) -> nn.Mod
     check_model_fits(dist.dims, model.config)
     doc_sep = document_sep_id(cfg.eval, model.config)
     if layout == "tp":
-        if dist.dims.dp != 1:
-            raise CkptEvalError(f"parallel=tp trains with tensor parallelism over every rank: set parallel.tp="
-                                f"{dist.world_size} (it is {dist.dims.tp}), or train with parallel=fsdp")
         from ckpteval.parallel.tp import apply_tp
 
-        return apply_tp(model.to(dist.device), dist.mesh["tp"])
+        apply_tp(model.to(dist.device), dist.mesh["tp"])
+        if dist.dims.dp == 1:
+            return model
+        from ckpteval.parallel.fsdp import apply_fsdp  # tp x dp: FSDP over "dp" on top of the TP shards (2-D)
+
+        return apply_fsdp(model, dist.mesh["dp"], cfg.parallel, cfg.eval.logits_chunk, doc_sep)
     if layout == "pp":
         if dist.dims.dp != 1 or dist.dims.tp != 1:
             raise CkptEvalError(f"parallel=pp trains with pipeline stages over every rank: set parallel.pp="

@@ -47,7 +47,8 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 
 
 def _mixed_dtensor(tensors: list[torch.Tensor]) -> bool:
-    kinds = {_is_dtensor(t) for t in tensors}
+    """Plain tensors beside DTensors, or DTensors on different meshes (2-D: TP shards under FSDP)."""
+    kinds = {id(t.device_mesh) if _is_dtensor(t) else None for t in tensors}
     return len(kinds) > 1
 
 
