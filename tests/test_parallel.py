@@ -235,6 +235,12 @@ def launched(tmp_path_factory, tiny_tokenizer_dir):
                                          "tracking.run_name=tp2d", f"hydra.run.dir={tmp / 'tp2d_run'}"),
                              cwd=tmp, timeout=300, launcher=_torchrun(4))
     assert tp2d.returncode == 0, tp2d.stderr[-4000:]
+    # pp=2 x dp=2: two pipelines, each stage FSDP-sharded over its data-parallel pair (4 processes)
+    pp2d = factories.run_cli(_train_args(tmp, "parallel=pp", "parallel.pp=2", "parallel.microbatches=2",
+                                         "train.batch_size=2", "eval.batch_size=2", f"checkpoint.dir={tmp / 'ck_pp2d'}",
+                                         "tracking.run_name=pp2d", f"hydra.run.dir={tmp / 'pp2d_run'}"),
+                             cwd=tmp, timeout=300, launcher=_torchrun(4))
+    assert pp2d.returncode == 0, pp2d.stderr[-4000:]
     shutil.copytree(tmp / "ck_fsdp", tmp / "ck_resume")
     shutil.rmtree(tmp / "ck_resume" / "step_6")  # as if the job died after step_3
 
@@ -318,10 +324,11 @@ def _assert_same_training(tmp: Path, run_name: str) -> None:
 
 @pytest.mark.dist
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp", "pp", "tp2d"])
+@pytest.mark.parametrize("layout", ["tp", "pp", "tp2d", "pp2d"])
 def test_model_parallel_training_matches_single_process(launched, single_process_training, layout, monkeypatch):
     """tp=2 (DTensor shards + replicated embeddings/norms/head), pp=2 (2 stages x 2 microbatches) and tp=2 x
-    dp=2 (FSDP over TP shards, 4 processes) train with the same losses as one process; the DCP checkpoint the
+    dp=2 (FSDP over TP shards, 4 processes) and pp=2 x dp=2 (FSDP inside each stage) train with the same losses as
+    one process; the DCP checkpoint the
     ranks save together loads unsharded, mode=loss giving the in-loop eval/loss."""
     from ckpteval import app
 

@@ -149,9 +149,9 @@ def parallelize_for_training(model: nn.Module, cfg, dist: DistContext) -> nn.Mod
 
         return apply_fsdp(model, dist.mesh["dp"], cfg.parallel, cfg.eval.logits_chunk, doc_sep)
     if layout == "pp":
-        if dist.dims.dp != 1 or dist.dims.tp != 1:
-            raise CkptEvalError(f"parallel=pp trains with pipeline stages over every rank: set parallel.pp="
-                                f"{dist.world_size} and parallel.tp=1, or train with parallel=fsdp")
+        if dist.dims.tp != 1:
+            raise CkptEvalError("parallel=pp trains pipelines of whole layers: set parallel.tp=1 (pp x dp is fine), "
+                                "or train with parallel=tp")
         if doc_sep is not None:
             raise CkptEvalError("eval.doc_mask=true is not supported with parallel=pp: use parallel=fsdp or tp")
         from ckpteval.parallel.pp import PipelineTrainer, build_stage

@@ -40,6 +40,7 @@ class DecoderStage(nn.Module):
             lm.lm_head = None
         self.lm = lm  # pruned in place: state-dict names stay the full model's
         self.first, self.last = first, last
+        self.emit_logits = False  # True (training): the last stage also applies the head, float32 logits out
         types = getattr(lm.config, "layer_types", None)
         self.layer_types = {i: (types[i] if types else "full_attention") for i in layers}
 
@@ -58,7 +59,10 @@ class DecoderStage(nn.Module):
         for name, layer in decoder.layers.items():
             hidden = layer(hidden, attention_mask=masks[self.layer_types[int(name)]], position_embeddings=rope,
                            position_ids=position_ids, use_cache=False)
-        return decoder.norm(hidden) if self.last else hidden
+        if not self.last:
+            return hidden
+        hidden = decoder.norm(hidden)
+        return self.lm.lm_head(hidden).float() if self.emit_logits else hidden
 
 
 def check_pp_model(model_config) -> None:
@@ -89,11 +93,13 @@ def pipeline_scorer(stage_module: DecoderStage, parallel_cfg, eval_cfg, dims, me
     # Static shapes (every evaluation batch has the same shape): no runtime shape inference between stages.
     example_in = (torch.empty(micro, seq, dtype=torch.long, device="meta") if stage_module.first
                   else torch.empty(micro, seq, hidden, dtype=dtype, device="meta"))
-    example_out = torch.empty(micro, seq, hidden, dtype=dtype, device="meta")
+    logits_out = stage_module.last and stage_module.emit_logits
+    example_out = (torch.empty(micro, seq, stage_module.lm.config.vocab_size, dtype=torch.float32, device="meta")
+                   if logits_out else torch.empty(micro, seq, hidden, dtype=dtype, device="meta"))
     stage = PipelineStage(stage_module, pp_rank, dims.pp, device, input_args=example_in, output_args=example_out,
                           group=pp_group)
     schedule = schedule_cls(stage, n_microbatches=parallel_cfg.microbatches)
-    head = stage_module.lm.lm_head if stage_module.last else None
+    head = (nn.Identity() if logits_out else stage_module.lm.lm_head) if stage_module.last else None
     chunk = eval_cfg.logits_chunk
 
     def score(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,9 +131,10 @@ def _schedule_class(parallel_cfg):
 class PipelineTrainer(nn.Module):
     """A pipeline stage for `train_eval`: `pipeline_step` replaces forward + backward of one micro-batch.
 
-    The last stage computes the loss of each pipeline microbatch (head + cross-entropy in float32) divided by
-    microbatches x grad_accum, so the accumulated gradients are those of the batch mean, exactly as one process
-    computes them; the batch's mean loss is broadcast over the pipeline so every rank logs the same number.
+    The last stage runs the head inside its forward and computes each pipeline microbatch's cross-entropy (in
+    float32) divided by microbatches x grad_accum, so the accumulated gradients are those of the batch mean,
+    exactly as one process computes them; the batch's mean loss is broadcast over the pipeline so every rank
+    logs the same number. With several pipelines (dp > 1) each stage is FSDP-sharded over its dp group.
     `.module` is the pruned transformers model (full-model tensor names for checkpoints), `grad_norm_group` the
     group over which the gradient norm is summed (each rank holds different layers).
     """
@@ -145,6 +152,16 @@ class PipelineTrainer(nn.Module):
         self._cfg, self._dims, self._mesh, self._device = cfg, dims, mesh, device
         self.grad_norm_group = mesh.get_group("pp")
         self._scale = cfg.parallel.microbatches * cfg.train.grad_accum
+        stage_module.emit_logits = True  # the head runs inside the (FSDP-managed) stage, for eval too
+        if dims.dp > 1:
+            from torch.distributed.fsdp import fully_shard
+
+            from ckpteval.parallel.fsdp import mixed_precision
+
+            mp = mixed_precision(cfg.parallel)
+            for layer in stage_module.lm.get_decoder().layers.values():
+                fully_shard(layer, mesh=mesh["dp"], mp_policy=mp)
+            fully_shard(stage_module, mesh=mesh["dp"], mp_policy=mp)
         stage = PipelineStage(stage_module, mesh.get_local_rank("pp"), dims.pp, device, group=self.grad_norm_group)
         self._schedule = _schedule_class(cfg.parallel)(stage, n_microbatches=cfg.parallel.microbatches,
                                                        loss_fn=self._loss, scale_grads=False)
@@ -153,8 +170,7 @@ class PipelineTrainer(nn.Module):
     def config(self):
         return self.module.config
 
-    def _loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.module.lm_head(hidden).float()
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()) / self._scale
 
     def pipeline_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
