@@ -124,8 +124,9 @@ def load_dcp_into(model: nn.Module, info, no_dist: bool = False) -> None:
 def parallelize_for_training(model: nn.Module, cfg, dist: DistContext) -> nn.Module:
     """Lay out a freshly built model for `train_eval`: parallel=fsdp (sharded data parallel over all ranks),
     parallel=tp (tensor parallel in groups of parallel.tp ranks, FSDP over the "dp" dim when there are several
-    groups) or parallel=pp (pipeline stages over all ranks); ranks of one tp group or pipeline see the same
-    batches.
+    groups) or parallel=pp (pipelines of parallel.pp stages, each stage FSDP-sharded over "dp" when there are
+    several pipelines); ranks of one tp group or pipeline see the same batches. One layout per job: the mesh
+    validation refuses tp x pp.
 
     Returns the module the training loop calls; its `.module` (fsdp, pp) or itself (tp) is the transformers
     model (full-model tensor names for checkpoints).
@@ -149,9 +150,6 @@ def parallelize_for_training(model: nn.Module, cfg, dist: DistContext) -> nn.Mod
 
         return apply_fsdp(model, dist.mesh["dp"], cfg.parallel, cfg.eval.logits_chunk, doc_sep)
     if layout == "pp":
-        if dist.dims.tp != 1:
-            raise CkptEvalError("parallel=pp trains pipelines of whole layers: set parallel.tp=1 (pp x dp is fine), "
-                                "or train with parallel=tp")
         if doc_sep is not None:
             raise CkptEvalError("eval.doc_mask=true is not supported with parallel=pp: use parallel=fsdp or tp")
         from ckpteval.parallel.pp import PipelineTrainer, build_stage
