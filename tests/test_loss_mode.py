@@ -267,3 +267,21 @@ def test_chunked_nll_equals_full_cross_entropy(chunk):
                                                  reduction="sum", ignore_index=-100)
     assert int(count) == 17
     assert float(nll) == pytest.approx(float(full), rel=1e-6)
+
+
+def test_doc_mask_same_under_eager_and_sdpa_attention():
+    """The document mask reaches both attention kernels: boolean for sdpa, additive (float) for eager."""
+    from ckpteval.evaluation.loss import causal_lm_scorer
+
+    model = factories.make_model(seed=2).eval()
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(8, 512, (3, SEQ + 1), generator=g)
+    tokens[:, [5, 11, 20]] = 7  # three document ends per window
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    with torch.inference_mode():
+        plain = causal_lm_scorer(model, 0)(inputs, targets)[0]
+        sdpa = causal_lm_scorer(model, 0, doc_sep=7)(inputs, targets)[0]
+        model.set_attn_implementation("eager")
+        eager = causal_lm_scorer(model, 0, doc_sep=7)(inputs, targets)[0]
+    assert float(eager) == pytest.approx(float(sdpa), rel=1e-5)
+    assert abs(float(plain) - float(sdpa)) > 1e-3  # the mask is really applied

@@ -42,6 +42,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from ckpteval.errors import CkptEvalError
+from ckpteval.evaluation.loss import additive_mask
 
 log = logging.getLogger(__name__)
 
@@ -350,8 +351,7 @@ class FastLM(TemplateLM):
         """Logits (n_kept, vocab) at the kept positions, in row-major order."""
         dev = self._device
         if self._attn_impl == "eager":  # eager attention adds the mask to the scores
-            dtype = self._autocast or self.compute_dtype
-            mask = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
+            mask = additive_mask(mask, self._autocast or self.compute_dtype)
         kwargs = {"input_ids": ids.to(dev), "position_ids": pos.to(dev), "attention_mask": mask.to(dev),
                   "use_cache": False}
         autocast = (torch.autocast(device_type=dev.type, dtype=self._autocast) if self._autocast

@@ -5,8 +5,8 @@ all-reduced once and divided once: never a mean of per-batch or per-rank means, 
 padding rows (targets = -100) weigh exactly what they hold.
 
 A *scorer* turns one batch into (nll_sum, token_count). The default one runs the decoder once and projects to
-the vocabulary in chunks of `logits_chunk` tokens (auto: about 16M logits per chunk), so the full (B, L, V) float32 logits tensor the plain
-transformers loop builds never exists. Parallel layouts supply their own scorer (the pipeline's last stage
+the vocabulary in chunks of `logits_chunk` tokens (auto: about 16M logits per chunk), so the full (B, L, V)
+float32 logits tensor the plain transformers loop builds never exists. Parallel layouts supply their own scorer (the pipeline's last stage
 computes the loss; other stages only forward), and `run_eval` stays the same.
 """
 
@@ -113,9 +113,14 @@ def _document_kwargs(model: nn.Module, inputs: torch.Tensor, sep: int, dtype: to
     impl = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
     if impl and "flash" in impl:  # flash attention finds packed documents from restarting position ids alone
         return {"position_ids": pos}
-    if impl == "eager":  # eager attention adds the mask to the scores
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    if impl == "eager":
+        mask = additive_mask(mask, dtype)
     return {"position_ids": pos, "attention_mask": mask}
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask (True = attend) as the additive float mask eager attention adds to its scores."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
 def causal_lm_scorer(model: nn.Module, chunk: int = 0, doc_sep: int | None = None) -> Scorer:

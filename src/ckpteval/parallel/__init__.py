@@ -52,14 +52,11 @@ def load_eval_model(cfg, info, dist: DistContext) -> tuple[nn.Module, Scorer]:
         check_model_fits(dist.dims, model.config)
         doc_sep = document_sep_id(cfg.eval, model.config)
         if layout == "pp":
-            if doc_sep is not None:
-                raise CkptEvalError("eval.doc_mask=true is not supported with parallel=pp (stages pass hidden states "
-                                    "only): use parallel=fsdp or tp, or eval.doc_mask=false")
             from ckpteval.parallel.mesh import check_microbatches
             from ckpteval.parallel.pp import build_stage
 
             check_microbatches(cfg.eval.batch_size, cfg.parallel.microbatches)
-            stage = build_stage(model, dist.mesh.get_local_rank("pp"), dist.dims.pp)
+            stage = build_stage(model, dist.mesh.get_local_rank("pp"), dist.dims.pp, doc_sep)
     if layout == "fsdp":
         from ckpteval.parallel.fsdp import apply_fsdp
 
@@ -150,11 +147,9 @@ def parallelize_for_training(model: nn.Module, cfg, dist: DistContext) -> nn.Mod
 
         return apply_fsdp(model, dist.mesh["dp"], cfg.parallel, cfg.eval.logits_chunk, doc_sep)
     if layout == "pp":
-        if doc_sep is not None:
-            raise CkptEvalError("eval.doc_mask=true is not supported with parallel=pp: use parallel=fsdp or tp")
         from ckpteval.parallel.pp import PipelineTrainer, build_stage
 
-        stage = build_stage(model, dist.mesh.get_local_rank("pp"), dist.dims.pp).to(dist.device)
+        stage = build_stage(model, dist.mesh.get_local_rank("pp"), dist.dims.pp, doc_sep).to(dist.device)
         return PipelineTrainer(stage, cfg, dist.dims, dist.mesh, dist.device)
     from ckpteval.parallel.fsdp import apply_fsdp
 

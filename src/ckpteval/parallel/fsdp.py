@@ -53,14 +53,18 @@ def mixed_precision(parallel_cfg):
     return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce)
 
 
-def apply_fsdp(model: nn.Module, dp_mesh, parallel_cfg, logits_chunk: int = 0,
-               doc_sep: int | None = None) -> ShardedCausalLM:
-    """Shard each decoder layer, then the root wrapper (what is left: embeddings, norm, head)."""
+def shard(layers, root: nn.Module, dp_mesh, parallel_cfg) -> nn.Module:
+    """`fully_shard` each of `layers`, then `root` (it takes what is left: embeddings, norm, head)."""
     from torch.distributed.fsdp import fully_shard
 
     mp = mixed_precision(parallel_cfg)
-    for layer in model.get_decoder().layers:
+    for layer in layers:
         fully_shard(layer, mesh=dp_mesh, mp_policy=mp)
-    root = ShardedCausalLM(model, logits_chunk, doc_sep)
     fully_shard(root, mesh=dp_mesh, mp_policy=mp)
     return root
+
+
+def apply_fsdp(model: nn.Module, dp_mesh, parallel_cfg, logits_chunk: int = 0,
+               doc_sep: int | None = None) -> ShardedCausalLM:
+    """Shard each decoder layer, then the root wrapper (what is left: embeddings, norm, head)."""
+    return shard(model.get_decoder().layers, ShardedCausalLM(model, logits_chunk, doc_sep), dp_mesh, parallel_cfg)

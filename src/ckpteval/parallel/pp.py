@@ -72,9 +72,12 @@ def check_pp_model(model_config) -> None:
                             f"model_type={getattr(model_config, 'model_type', None)}: use parallel=fsdp instead")
 
 
-def build_stage(lm: nn.Module, pp_rank: int, pp_size: int) -> DecoderStage:
+def build_stage(lm: nn.Module, pp_rank: int, pp_size: int, doc_sep: int | None = None) -> DecoderStage:
     """Prune `lm` to the layers of stage `pp_rank` (of `pp_size`)."""
     check_pp_model(lm.config)
+    if doc_sep is not None:
+        raise CkptEvalError("eval.doc_mask=true is not supported with parallel=pp (stages pass hidden states "
+                            "only): use parallel=fsdp or tp, or eval.doc_mask=false")
     slices = split_layers(lm.config.num_hidden_layers, pp_size)
     return DecoderStage(lm, slices[pp_rank], first=pp_rank == 0, last=pp_rank == pp_size - 1)
 
@@ -154,14 +157,9 @@ class PipelineTrainer(nn.Module):
         self._scale = cfg.parallel.microbatches * cfg.train.grad_accum
         stage_module.emit_logits = True  # the head runs inside the (FSDP-managed) stage, for eval too
         if dims.dp > 1:
-            from torch.distributed.fsdp import fully_shard
+            from ckpteval.parallel.fsdp import shard
 
-            from ckpteval.parallel.fsdp import mixed_precision
-
-            mp = mixed_precision(cfg.parallel)
-            for layer in stage_module.lm.get_decoder().layers.values():
-                fully_shard(layer, mesh=mesh["dp"], mp_policy=mp)
-            fully_shard(stage_module, mesh=mesh["dp"], mp_policy=mp)
+            shard(stage_module.lm.get_decoder().layers.values(), stage_module, mesh["dp"], cfg.parallel)
         stage = PipelineStage(stage_module, mesh.get_local_rank("pp"), dims.pp, device, group=self.grad_norm_group)
         self._schedule = _schedule_class(cfg.parallel)(stage, n_microbatches=cfg.parallel.microbatches,
                                                        loss_fn=self._loss, scale_grads=False)
@@ -189,7 +187,6 @@ class PipelineTrainer(nn.Module):
         return float(mean)
 
     def scorer(self) -> Scorer:
-        from ckpteval.parallel import resolve_dtype
-
+        # float32: the trained weights are float32, and so is the residual stream a stage passes on
         return pipeline_scorer(self.stage_module, self._cfg.parallel, self._cfg.eval, self._dims, self._mesh,
-                               self._device, resolve_dtype("float32"))
+                               self._device, torch.float32)
