@@ -121,13 +121,9 @@ def hf_weight_files(ckpt_dir: Path) -> list[Path]:
 
 def read_dcp_metadata(ckpt_dir: Path):
     """DCP `.metadata`, with every storage file it names present and long enough; raises when incomplete."""
-    from torch.distributed.checkpoint import FileSystemReader
+    from ckpteval.checkpoint.safe_pickle import load_dcp_metadata
 
-    try:
-        metadata = FileSystemReader(str(ckpt_dir)).read_metadata()
-    except Exception as e:  # a half-written pickle raises anything from EOFError to UnpicklingError
-        raise CkptEvalError(f"checkpoint {ckpt_dir} is incomplete: .metadata is unreadable ({type(e).__name__}): "
-                            "it is still being written, or the save crashed") from None
+    metadata = load_dcp_metadata(ckpt_dir)  # allow-listed: a crafted .metadata cannot run code
     needed: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)

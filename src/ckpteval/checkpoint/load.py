@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from ckpteval.checkpoint.detect import CheckpointInfo, hf_weight_files, read_dcp_metadata
+from ckpteval.checkpoint.safe_pickle import safe_filesystem_reader, torch_load
 from ckpteval.errors import CkptEvalError
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def _hf_state(info: CheckpointInfo) -> dict[str, torch.Tensor]:
         if f.suffix == ".safetensors":
             state.update(load_file(str(f)))
         else:
-            state.update(torch.load(f, map_location="cpu", weights_only=True))
+            state.update(torch_load(f))
     return state
 
 
@@ -128,7 +129,7 @@ def _dcp_state(info: CheckpointInfo, model: nn.Module) -> dict[str, torch.Tensor
     keys = match_dcp_keys(info, model, model.state_dict())
     wanted = {key: torch.empty(tuple(metadata[key].size), dtype=metadata[key].properties.dtype)
               for key in keys.values()}
-    dcp.load(wanted, storage_reader=dcp.FileSystemReader(str(info.path)), no_dist=True)
+    dcp.load(wanted, storage_reader=safe_filesystem_reader(info.path), no_dist=True)
     return {name: wanted[key] for name, key in keys.items()}
 
 

@@ -108,12 +108,13 @@ def load_dcp_into(model: nn.Module, info, no_dist: bool = False) -> None:
     )
 
     from ckpteval.checkpoint.load import match_dcp_keys
+    from ckpteval.checkpoint.safe_pickle import safe_filesystem_reader
 
     state = get_model_state_dict(model)
     names = match_dcp_keys(info, model, state)  # model name -> checkpoint key
     request = {key: state[name] for name, key in names.items()}
     with fail_together(f"reading DCP checkpoint {info.path}"):
-        dcp.load(request, storage_reader=dcp.FileSystemReader(str(info.path)), no_dist=no_dist)
+        dcp.load(request, storage_reader=safe_filesystem_reader(info.path), no_dist=no_dist)
     set_model_state_dict(model, {name: request[key] for name, key in names.items()},
                          options=StateDictOptions(strict=False))
 
