@@ -1,0 +1,44 @@
+"""One registry of checkpoint families; each family is one small module implementing `base.CheckpointFormat`.
+
+    fmt = detect_format(path)                 # the first family whose looks_like(path) is true (cheap)
+    fmt = detect_format(path, forced="torchtitan")   # ckpt_format=torchtitan: that family, no guessing
+
+Order matters: more specific families come first (a torchtitan DCP dir is also a DCP dir).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from ckpteval.checkpoint.formats.base import Architecture, CheckpointFormat
+from ckpteval.errors import CkptEvalError
+
+# name -> "module:Class", in detection order. Families add one line here.
+REGISTRY: dict[str, str] = {}
+
+_instances: dict[str, CheckpointFormat] = {}
+
+
+def get_format(name: str) -> CheckpointFormat:
+    if name not in REGISTRY:
+        raise CkptEvalError(f"ckpt_format={name} is unknown: use one of {', '.join(REGISTRY)} (or leave it unset "
+                            "to detect the format from the path)")
+    if name not in _instances:
+        module, cls = REGISTRY[name].split(":")
+        _instances[name] = getattr(importlib.import_module(module), cls)()
+    return _instances[name]
+
+
+def all_formats() -> list[CheckpointFormat]:
+    return [get_format(name) for name in REGISTRY]
+
+
+def detect_format(path: Path, forced: str | None = None) -> CheckpointFormat | None:
+    """The family of `path` (None when no family claims it); `forced` skips detection."""
+    if forced:
+        return get_format(forced)
+    return next((fmt for fmt in all_formats() if fmt.looks_like(path)), None)
+
+
+__all__ = ["Architecture", "CheckpointFormat", "REGISTRY", "all_formats", "detect_format", "get_format"]

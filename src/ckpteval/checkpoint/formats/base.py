@@ -1,0 +1,66 @@
+"""The contract every checkpoint family implements (one small module per family, see `formats/__init__.py`).
+
+A family answers five questions about a path, each cheaply except the last:
+
+1. `looks_like(path)`: is this mine? Names, small JSON files, headers, DCP `.metadata` key names: never tensors.
+2. `check_complete(path)`: is it finished by my own rules? Raises `CkptEvalError` saying what is missing.
+3. `step_tokens(path)`: the training step and tokens seen it carries (None when unknown).
+4. `architecture(path, model_cfg)`: the transformers config it holds, and a line saying where it came from
+   (config.json, the trainer's saved config, the `model` group, ...). Raises naming the override that fixes it.
+5. `tensor_specs(path, config)` / `read_state(path, config)`: {HF tensor name: shape} from metadata only (so a
+   model built on the meta device is checked before any real allocation), and the model tensors themselves in
+   HF names and layouts (renames, fused QKV / gate-up splits, per-layer un-stacking, RoPE permutes, tied heads
+   done here). Only model tensors are ever read; optimizer and trainer state never.
+
+`sharded_dcp_prefix` is set by families whose DCP tensors already carry HF names in HF layout: those are read
+straight into FSDP/TP-sharded models (each rank reads its own shards). Every other family is read whole and
+then laid out (`parallel.load_eval_model` does that).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass
+class Architecture:
+    config: Any  # a transformers PretrainedConfig
+    source: str  # where it came from, for the log line: "config.json in /x", "torchtitan job_config.json", ...
+
+
+class CheckpointFormat:
+    name: ClassVar[str]  # the value of `ckpt_format=` that forces this family
+    description: ClassVar[str]  # one line for errors and the README table: what the user points ckpt= at
+
+    def looks_like(self, path: Path) -> bool:
+        raise NotImplementedError
+
+    def check_complete(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def step_tokens(self, path: Path) -> tuple[int | None, int | None]:
+        return None, None
+
+    def architecture(self, path: Path, model_cfg=None) -> Architecture:
+        raise NotImplementedError
+
+    def tensor_specs(self, path: Path, config) -> dict[str, tuple[int, ...]]:
+        """{HF name: shape} of every tensor `read_state` will return, from metadata only."""
+        raise NotImplementedError
+
+    def read_state(self, path: Path, config) -> dict[str, torch.Tensor]:
+        """The model tensors in HF names and layouts (full, unsharded, on CPU)."""
+        raise NotImplementedError
+
+    def sharded_dcp_prefix(self, path: Path) -> str | None:
+        """The key prefix when this is a DCP dir with HF names (read straight into sharded models), else None."""
+        return None
+
+    def tokenizer_dirs(self, path: Path) -> list[Path]:
+        """Where to look for a tokenizer, in order (default: the checkpoint dir, then its parent)."""
+        base = path if path.is_dir() else path.parent
+        return [base, base.parent]
