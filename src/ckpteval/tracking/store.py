@@ -56,10 +56,24 @@ def check_sqlite_path(db: Path, uri: str) -> None:
         if head and head != SQLITE_MAGIC:
             raise CkptEvalError(f"tracking.uri={uri}: {db} is not an sqlite database: point tracking.uri at an "
                                 f"MLflow sqlite file or a new path, {LOCAL_FIX}")
-    writable = os.access(db, os.W_OK) if db.exists() else os.access(db.parent, os.W_OK | os.X_OK)
-    if not writable:
-        raise CkptEvalError(f"tracking.uri={uri}: {db if db.exists() else db.parent} is read-only: point "
-                            f"tracking.uri at a writable place, {LOCAL_FIX}")
+    target = db if db.exists() else db.parent
+    if not _writable(db):
+        raise CkptEvalError(f"tracking.uri={uri}: {target} is read-only: point tracking.uri at a writable place, "
+                            f"{LOCAL_FIX}")
+
+
+def _writable(db: Path) -> bool:
+    """A real write probe (permission bits say nothing for root or on a read-only mount)."""
+    try:
+        if db.exists():
+            with open(db, "r+b"):
+                return True
+        probe = db.parent / f".ckpteval_probe_{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+        return True
+    except OSError:
+        return False
 
 
 def ui_command(uri: str) -> str:
