@@ -114,6 +114,8 @@ def _main(cfg: DictConfig) -> dict[str, Any] | None:
         raise CkptEvalError(f"mode={name} needs a checkpoint: add ckpt=PATH (an HF dir, a DCP step_N dir "
                             f"or a .gguf file)")
     validate_config(cfg)
+    if spec.opens_run or name == "watch":
+        _check_store(cfg.tracking)
     if name == "replay":
         return replay(cfg, None)
     log.info("%s: starting%s", name, f" on {cfg.ckpt}" if cfg.ckpt else "")
@@ -160,6 +162,16 @@ def replay(cfg: DictConfig, _job) -> dict[str, Any]:
     n = replay_outbox(cfg.tracking)
     print(f"replay: {n} run(s) completed from {outbox_dir(cfg.tracking)} to {uri}", flush=True)
     return {"replayed": n}
+
+
+def _check_store(tracking_cfg) -> None:
+    """A store that cannot work (sqlite path under a file, not a database, read-only; a server that does not
+    answer) is one error line within a second, before torch is even imported (rank 0 only: it alone logs)."""
+    if not tracking_cfg.enabled or int(os.environ.get("RANK", "0")) != 0:
+        return
+    from ckpteval.tracking import check_reachable, resolve_tracking_uri
+
+    check_reachable(resolve_tracking_uri(tracking_cfg.uri), tracking_cfg.timeout_s)
 
 
 def _replay_quietly(tracking_cfg) -> None:

@@ -181,6 +181,8 @@ def _artifact_location(tracking_cfg, uri: str) -> str | None:
 
 
 def tracking_error(uri: str | None, what: str, exc: BaseException) -> TrackingError:
-    """A TrackingError for a failed store call; the traceback stays in the log (WARNING) for bug reports."""
-    log.warning("MLflow call failed (%s) on %s", what, uri, exc_info=exc)
+    """A TrackingError for a failed store call. A store that went away is a known fault, not a bug: one WARNING
+    line (its traceback at DEBUG)."""
+    log.warning("MLflow call failed (%s) on %s: %s: %s", what, uri, type(exc).__name__, str(exc)[:300])
+    log.debug("MLflow call failed", exc_info=exc)
     return TrackingError(f"the MLflow store {uri} failed while {what} ({type(exc).__name__}: {str(exc)[:200]})")
