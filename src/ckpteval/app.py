@@ -12,9 +12,10 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -32,7 +33,7 @@ class ModeSpec:
     opens_run: bool = True  # False: the mode manages MLflow itself (watch, replay) or logs nothing (prepare)
     needs_ckpt: bool = False
 
-    def load(self) -> Callable[[DictConfig, "Job"], dict[str, Any]]:
+    def load(self) -> Callable[[DictConfig, Job], dict[str, Any]]:
         module, fn = self.target.split(":")
         return getattr(importlib.import_module(module), fn)
 
@@ -47,7 +48,7 @@ MODES: dict[str, ModeSpec] = {
     "replay": ModeSpec("ckpteval.app:replay", opens_run=False),
 }
 
-__all__ = ["Job", "MODES", "main", "run_name"]
+__all__ = ["MODES", "Job", "main", "run_name"]
 
 
 def main(cfg: DictConfig) -> dict[str, Any] | None:
@@ -184,7 +185,7 @@ def _replay_quietly(tracking_cfg) -> None:
         replay_outbox(tracking_cfg)
     except CkptEvalError:
         raise
-    except Exception:  # noqa: BLE001 - replay is best effort here; mode=replay reports its errors
+    except Exception:
         log.warning("replaying the tracking outbox failed", exc_info=True)
 
 

@@ -123,7 +123,7 @@ def replay_outbox(tracking_cfg) -> int:
             continue
         try:
             _deliver(client, box, entry)
-        except Exception as exc:  # noqa: BLE001 - still down or flaky: keep the entry for the next replay
+        except Exception as exc:
             log.warning("replaying MLflow run %s failed (%s: %s): kept in %s for the next try", entry["run_id"],
                         type(exc).__name__, str(exc)[:200], path, exc_info=True)
             break

@@ -13,8 +13,9 @@ import os
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ckpteval.errors import CkptEvalError, TrackingError
 
@@ -130,7 +131,7 @@ def git_commit() -> str | None:
     """The commit of the ckpteval checkout, when it is one (tags runs with the code that produced them)."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=5)
+                             text=True, timeout=5, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -148,9 +149,9 @@ def make_client(uri: str, timeout_s: float = 10.0):
     """An MlflowClient with short HTTP retries (a dead server is reported in seconds, not minutes)."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(timeout_s, 1))))
-    quiet_mlflow()
     from mlflow.tracking import MlflowClient
 
+    quiet_mlflow()  # after the import: importing mlflow sets its own loggers' levels
     return MlflowClient(tracking_uri=uri)
 
 
