@@ -40,6 +40,10 @@ def _file(tmp: Path, name: str, content: bytes = b"not a database, just bytes\n"
     return path
 
 
+def _jsonl(tmp: Path) -> Path:
+    return _file(tmp, "docs.jsonl", b"".join(json.dumps({"text": f"document {i}"}).encode() + b"\n" for i in range(20)))
+
+
 def _hf_dataset(tmp: Path) -> Path:
     from datasets import Dataset, DatasetDict
 
@@ -137,6 +141,8 @@ CASES = [
      ["vocab"]),
     ("hf_split_missing", lambda t, c, s: ["mode=loss", f"ckpt={c}", "data=hf", f"data.name={_hf_dataset(t)}",
                                           "data.split=test", f"eval.seq_len={SEQ}"], ["no split 'test'", "data.split"]),
+    ("hf_single_file_split", lambda t, c, s: ["mode=loss", f"ckpt={c}", "data=hf", f"data.name={_jsonl(t)}",
+                                              "data.split=test", f"eval.seq_len={SEQ}"], ["no split 'test'", "data.split"]),
     ("hf_dataset_missing", lambda t, c, s: ["mode=loss", f"ckpt={c}", "data=hf", f"data.name={t}/missing_ds",
                                             f"eval.seq_len={SEQ}"], ["not available offline"]),
     ("prepare_val_fraction", lambda t, c, s: ["mode=prepare", "prepare.val_fraction=1.5"],

@@ -141,6 +141,7 @@ def quiet_mlflow() -> None:
     """MLflow's and alembic's INFO lines (table creation, migrations) tell a user nothing."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # we print the UI command once
     for name in ("alembic", "alembic.runtime.migration", "mlflow", "mlflow.store.db.utils", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
