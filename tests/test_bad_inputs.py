@@ -21,7 +21,9 @@ from ckpteval import app
 from tests import factories
 
 SEQ = 32
-PEAK_RSS_GB = 4.0  # a tiny model and tiny data: anything near this means something allocated before validating
+PEAK_RSS_GB = 4.0
+# A CUDA device this machine lacks: plain `cuda` on a CPU-only torch build (the common case), else one past the last.
+_NO_CUDA = "cuda" if not __import__("torch").cuda.is_available() else f"cuda:{__import__('torch').cuda.device_count()}"  # a tiny model and tiny data: anything near this means something allocated before validating
 
 
 @pytest.fixture()
@@ -104,8 +106,8 @@ CASES = [
      ["parallel=fsdp", "torchrun"]),
     ("num_proc_zero", lambda t, c, s: ["mode=loss", f"ckpt={c}", *_data(s), "data.num_proc=0"],
      ["data.num_proc=0", "1 or more"]),
-    ("device_cuda_on_cpu_torch", lambda t, c, s: ["mode=loss", f"ckpt={c}", *_data(s), "eval.device=cuda"],
-     ["eval.device=cuda", "eval.device=cpu"]),
+    ("device_cuda_missing", lambda t, c, s: ["mode=loss", f"ckpt={c}", *_data(s), f"eval.device={_NO_CUDA}"],
+     [f"eval.device={_NO_CUDA}", "cpu"]),
     ("device_cuda_index", lambda t, c, s: ["mode=loss", f"ckpt={c}", *_data(s), "eval.device=cuda:3"],
      ["eval.device=cuda:3", "eval.device=cpu"]),
     ("device_not_a_device", lambda t, c, s: ["mode=loss", f"ckpt={c}", *_data(s), "eval.device=gpu"],
@@ -216,7 +218,8 @@ def test_bad_choice_fails_at_compose_time(override, valid):
 CLI_CASES = [
     ("batch_size_zero", lambda t, c, s: ["mode=loss", f"ckpt={c}", *_data(s), "eval.batch_size=0"],
      ["eval.batch_size=0"]),
-    ("device_cuda", lambda t, c, s: ["mode=loss", f"ckpt={c}", *_data(s), "eval.device=cuda"], ["eval.device=cuda"]),
+    ("device_cuda", lambda t, c, s: ["mode=loss", f"ckpt={c}", *_data(s), f"eval.device={_NO_CUDA}"],
+     [f"eval.device={_NO_CUDA}"]),
     ("store_not_a_database", lambda t, c, s: ["mode=loss", f"ckpt={c}", *_data(s),
                                               f"tracking.uri=sqlite:///{_file(t, 'x.db')}"], ["not an sqlite"]),
 ]
