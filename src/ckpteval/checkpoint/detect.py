@@ -53,12 +53,14 @@ def parse_step(path) -> int | None:
         match = STEP_RE.search(name)
         if match:
             return int(match.group(1))
-    return _nanogpt_step(p)
+    return file_step(p)
 
 
-def _nanogpt_step(p: Path) -> int | None:
+def file_step(path) -> int | None:
+    """The step a local checkpoint file carries inside (nanoGPT's `iter_num`), None when it carries none."""
     from ckpteval.checkpoint.formats import get_format
 
+    p = Path(str(path))
     nano = get_format("nanogpt")
     try:
         if p.is_absolute() and nano.looks_like(p):
