@@ -38,9 +38,9 @@ def config_from_model_cfg(model_cfg):
     extra = fields.pop("extra", None) or {}
     try:
         return AutoConfig.for_model(fields.pop("model_type"), **fields, **extra)
-    except (ValueError, TypeError, KeyError) as e:
-        raise CkptEvalError(f"the `model` group is not a valid transformers config ({e}): fix model.* overrides") \
-            from None
+    except Exception as e:  # noqa: BLE001 - transformers' field validation raises its own error types
+        raise CkptEvalError(f"the `model` group is not a valid transformers config ({' '.join(str(e).split())[:300]})"
+                            ": fix the model.* overrides") from None
 
 
 def build_model(config, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -13,6 +13,11 @@ from ckpteval.errors import CkptEvalError
 HF_TOPS = {"model", "lm_head", "transformer"}
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message squeezed onto one line (errors are printed as one `error:` line)."""
+    return " ".join(str(exc).split())[:300]
+
+
 def read_json(path: Path) -> dict:
     """The JSON object in `path`, {} when it is absent or not a JSON object (for optional metadata files)."""
     try:
@@ -66,8 +71,9 @@ def config_json_arch(directory: Path) -> Architecture:
     data = validate_config_json(directory)
     try:
         config = AutoConfig.for_model(**data)
-    except (ValueError, TypeError, KeyError) as e:
-        raise CkptEvalError(f"{directory / 'config.json'} is not a valid {data['model_type']} config ({e})") from None
+    except Exception as e:  # noqa: BLE001 - transformers' field validation raises its own error types
+        raise CkptEvalError(f"{directory / 'config.json'} is not a valid {data['model_type']} config "
+                            f"({one_line(e)}): fix or re-save it") from None
     return Architecture(config, f"config.json in {directory}")
 
 
@@ -78,8 +84,8 @@ def config_from_dict(data: dict, source: str) -> Architecture:
     fields = dict(data)
     try:
         return Architecture(AutoConfig.for_model(fields.pop("model_type"), **fields), source)
-    except (ValueError, TypeError, KeyError) as e:
-        raise CkptEvalError(f"{source} is not a valid transformers config ({e})") from None
+    except Exception as e:  # noqa: BLE001 - transformers' field validation raises its own error types
+        raise CkptEvalError(f"{source} is not a valid transformers config ({one_line(e)})") from None
 
 
 def model_group_arch(model_cfg, path: Path, family: str, where: str) -> Architecture:
