@@ -95,9 +95,8 @@ def _detect(path: Path, forced: str | None = None) -> tuple[CheckpointFormat, Pa
     try:
         family.check_complete(ckpt)
     except CkptEvalError as e:
-        how = f"ckpt_format={forced} was forced" if forced else f"detected as {family.name}"
-        raise CkptEvalError(f"{e} [{how}; if it is another format, set ckpt_format=NAME: {', '.join(REGISTRY)}]") \
-            from None
+        how = f"ckpt_format={forced} was forced" if forced else f"read as ckpt_format={family.name}"
+        raise CkptEvalError(f"{e} [{how}; another format? set ckpt_format=NAME: {', '.join(REGISTRY)}]") from None
     return family, ckpt
 
 
