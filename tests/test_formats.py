@@ -629,3 +629,22 @@ def test_unknown_path_names_every_family_and_the_override(tmp_path):
     assert not ok and "not a recognised checkpoint" in reason and "ckpt_format=NAME" in reason
     for name in REGISTRY:
         assert f"ckpt_format={name}" in reason
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("family,layout", [("lightning", "fsdp"), ("lightning", "tp"), ("nanogpt_bias", "fsdp"),
+                                           ("hf_trainer", "pp")])
+def test_whole_read_families_under_torchrun(families, family, layout, tmp_path, tiny_token_shards):
+    """Families without a sharded DCP read are read whole (model tensors only) on each rank, then laid out."""
+    from tests.test_parallel import _torchrun
+
+    run = families[family]
+    proc = factories.run_cli(["mode=loss", f"parallel={layout}", f"ckpt={run['ckpt']}", "data=local",
+                              f"data.dataset_path={tiny_token_shards}", f"eval.seq_len={SEQ}", "eval.batch_size=4",
+                              "eval.steps=-1", "parallel.microbatches=2", f"tracking.uri=sqlite:///{tmp_path}/m.db"],
+                             cwd=tmp_path, timeout=400, launcher=_torchrun())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = factories.last_json_line(proc.stdout)
+    assert result["step"] == run["step"]
+    assert abs(result["eval/loss"] - reference_loss(run["logits"], tiny_token_shards)) < 1e-5
