@@ -341,8 +341,8 @@ def test_forced_format_and_its_errors(families, tmp_path, tiny_token_shards, mon
 def test_model_group_contradicting_the_tensors_names_both(families, tmp_path, tiny_token_shards, monkeypatch, capsys):
     """A Lightning .ckpt with no config anywhere: the `model` group is the source; when it contradicts the
     checkpoint's tensors, the error names the source, the tensor, both shapes and the override."""
-    from ckpteval.checkpoint.safe_pickle import torch_load
     from ckpteval.checkpoint.formats.lightning import STAND_INS
+    from ckpteval.checkpoint.safe_pickle import torch_load
 
     data = torch_load(families["lightning"]["ckpt"], extra_globals=STAND_INS)
     data["hyper_parameters"] = {"lr": 0.01}
@@ -448,7 +448,6 @@ def _mixed_dir(root: Path, families) -> dict[str, dict]:
 
 
 def test_watch_once_evaluates_every_family(families, tmp_path, tiny_token_shards, monkeypatch):
-    from mlflow.tracking import MlflowClient
 
     monkeypatch.chdir(tmp_path)
     root = tmp_path / "ckpts"

@@ -14,8 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ckpteval.checkpoint.formats import REGISTRY, CheckpointFormat, all_formats, detect_format
-from ckpteval.checkpoint.formats import _common
+from ckpteval.checkpoint.formats import REGISTRY, CheckpointFormat, _common, all_formats, detect_format
 from ckpteval.checkpoint.formats.dcp import TRAINER_ENTRIES, dcp_model_prefix, read_dcp_metadata  # noqa: F401
 from ckpteval.checkpoint.formats.hf import hf_weight_files  # noqa: F401 (re-exported)
 from ckpteval.errors import CkptEvalError

@@ -141,9 +141,9 @@ class HFFormat(CheckpointFormat):
 
 
 def _read_bin(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
-    from ckpteval.checkpoint.safe_pickle import torch_load
-
     import zipfile
+
+    from ckpteval.checkpoint.safe_pickle import torch_load
 
     # mmap (tensors paged in only when read) needs the zip format torch.save writes since 1.6; older files load whole
     state = torch_load(path, mmap=mmap and zipfile.is_zipfile(path))
