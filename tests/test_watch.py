@@ -423,6 +423,7 @@ def test_checkpoint_deleted_before_its_turn_is_skipped_with_a_warning(tmp_path, 
     cfg = factories.compose(["mode=watch", f"watch.dir={root}", "tracking.enabled=false", "watch.stable_s=0",
                              "data=local", f"data.dataset_path={val_shards}"])
     watcher = Watcher(cfg, DistContext(), tmp_path / "out")
+    (tmp_path / "state").mkdir()
     watcher.ledger = Ledger(tmp_path / "state")
     work = watcher._work(watcher.discovery.look())
     assert [(w.cand.step, w.evaluation.name) for w in work] == [(100, "loss"), (200, "loss")]
