@@ -435,6 +435,82 @@ def test_checkpoint_deleted_before_its_turn_is_skipped_with_a_warning(tmp_path, 
     assert [e["status"] for e in watcher.ledger.entries.values() if e["step"] == 100] == [SKIPPED]
 
 
+def test_one_log_line_per_state_change_over_many_polls(tmp_path, templates, val_shards, caplog):
+    """A copy growing poll after poll ("truncated (N bytes)" with N changing) is one line, not one per poll."""
+    from ckpteval.parallel.dist import DistContext
+    from ckpteval.watch.service import Watcher
+
+    root = tmp_path / "ckpts"
+    root.mkdir()
+    slow = root / "step_100"
+    slow.mkdir()
+    shutil.copy(templates[1] / "config.json", slow)
+    weights = (templates[1] / "model.safetensors").read_bytes()
+    cfg = factories.compose(["mode=watch", f"watch.dir={root}", "tracking.enabled=false", "watch.stable_s=0",
+                             "data=local", f"data.dataset_path={val_shards}"])
+    watcher = Watcher(cfg, DistContext(), tmp_path / "out")
+    (tmp_path / "state").mkdir()
+    watcher.ledger = Ledger(tmp_path / "state")
+    polls = 40
+    with caplog.at_level("INFO", logger="ckpteval.watch"):
+        for i in range(1, polls + 1):
+            (slow / "model.safetensors").write_bytes(weights[: len(weights) * i // (polls + 1)])
+            assert watcher._work(watcher.discovery.look()) == []
+        waiting = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting for")]
+        assert len(waiting) == 1 and "truncated" in waiting[0], waiting
+        (slow / "model.safetensors").write_bytes(weights)
+        for _ in range(polls):
+            work = watcher._work(watcher.discovery.look())
+    assert [(w.cand.step, w.evaluation.name) for w in work] == [(100, "loss")]
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if m.startswith("waiting for")]) == 1
+    assert len([m for m in messages if m.startswith("found")]) == 1, messages
+
+
+def test_the_lock_covers_the_watched_dir_not_the_state_dir(tmp_path, monkeypatch):
+    """Two watchers of one dir with different watch.state_dir share one lock; a URL's lock lives in the store."""
+    import fsspec
+
+    from ckpteval.watch import ledger as ledger_mod
+    from ckpteval.watch.ledger import lock_for
+
+    root = tmp_path / "ckpts"
+    root.mkdir()
+    (tmp_path / "alias").symlink_to(root)
+    a = lock_for(str(root), True, stale_s=30, heartbeat_s=0.05)
+    b = lock_for(str(tmp_path / "alias"), True, stale_s=30, heartbeat_s=0.05)  # the same dir by another name
+    assert a.path == b.path == root / ".ckpteval_watch" / "lock.json"
+    assert a.acquire() and not b.acquire()
+    a.release()
+    assert b.acquire()
+    b.release()
+
+    # a read-only watched dir (simulated: the tests may run as root, who can write anything)
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    monkeypatch.setattr(ledger_mod.os, "access", lambda p, mode: Path(p).parent != readonly)
+    c, d = (lock_for(str(readonly), True, stale_s=30, heartbeat_s=0.05) for _ in range(2))
+    assert c.path == d.path and c.path.parent.parent.name == "ckpteval-watch-locks"
+    assert c.acquire() and not d.acquire()
+    c.release()
+    monkeypatch.undo()
+
+    fs = fsspec.filesystem("memory")
+    url = f"memory:///locktest_{os.getpid()}"
+    e, f = (lock_for(url, False, stale_s=30, heartbeat_s=0.05) for _ in range(2))
+    assert e.acquire() and not f.acquire()
+    assert json.loads(fs.cat_file(f"/locktest_{os.getpid()}/.ckpteval_watch/lock.json"))["token"] == e.token
+    e.release()
+    assert not fs.exists(f"/locktest_{os.getpid()}/.ckpteval_watch/lock.json")
+    assert f.acquire()
+    g = lock_for(url, False, stale_s=30, heartbeat_s=0.05)
+    g.token = "thief"
+    g._write()  # another watcher judged us stale and took over: the next heartbeat notices
+    f.heartbeat()
+    assert f.lost
+    f.release()
+
+
 def test_bad_watch_settings_fail_with_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
