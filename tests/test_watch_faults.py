@@ -148,6 +148,7 @@ def test_two_watchers_on_one_dir_with_different_state_dirs(tmp_path, templates, 
     for step, seed in ((100, 1), (200, 2), (300, 1)):
         _copy(templates[seed], ckpts / f"step_{step}")
     a = WatcherProcess(_args(ckpts, val_shards, uri, f"watch.state_dir={tmp_path / 'state_a'}"), tmp_path)
+    a.wait_for(r"heartbeat: ")  # two processes creating one new sqlite store at once race in MLflow's migrations
     b = WatcherProcess(_args(ckpts, val_shards, uri, f"watch.state_dir={tmp_path / 'state_b'}"), tmp_path)
     try:
         _wait(lambda: len(_finished_by_step(uri)) == 3, 300, "three FINISHED runs")

@@ -416,6 +416,9 @@ class Watcher:
         self.ledger.record(cand.identity, ev.name, DONE, run_id=run.run_id if run else None, metrics=metrics,
                            error=None)
         self.session["evaluated"] += 1
+        if all(self.ledger.status(cand.identity, e.name) in (DONE, FAILED, SKIPPED)
+               for e in plan_evaluations(cand.step, self.w)):
+            self._pending.pop(cand.name, None)
         self.latest_step = max(self.latest_step or 0, cand.step or 0)
         log.info("done %s in %.1fs: %s", what, time.monotonic() - t0, _key_metrics(result))
 
