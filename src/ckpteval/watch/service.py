@@ -128,14 +128,7 @@ class Watcher:
             try:
                 self._startup()
                 observer = self.discovery.start_events(self.wake) if self.w.events else None
-                with mlflow_run(self.cfg.tracking, enabled=True, run_name=f"watch/{Path(self.watch_dir).name}",
-                                tags={"mode": "watch", "evaluation": "watcher", "watch_dir": self.watch_dir,
-                                      "ckpt": self.watch_dir},
-                                params=flatten(self.resolved)) as summary_run:
-                    self.summary_run = summary_run
-                    self._loop()
-                    summary_run.set_tags({"stopped_by": self.stop_reason or "done"})
-                    self._publish(force=True)
+                self._summary_run_and_loop()
             finally:
                 if observer is not None:
                     observer.stop()
@@ -143,6 +136,23 @@ class Watcher:
                 shutil.rmtree(self.downloads, ignore_errors=True)
                 shutil.rmtree(self.scratch, ignore_errors=True)
         return self._summary()
+
+    def _summary_run_and_loop(self) -> None:
+        """The loop inside the watcher's own summary run. That run is progress only: if the store was away when
+        it ended, it waits in the outbox like any run (sent by the next replay) and the watcher still exits 0;
+        the evaluations' own outages are handled per pair (`_tracking_failed`)."""
+        try:
+            with mlflow_run(self.cfg.tracking, enabled=True, run_name=f"watch/{Path(self.watch_dir).name}",
+                            tags={"mode": "watch", "evaluation": "watcher", "watch_dir": self.watch_dir,
+                                  "ckpt": self.watch_dir},
+                            params=flatten(self.resolved)) as summary_run:
+                self.summary_run = summary_run
+                self._loop()
+                summary_run.set_tags({"stopped_by": self.stop_reason or "done"})
+                self._publish(force=True)
+        except TrackingError as exc:
+            log.warning("the watcher's summary run could not be ended on the tracking store (%s): it waits in the "
+                        "outbox for the next replay", str(exc)[:300])
 
     def _acquire_lock(self) -> bool:
         waiting_logged = False
@@ -466,14 +476,25 @@ class Watcher:
         return evaluation_fn(ev.kind)(self.cfg, job, path, **({"harness_cfg": hcfg} if ev.kind == "harness" else {}))
 
     def _tracking_failed(self, item: Work, previous: dict[str, Any], exc: TrackingError) -> None:
-        """The attempt is given back and the pair waits a poll. The job runner keeps the results in its outbox
-        and ends the run when the server is back (`tracking.replay_outbox`, called every poll); the MLflow check
-        before the next attempt then finds that FINISHED run, so nothing is evaluated twice."""
+        """The store went away during the pair's run: never a failed attempt of the checkpoint.
+
+        If the evaluation finished, the job runner ended its run FINISHED in the outbox with its results: the
+        pair is done (ledger), and `tracking.replay_outbox` (every poll) delivers it once the store answers, so
+        it is neither lost nor evaluated again. Otherwise (the store was gone before the evaluation ended) the
+        attempt is given back and the pair waits for the store."""
         cand, ev = item.cand, item.evaluation
+        run = getattr(exc, "_watch_run", None)
+        if _finished_in_outbox(run):
+            self.deferred.pop(item.key, None)
+            self.ledger.record(cand.identity, ev.name, DONE, run_id=run.run_id, tracking="outbox", error=None)
+            self.session["evaluated"] += 1
+            log.warning("done %s on %s (step %s), but the tracking store went away: run %s and its results wait in "
+                        "the outbox and are sent when it answers again", ev.name, cand.url, cand.step, run.run_id)
+            return
         self.ledger.restore(cand.identity, ev.name, previous)
         self.deferred[item.key] = time.monotonic() + self.w.interval
-        log.warning("tracking store failed during %s on %s (step %s): %s; not counted as an attempt, results kept "
-                    "in the outbox and sent when it is back", ev.name, cand.url, cand.step, str(exc)[:300])
+        log.warning("tracking store failed during %s on %s (step %s): %s; not counted as an attempt, it runs again "
+                    "when the store answers", ev.name, cand.url, cand.step, str(exc)[:300])
 
     def _replay_outbox(self) -> None:
         """Results of evaluations whose tracking failed, sent to the store now that it may be back."""
@@ -548,6 +569,19 @@ class Watcher:
     def _summary(self) -> dict[str, Any]:
         counts = self._counts() if hasattr(self, "ledger") else {}
         return {**counts, "watch/stopped_by": self.stop_reason or "done"}
+
+
+def _finished_in_outbox(run) -> bool:
+    """True when `run` was ended FINISHED into the tracking outbox (the store was away at its end)."""
+    import json
+
+    if run is None or not getattr(run, "ended", False) or getattr(run, "outbox", None) is None:
+        return False
+    try:
+        entry = json.loads(run.outbox.entry_path(run.run_id).read_text())
+    except (OSError, ValueError):
+        return False
+    return (entry.get("end") or {}).get("status") == "FINISHED"
 
 
 def _tag(run, tags: dict[str, Any]) -> None:
