@@ -66,6 +66,9 @@ def list_checkpoints(pattern: str) -> list[Entry]:
         return [_local_entry(m) for m in sorted(set(globlib.glob(os.path.expanduser(path), recursive=True)))
                 if not os.path.basename(m.rstrip("/")).startswith(".") and os.path.exists(m)]
     proto = _protocol(fs)
+    head, _, tail = path.rstrip("/").rpartition("/")
+    if tail == "*" and not globlib.has_magic(head):  # DIR/*: one recursive listing, not one per entry
+        return _remote_children(fs, proto, head)
     out = []
     for match in sorted(fs.glob(path)):
         match = fs._strip_protocol(match).rstrip("/")
@@ -75,6 +78,24 @@ def list_checkpoints(pattern: str) -> list[Entry]:
             if entry is not None:
                 out.append(entry)
     return out
+
+
+def _remote_children(fs, proto: str, root: str) -> list[Entry]:
+    try:
+        found = fs.find(root, withdirs=False, detail=True)
+    except FileNotFoundError:
+        return []
+    groups: dict[str, list[FileRow]] = {}
+    single: dict[str, bool] = {}
+    for path, info in found.items():
+        rel = fs._strip_protocol(path)[len(root.rstrip("/")) + 1:]
+        top, _, inner = rel.partition("/")
+        if not top or top.startswith("."):
+            continue
+        groups.setdefault(top, []).append((inner or top, int(info.get("size") or 0), _version(info)))
+        single[top] = not inner
+    return [Entry(name, f"{proto}://{root.rstrip('/')}/{name}", f"{proto}://{root.rstrip('/')}/{name}",
+                  not single[name], tuple(sorted(rows)), local=False) for name, rows in sorted(groups.items())]
 
 
 def _version(info: dict) -> str:
