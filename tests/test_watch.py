@@ -25,7 +25,7 @@ import pytest
 from ckpteval import app
 from ckpteval.checkpoint import checkpoint_identity
 from ckpteval.errors import CkptEvalError
-from ckpteval.watch.discovery import INCOMPLETE, READY, UNSTABLE, Discovery
+from ckpteval.watch.discovery import INCOMPLETE, NO_FALLBACK, READY, UNSTABLE, Discovery
 from ckpteval.watch.ledger import DONE, SKIPPED, Ledger, WatchLock
 from ckpteval.watch.plan import harness_config, plan_evaluations, validate_plan
 from tests import factories
@@ -337,7 +337,7 @@ def test_dcp_waits_for_its_config_json_and_symlinks_count_once(tmp_path, templat
         disc.look()
         clock.t += 2
         looked = {c.name: c for c in disc.look()}
-    assert looked["step_10"].state == INCOMPLETE and "no config.json yet" in looked["step_10"].reason
+    assert looked["step_10"].state == INCOMPLETE and NO_FALLBACK in looked["step_10"].reason
     assert looked["step_20"].state == READY and "step_21" not in looked
     assert looked["step_20"].identity == checkpoint_identity(elsewhere)
     assert caplog.text.count("the same checkpoint as") == 1

@@ -36,6 +36,8 @@ log = logging.getLogger("ckpteval.watch")
 
 READY, UNSTABLE, INCOMPLETE = "ready", "unstable", "incomplete"
 Snapshot = tuple  # ((relative name, size, version), ...) sorted
+NO_FALLBACK = "the watcher takes no architecture from the `model` group, it waits for the file"
+SINGLE_FILE = (".gguf", ".ckpt", ".pt")  # top-level files that can be checkpoints; other loose files are not
 
 
 @dataclass
@@ -105,7 +107,8 @@ class Discovery:
 
         pattern = self.url_of("").rstrip("/")
         pattern = globlib.escape(pattern) + "/*" if self.local else self.url_of("*")
-        return {e.name: e for e in list_checkpoints(pattern) if e.is_dir or e.name.endswith(".gguf")}
+        # Lightning's epoch=0-step=10.ckpt and nanoGPT's ckpt.pt are single-file checkpoints too
+        return {e.name: e for e in list_checkpoints(pattern) if e.is_dir or e.name.endswith(SINGLE_FILE)}
 
 # ------------------------------------------------------------------------------------------ looking
 
@@ -118,6 +121,8 @@ class Discovery:
         first_name: dict[str, str] = {}
         for name, entry in sorted(groups.items()):
             step = parse_step(name)
+            if step is None and self.local:
+                step = _file_step(self.url_of(name))
             if step is None:
                 if name not in self._ignored:
                     self._ignored.add(name)
@@ -246,13 +251,31 @@ class Discovery:
         return observer
 
 
+def _file_step(path: str) -> int | None:
+    """The step a single-file checkpoint carries inside (nanoGPT's ckpt.pt, overwritten in place), where the
+    per-family formats provide it."""
+    from ckpteval.checkpoint import detect
+
+    fn = getattr(detect, "file_step", None)
+    return fn(path) if fn is not None else None
+
+
 def _architecture(path, shown: str) -> tuple[bool, str]:
-    """(present?, what it waits for): config.json in or beside an HF/DCP checkpoint; GGUF needs none."""
+    """(present?, what it waits for): the architecture by the family's own rules with no `model` group to fall
+    back on (config.json in or beside an HF/DCP dir; GGUF and self-describing files carry their own)."""
     try:
         info = inspect_checkpoint(path)
     except CkptEvalError as exc:
         return False, str(exc).replace(str(path), shown)
+    family = getattr(info, "family", None)
+    if family is not None:  # per-family rules (checkpoint/formats): ask the family, with the model group withheld
+        try:
+            family.architecture(info.path, model_cfg=None)
+        except CkptEvalError as exc:
+            return False, (f"checkpoint {shown} is complete but its architecture is not there yet "
+                           f"({str(exc).replace(str(path), shown)}): {NO_FALLBACK}")
+        return True, ""
     if info.format == "gguf" or info.config_dir is not None:
         return True, ""
     return False, (f"checkpoint {shown} is complete but has no config.json yet (in the {info.format.upper()} dir or "
-                   "beside it): the watcher takes no architecture from the `model` group, it waits for the file")
+                   "beside it): " + NO_FALLBACK)
