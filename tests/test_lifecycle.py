@@ -59,8 +59,8 @@ class MlflowServer:
         cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
                "--backend-store-uri", f"sqlite:///{self.root}/server.db", "--workers", "1",
                "--default-artifact-root", (self.root / "artifacts").as_uri(), "--no-serve-artifacts"]
-        self.log = open(self.root / "server.log", "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.root / "server.log", "ab") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         _wait(self.healthy, 120, f"mlflow server on {self.url} (log: {self.root / 'server.log'})", 0.25)
 
     def healthy(self) -> bool:
@@ -159,7 +159,7 @@ def test_job_whose_server_died_says_so_and_replay_command_delivers(tmp_path, ser
     proc, lines = _start_cli(args, tmp_path)
     _wait(lambda: any("evaluating" in line for line in lines), 180, "the evaluation to start")
     server.kill()
-    out, err = _finish(proc, lines)
+    _, err = _finish(proc, lines)
     assert proc.returncode == 3, err[-3000:]
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "outbox" in errors[0] and "Traceback" not in err, err[-3000:]
@@ -244,7 +244,7 @@ def test_sigterm_mid_scan_ends_job_and_parent_killed(tmp_path, tiny_tokenizer_di
     proc.send_signal(signal.SIGTERM)
     text, _ = _finish(proc, lines, timeout=120)
     assert proc.returncode != 0, text[-3000:]
-    client, runs = factories.mlflow_runs(db)
+    _, runs = factories.mlflow_runs(db)
     by_kind = {("parent" if r.data.tags.get("ckpteval.sweep") else "job"): r.info.status for r in runs}
     assert by_kind == {"parent": "KILLED", "job": "KILLED"}, [(r.data.tags.get("mlflow.runName"), r.info.status)
                                                               for r in runs]
