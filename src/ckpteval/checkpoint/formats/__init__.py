@@ -15,7 +15,10 @@ from ckpteval.checkpoint.formats.base import Architecture, CheckpointFormat
 from ckpteval.errors import CkptEvalError
 
 # name -> "module:Class", in detection order. Families add one line here.
-REGISTRY: dict[str, str] = {}
+REGISTRY: dict[str, str] = {
+    "torchtitan": "ckpteval.checkpoint.formats.torchtitan:TorchTitanFormat",
+    "megatron": "ckpteval.checkpoint.formats.megatron:MegatronFormat",
+}
 
 _instances: dict[str, CheckpointFormat] = {}
 
