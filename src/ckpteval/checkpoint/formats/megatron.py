@@ -28,8 +28,12 @@ from typing import Any
 import torch
 
 from ckpteval.checkpoint.formats.base import Architecture, CheckpointFormat
-from ckpteval.checkpoint.formats.torchtitan import (check_shapes, dcp_metadata, read_dcp_tensors,
-                                                    rope_pairs_to_halves)
+from ckpteval.checkpoint.formats.torchtitan import (
+    check_shapes,
+    dcp_metadata,
+    read_dcp_tensors,
+    rope_pairs_to_halves,
+)
 from ckpteval.errors import CkptEvalError
 
 log = logging.getLogger(__name__)

@@ -143,9 +143,10 @@ def _model_dict_from_job(path: Path, data: dict) -> tuple[dict, str]:
     spec = data.get("model_spec")
     if isinstance(spec, dict) and isinstance(spec.get("model"), dict):
         return spec["model"], f"torchtitan job config {path} (model_spec {spec.get('name')}/{spec.get('flavor')})"
-    name, flavor = (spec or data["model"]).get("name"), (spec or data["model"]).get("flavor")
-    return _flavor_from_registry(path, str(name), str(flavor)), f"torchtitan job config {path} ({name} flavor " \
-                                                                 f"{flavor}, from torchtitan's model registry)"
+    named = spec if isinstance(spec, dict) else data["model"]
+    name, flavor = str(named.get("name")), str(named.get("flavor"))
+    source = f"torchtitan job config {path} ({name} flavor {flavor}, from torchtitan's model registry)"
+    return _flavor_from_registry(path, name, flavor), source
 
 
 def _flavor_from_registry(path: Path, name: str, flavor: str) -> dict:

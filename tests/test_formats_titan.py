@@ -1,0 +1,180 @@
+"""torchtitan checkpoints written by torchtitan's own code (its Llama3 model, CheckpointManager, HF state-dict
+adapter and job config dump; tests/framework_ckpts.py), read by the torchtitan family and scored against
+torchtitan's OWN forward on the same windows (float32, 1e-5)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ckpteval.checkpoint.formats import detect_format, get_format
+from ckpteval.checkpoint.formats import torchtitan as titan_fmt
+from ckpteval.errors import CkptEvalError
+from tests import factories, framework_ckpts
+
+pytest.importorskip("torchtitan", reason="needs the titan extra: pip install 'ckpteval[titan]' (CI installs it)")
+
+SEQ = 64
+
+
+@pytest.fixture(scope="module")
+def titan_run(tmp_path_factory, tiny_token_shards):
+    """run/job_config.json, run/checkpoint/step-10 (DCP + optimizer), run/checkpoint/step-20 (HF export)."""
+    out = tmp_path_factory.mktemp("titan") / "run"
+    ref = framework_ckpts.run("titan", out, tiny_token_shards, SEQ)
+    return out, ref
+
+
+def _files(shards: Path) -> list[np.ndarray]:
+    return [np.fromfile(f, dtype=np.uint16) for f in sorted(Path(shards).glob("*.bin"))]
+
+
+def _our_loss(path: Path, shards: Path, model_cfg=None) -> tuple[float, str]:
+    from transformers import AutoModelForCausalLM
+
+    fmt = detect_format(path)
+    arch = fmt.architecture(path, model_cfg)
+    model = AutoModelForCausalLM.from_config(arch.config)
+    model.load_state_dict(fmt.read_state(path, arch.config), strict=not arch.config.tie_word_embeddings)
+    return factories.reference_loss(model.eval(), _files(shards), SEQ), arch.source
+
+
+def test_titan_dcp_detected_complete_with_step_and_tokens(titan_run):
+    run, _ = titan_run
+    step10 = run / "checkpoint" / "step-10"
+    fmt = detect_format(step10)
+    assert fmt is not None and fmt.name == "torchtitan"
+    fmt.check_complete(step10)
+    assert fmt.step_tokens(step10) == (10, 10 * 8 * SEQ)  # train_state.step / ntokens_seen as the trainer saved
+
+
+def test_titan_dcp_loss_equals_torchtitan_forward(titan_run, tiny_token_shards):
+    run, ref = titan_run
+    loss, source = _our_loss(run / "checkpoint" / "step-10", tiny_token_shards)
+    assert "job_config.json" in source
+    assert abs(loss - ref["loss"]) < 1e-5, (loss, ref)
+
+
+def test_titan_mapping_equals_torchtitans_own_hf_adapter(titan_run):
+    """Our names and RoPE layout are exactly what torchtitan's Llama3StateDictAdapter.to_hf produces."""
+    run, _ = titan_run
+    step10 = run / "checkpoint" / "step-10"
+    fmt = get_format("torchtitan")
+    ours = fmt.read_state(step10, fmt.architecture(step10).config)
+    theirs = torch.load(run / "titan_to_hf.pt", weights_only=True)
+    assert set(ours) == set(theirs)
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name
+
+
+def test_titan_renaming_without_rope_permute_is_detectably_wrong(titan_run, tiny_token_shards, monkeypatch):
+    """The trap: renaming alone runs but scores a different function. Our check must be able to see that."""
+    run, ref = titan_run
+    monkeypatch.setattr(titan_fmt, "rope_pairs_to_halves", lambda w, n_heads: w)
+    loss, _ = _our_loss(run / "checkpoint" / "step-10", tiny_token_shards)
+    assert abs(loss - ref["loss"]) > 1e-4, (loss, ref)
+
+
+def test_titan_reads_only_model_tensors(titan_run, monkeypatch):
+    run, _ = titan_run
+    step10 = run / "checkpoint" / "step-10"
+    asked: list[str] = []
+    real = titan_fmt.read_dcp_tensors
+    monkeypatch.setattr(titan_fmt, "read_dcp_tensors", lambda p, wanted: (asked.extend(wanted), real(p, wanted))[1])
+    fmt = get_format("torchtitan")
+    fmt.read_state(step10, fmt.architecture(step10).config)
+    assert asked and all(k.startswith(("tok_embeddings.", "layers.", "norm.", "lm_head.", "output.")) for k in asked)
+    meta = titan_fmt.dcp_metadata(step10).state_dict_metadata
+    assert any(k.startswith("optimizer.") for k in meta) and not any(k.startswith("optimizer.") for k in asked)
+
+
+def test_titan_hf_export_without_config_json(titan_run, tiny_token_shards):
+    """last_save_in_hf: HF names, no config.json; the architecture comes from the job config up the tree."""
+    run, ref = titan_run
+    step20 = run / "checkpoint" / "step-20"
+    assert not (step20 / "config.json").exists()
+    fmt = detect_format(step20)
+    assert fmt is not None and fmt.name == "torchtitan"
+    fmt.check_complete(step20)
+    assert fmt.step_tokens(step20) == (20, None)
+    loss, source = _our_loss(step20, tiny_token_shards)
+    assert "job_config.json" in source
+    assert abs(loss - ref["loss"]) < 1e-5, (loss, ref)
+
+
+def _copy_step(run: Path, dest: Path) -> Path:
+    shutil.copytree(run / "checkpoint" / "step-10", dest / "checkpoint" / "step-10")
+    return dest / "checkpoint" / "step-10"
+
+
+def test_titan_flavor_name_resolved_through_torchtitans_registry(titan_run, tmp_path):
+    """An older-style job config naming only model.name/flavor is resolved by torchtitan's own registry; its
+    debugmodel (dim 256, 6 layers) contradicts these tensors, and the error names both."""
+    run, _ = titan_run
+    step = _copy_step(run, tmp_path)
+    (tmp_path / "job_config.json").write_text(json.dumps({"model": {"name": "llama3", "flavor": "debugmodel"}}))
+    with pytest.raises(CkptEvalError, match=r"contradicts .*flavor debugmodel.*registry") as e:
+        get_format("torchtitan").architecture(step)
+    assert "in the checkpoint vs" in str(e.value)
+
+
+def test_titan_without_architecture_source(titan_run, tmp_path, tiny_token_shards):
+    """No config.json and no job config: the `model` group, checked against the tensors; without it an error
+    naming the override."""
+    from omegaconf import OmegaConf
+
+    run, ref = titan_run
+    step = _copy_step(run, tmp_path)
+    with pytest.raises(CkptEvalError, match=r"no architecture source.*model="):
+        get_format("torchtitan").architecture(step, None)
+    group = OmegaConf.create({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 512,
+                              "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
+                              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+                              "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "extra": {}})
+    loss, source = _our_loss(step, tiny_token_shards, group)
+    assert "model` group" in source and abs(loss - ref["loss"]) < 1e-5
+    group.hidden_size = 128
+    with pytest.raises(CkptEvalError, match=r"contradicts .*model` group.*in the checkpoint vs"):
+        get_format("torchtitan").architecture(step, group)
+
+
+def test_titan_incomplete_dirs_are_refused(titan_run, tmp_path):
+    run, _ = titan_run
+    step = _copy_step(run, tmp_path)
+    distcp = next(step.glob("*.distcp"))
+    distcp.write_bytes(distcp.read_bytes()[:1000])
+    with pytest.raises(CkptEvalError, match="truncated"):
+        get_format("torchtitan").check_complete(step)
+    (step / ".metadata").unlink()
+    with pytest.raises(CkptEvalError, match="no .metadata"):
+        get_format("torchtitan").check_complete(step)
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_titan_crafted_metadata_runs_nothing(tmp_path):
+    marker = tmp_path / "PWNED"
+    step = tmp_path / "run" / "checkpoint" / "step-10"
+    step.mkdir(parents=True)
+    (step / "__0_0.distcp").write_bytes(b"\0" * 16)
+    (step / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    fmt = detect_format(step)
+    assert fmt is not None and fmt.name == "torchtitan"  # a step-N dir: claimed, then refused with a reason
+    with pytest.raises(CkptEvalError, match=r"refusing to unpickle .*system"):
+        fmt.check_complete(step)
+    with pytest.raises(CkptEvalError, match=r"refusing to unpickle .*system"):
+        fmt.step_tokens(step)
+    assert not marker.exists()
