@@ -1,0 +1,177 @@
+"""Megatron-Core checkpoints written by Megatron's own code (a `GPTModel` from its local layer spec, saved with
+`dist_checkpointing.save`, torch_dist backend; tests/framework_ckpts.py), read by the megatron family and scored
+against Megatron's OWN forward on the same windows (float32, 1e-5).
+
+On this CPU-only torch, Megatron-Core needs three CUDA calls answered (see `framework_ckpts._megatron_cpu_shims`:
+`torch.cuda.current_device` for RoPE's inv_freq, `torch.cuda.synchronize` in the saver, the CUDA RNG tracker's
+fork around attention dropout); the model, its forward and its saver are otherwise Megatron's own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ckpteval.checkpoint.formats import detect_format, get_format
+from ckpteval.checkpoint.formats import megatron as mg_fmt
+from ckpteval.errors import CkptEvalError
+from tests import factories, framework_ckpts
+
+pytest.importorskip("megatron.core", reason="needs the megatron extra: pip install 'ckpteval[megatron]' (CI installs it)")
+
+SEQ = 64
+
+
+@pytest.fixture(scope="module")
+def mg_run(tmp_path_factory, tiny_token_shards):
+    """run/iter_0000010 (common.pt with args) and run/latest_checkpointed_iteration.txt."""
+    out = tmp_path_factory.mktemp("megatron") / "run"
+    ref = framework_ckpts.run("megatron", out, tiny_token_shards, SEQ)
+    return out, ref
+
+
+def _files(shards: Path) -> list[np.ndarray]:
+    return [np.fromfile(f, dtype=np.uint16) for f in sorted(Path(shards).glob("*.bin"))]
+
+
+def _our_loss(path: Path, shards: Path, model_cfg=None) -> tuple[float, str]:
+    from transformers import AutoModelForCausalLM
+
+    fmt = detect_format(path)
+    arch = fmt.architecture(path, model_cfg)
+    model = AutoModelForCausalLM.from_config(arch.config)
+    model.load_state_dict(fmt.read_state(path, arch.config))
+    return factories.reference_loss(model.eval(), _files(shards), SEQ), arch.source
+
+
+def test_megatron_detected_complete_with_step(mg_run):
+    run, _ = mg_run
+    ckpt = run / "iter_0000010"
+    fmt = detect_format(ckpt)
+    assert fmt is not None and fmt.name == "megatron"
+    fmt.check_complete(ckpt)
+    assert fmt.step_tokens(ckpt) == (10, None)
+
+
+def test_megatron_loss_equals_megatron_forward(mg_run, tiny_token_shards):
+    run, ref = mg_run
+    loss, source = _our_loss(run / "iter_0000010", tiny_token_shards)
+    assert "Megatron args" in source
+    assert abs(loss - ref["loss"]) < 1e-5, (loss, ref)
+
+
+def test_megatron_specs_match_state_and_only_model_tensors_are_read(mg_run, monkeypatch):
+    run, _ = mg_run
+    ckpt = run / "iter_0000010"
+    fmt = get_format("megatron")
+    config = fmt.architecture(ckpt).config
+    asked: list[str] = []
+    real = mg_fmt.read_dcp_tensors
+    monkeypatch.setattr(mg_fmt, "read_dcp_tensors", lambda p, wanted: (asked.extend(wanted), real(p, wanted))[1])
+    state = fmt.read_state(ckpt, config)
+    assert {k: tuple(v.shape) for k, v in state.items()} == fmt.tensor_specs(ckpt, config)
+    assert "decoder.layers.self_attention.linear_qkv.weight" in asked  # stacked [L, ...]
+    assert not any("_extra_state" in k for k in asked)
+    # the fused fc1 split: gate is the first half, as Megatron's SwiGLU (silu(x[:ffn]) * x[ffn:]) reads it
+    fc1 = real(ckpt, {k: m for k, m in mg_fmt.dcp_metadata(ckpt).state_dict_metadata.items()
+                      if k == "decoder.layers.mlp.linear_fc1.weight"})["decoder.layers.mlp.linear_fc1.weight"]
+    assert torch.equal(state["model.layers.1.mlp.gate_proj.weight"], fc1[1, :160])
+    assert torch.equal(state["model.layers.1.mlp.up_proj.weight"], fc1[1, 160:])
+
+
+def _copy(run: Path, dest: Path, name: str = "iter_0000010") -> Path:
+    shutil.copytree(run / "iter_0000010", dest / name)
+    return dest / name
+
+
+def _write_common(ckpt: Path, **changes) -> None:
+    args = framework_ckpts.megatron_args(tie=False)
+    for k, v in changes.items():
+        setattr(args, k, v)
+    torch.save({"args": args, "iteration": 10, "checkpoint_version": 3.0}, ckpt / "common.pt")
+
+
+def test_megatron_args_contradicting_tensors_name_both(mg_run, tmp_path):
+    run, _ = mg_run
+    ckpt = _copy(run, tmp_path)
+    _write_common(ckpt, num_query_groups=4)
+    with pytest.raises(CkptEvalError, match=r"linear_qkv has 128 rows.*4 query groups"):
+        get_format("megatron").architecture(ckpt)
+    _write_common(ckpt, ffn_hidden_size=128)
+    with pytest.raises(CkptEvalError, match=r"contradicts .*Megatron args.*in the checkpoint vs"):
+        get_format("megatron").architecture(ckpt)
+    _write_common(ckpt, normalization="LayerNorm", swiglu=False)
+    with pytest.raises(CkptEvalError, match=r"swiglu=False, normalization=LayerNorm.*Llama-style"):
+        get_format("megatron").architecture(ckpt)
+
+
+def test_megatron_without_args_uses_config_json_then_model_group(mg_run, tmp_path, tiny_token_shards):
+    from omegaconf import OmegaConf
+
+    run, ref = mg_run
+    ckpt = _copy(run, tmp_path, "release")  # no iteration in the name: the step comes from common.pt
+    torch.save({"iteration": 10, "checkpoint_version": 3.0}, ckpt / "common.pt")
+    assert get_format("megatron").step_tokens(ckpt) == (10, None)
+    with pytest.raises(CkptEvalError, match=r"no architecture source.*model="):
+        get_format("megatron").architecture(ckpt, None)
+    group = OmegaConf.create({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 512,
+                              "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+                              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+                              "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "extra": {}})
+    loss, source = _our_loss(ckpt, tiny_token_shards, group)
+    assert "model` group" in source and abs(loss - ref["loss"]) < 1e-5
+    from ckpteval.checkpoint.load import config_from_model_cfg
+
+    config_from_model_cfg(group).save_pretrained(tmp_path)  # config.json beside the dir wins over the group
+    loss, source = _our_loss(ckpt, tiny_token_shards, None)
+    assert source.startswith("config.json in") and abs(loss - ref["loss"]) < 1e-5
+
+
+def test_megatron_step_from_latest_file(mg_run, tmp_path):
+    run, _ = mg_run
+    ckpt = _copy(run, tmp_path, "release")
+    torch.save({"checkpoint_version": 3.0}, ckpt / "common.pt")
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("10\n")
+    assert get_format("megatron").step_tokens(ckpt) == (10, None)
+
+
+def test_megatron_incomplete_dirs_are_refused(mg_run, tmp_path):
+    run, _ = mg_run
+    ckpt = _copy(run, tmp_path)
+    shard = sorted(ckpt.glob("*.distcp"))[-1]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CkptEvalError, match="truncated"):
+        get_format("megatron").check_complete(ckpt)
+    (ckpt / "common.pt").unlink()
+    with pytest.raises(CkptEvalError, match="common.pt is missing"):
+        get_format("megatron").check_complete(ckpt)
+    (ckpt / "metadata.json").write_text(json.dumps({"sharded_backend": "zarr"}))
+    with pytest.raises(CkptEvalError, match="zarr.*torch_dist"):
+        get_format("megatron").check_complete(ckpt)
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_megatron_crafted_common_pt_runs_nothing(mg_run, tmp_path):
+    run, _ = mg_run
+    marker = tmp_path / "PWNED"
+    ckpt = _copy(run, tmp_path)
+    torch.save({"args": argparse.Namespace(evil=_Payload(marker)), "iteration": 10}, ckpt / "common.pt")
+    fmt = detect_format(ckpt)
+    assert fmt is not None and fmt.name == "megatron"
+    for call in (lambda: fmt.architecture(ckpt), lambda: fmt.read_state(ckpt, None), lambda: fmt.step_tokens(ckpt)):
+        with pytest.raises(CkptEvalError, match=r"refusing to unpickle .*common.pt.*system"):
+            call()
+    assert not marker.exists()
