@@ -144,7 +144,7 @@ def test_megatron_step_from_latest_file(mg_run, tmp_path):
 def test_megatron_incomplete_dirs_are_refused(mg_run, tmp_path):
     run, _ = mg_run
     ckpt = _copy(run, tmp_path)
-    shard = sorted(ckpt.glob("*.distcp"))[-1]
+    shard = max(ckpt.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(CkptEvalError, match="truncated"):
         get_format("megatron").check_complete(ckpt)
