@@ -8,6 +8,7 @@ message naming the key. Each field carries a one-line docstring-comment; the REA
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -193,6 +194,23 @@ class PathsConfig:
     demo_data: str = "${paths.outputs}/demo_corpus"  # prepared demo corpus (train/, validation/, tokenizer.json)
 
 
+class CkptFormat(str, Enum):
+    """`ckpt_format=`: auto-detect, or force one family of `checkpoint.formats.REGISTRY` (the source of truth;
+    tests check the two agree). A str Enum, so resolved configs stay JSON- and MLflow-param-friendly."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    auto = "auto"
+    hf = "hf"
+    dcp = "dcp"
+    gguf = "gguf"
+    nanogpt = "nanogpt"
+    lightning = "lightning"
+    torchtitan = "torchtitan"
+    megatron = "megatron"
+
+
 @dataclass
 class Config:
     mode: ModeConfig = field(default_factory=ModeConfig)
@@ -208,7 +226,8 @@ class Config:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
-    ckpt: Optional[str] = None  # checkpoint to evaluate: HF dir, DCP dir, .gguf file (glob:PATTERN with -m)
+    ckpt: Optional[str] = None  # checkpoint to evaluate: HF dir, DCP dir, .gguf, nanoGPT ckpt.pt, Lightning .ckpt, ... (glob:PATTERN with -m)
+    ckpt_format: CkptFormat = CkptFormat.auto  # auto = detect from the path; a family name forces that family
     tokenizer: Optional[str] = None  # tokenizer override (dir or tokenizer.json); default: from the checkpoint
     seed: int = 1234
 

@@ -21,7 +21,7 @@ from ckpteval.errors import CkptEvalError
 def run(cfg, job) -> dict[str, Any]:
     if job.dist.world_size > 1:
         raise CkptEvalError("mode=convert runs in one process: python run.py mode=convert ckpt=... (no torchrun)")
-    info = inspect_checkpoint(cfg.ckpt, cfg.tokenizer)
+    info = inspect_checkpoint(cfg.ckpt, cfg.tokenizer, cfg.get("ckpt_format"))
     job.step = info.step
     out = cfg.convert.out or default_output(info, cfg.paths.outputs)
     start = time.perf_counter()

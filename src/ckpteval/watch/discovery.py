@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ckpteval.checkpoint import check_complete, checkpoint_identity, parse_step
+from ckpteval.checkpoint.detect import file_step
 from ckpteval.errors import CkptEvalError
 
 log = logging.getLogger("ckpteval.watch")
@@ -108,8 +109,9 @@ class Discovery:
             top, _, inner = rel.partition("/")
             if top.startswith("."):
                 continue
-            if not inner and not top.endswith(".gguf"):
-                continue  # loose files at the top (a run's config.json, logs) are not checkpoints
+            if not inner and not top.endswith((".gguf", ".ckpt", ".pt")):
+                continue  # loose files at the top (a run's config.json, logs) are not checkpoints (Lightning's
+                # epoch=0-step=10.ckpt and nanoGPT's ckpt.pt are)
             version = next((str(info[k]) for k in VERSION_KEYS if info.get(k) is not None), "")
             groups.setdefault(top, []).append((inner or top, int(info.get("size") or 0), version))
         return groups
@@ -123,6 +125,8 @@ class Discovery:
         groups = self._listing()
         for name, files in sorted(groups.items()):
             step = parse_step(name)
+            if step is None and self.local:  # nanoGPT's one ckpt.pt, overwritten in place: its iter_num
+                step = file_step(self.url_of(name))
             if step is None:
                 if name not in self._ignored:
                     self._ignored.add(name)
