@@ -246,3 +246,11 @@ def run(family: str, out: Path, tokens: Path, seq_len: int, *flags: str, timeout
 
 if __name__ == "__main__":
     main()
+
+
+def torchrun(nproc: int = 2) -> list[str]:
+    """`python -m torch.distributed.run --nproc_per_node=N` on a free port (as tests/test_parallel.py does)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}"]

@@ -249,21 +249,14 @@ class MegatronFormat(CheckpointFormat):
         return self._arch_without_args(path, model_cfg, shapes_for)
 
     def _arch_without_args(self, path: Path, model_cfg, shapes_for) -> Architecture:
-        from transformers import AutoConfig
+        from ckpteval.checkpoint.formats import _common
 
-        for cdir in (path, path.parent):
-            if (cdir / "config.json").is_file():
-                arch = Architecture(AutoConfig.from_pretrained(str(cdir)), f"config.json in {cdir}")
-                break
+        cdir = _common.config_dir(path, path.parent)
+        if cdir is not None:
+            arch = _common.config_json_arch(cdir)
         else:
-            if model_cfg is None:
-                raise CkptEvalError(f"Megatron checkpoint {path} has no architecture source (no args in common.pt, no "
-                                    "config.json in or beside it): put a config.json there or describe it with "
-                                    "model=NAME / model.* overrides")
-            from ckpteval.checkpoint.load import config_from_model_cfg
-
-            arch = Architecture(config_from_model_cfg(model_cfg), "the `model` group (no Megatron args or "
-                                                                  "config.json found)")
+            arch = _common.model_group_arch(model_cfg, path, "Megatron", "no args in common.pt, no config.json in "
+                                                                         "or beside it")
         check_shapes(arch.config, shapes_for(arch.config), arch.source, path)
         log.info("megatron checkpoint %s: architecture from %s", path, arch.source)
         return arch

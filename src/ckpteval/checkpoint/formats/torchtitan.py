@@ -61,7 +61,7 @@ TOP_MAP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": 
 
 def dcp_metadata(path: Path):
     """The `.metadata` (allow-listed unpickler), with every storage file it names present and long enough."""
-    from ckpteval.checkpoint.detect import read_dcp_metadata
+    from ckpteval.checkpoint.formats.dcp import read_dcp_metadata
 
     return read_dcp_metadata(path)
 
@@ -234,24 +234,13 @@ def architecture_from_sources(path: Path, model_cfg, shapes: dict[str, tuple[int
                               family: str) -> Architecture:
     """config.json in/beside the checkpoint, else `job_config_fn()` (the trainer's own config, or None), else the
     `model` group; checked against the tensor shapes."""
-    from transformers import AutoConfig
+    from ckpteval.checkpoint.formats import _common
 
     d = path if path.is_dir() else path.parent
-    for cdir in (d, d.parent):
-        if (cdir / "config.json").is_file():
-            arch = Architecture(AutoConfig.from_pretrained(str(cdir)), f"config.json in {cdir}")
-            break
-    else:
-        arch = job_config_fn()
-        if arch is None:
-            if model_cfg is None:
-                raise CkptEvalError(f"{family} checkpoint {path} has no architecture source (no config.json in or "
-                                    "beside it, no saved trainer config): put a config.json there or describe it "
-                                    "with model=NAME / model.* overrides")
-            from ckpteval.checkpoint.load import config_from_model_cfg
-
-            arch = Architecture(config_from_model_cfg(model_cfg), "the `model` group (no config.json or trainer "
-                                                                  "config found)")
+    cdir = _common.config_dir(d, d.parent)
+    arch = _common.config_json_arch(cdir) if cdir is not None else job_config_fn()
+    if arch is None:
+        arch = _common.model_group_arch(model_cfg, path, family, "no config.json in or beside it, no trainer config")
     check_shapes(arch.config, shapes, arch.source, path)
     log.info("%s checkpoint %s: architecture from %s", family, path, arch.source)
     return arch
@@ -311,7 +300,7 @@ class TorchTitanFormat(CheckpointFormat):
         if any(path.glob("*.distcp")):
             raise CkptEvalError(f"torchtitan checkpoint {path} is incomplete: *.distcp files but no .metadata (still "
                                 "being written, or the save crashed)")
-        from ckpteval.checkpoint.detect import hf_weight_files
+        from ckpteval.checkpoint.formats.hf import hf_weight_files
 
         if not hf_weight_files(path):
             raise CkptEvalError(f"torchtitan HF export {path} has no safetensors weights")
@@ -354,11 +343,11 @@ class TorchTitanFormat(CheckpointFormat):
     def _raw_shapes(self, path: Path) -> dict[str, tuple[int, ...]]:
         if (path / ".metadata").is_file():
             return {hf: tuple(meta.size) for hf, (_, meta) in self._dcp_sources(path).items()}
-        from ckpteval.checkpoint.detect import _safetensors_header, hf_weight_files
+        from ckpteval.checkpoint.formats.hf import hf_weight_files, safetensors_header
 
         shapes = {}
         for f in hf_weight_files(path):
-            shapes.update({k: tuple(v["shape"]) for k, v in _safetensors_header(f).items() if k != "__metadata__"})
+            shapes.update({k: tuple(v["shape"]) for k, v in safetensors_header(f).items() if k != "__metadata__"})
         return shapes
 
     def architecture(self, path: Path, model_cfg=None) -> Architecture:
@@ -385,7 +374,7 @@ class TorchTitanFormat(CheckpointFormat):
         if not (path / ".metadata").is_file():  # torchtitan's HF export: HF names, already in HF's RoPE layout
             from safetensors.torch import load_file
 
-            from ckpteval.checkpoint.detect import hf_weight_files
+            from ckpteval.checkpoint.formats.hf import hf_weight_files
 
             state = {}
             for f in hf_weight_files(path):
