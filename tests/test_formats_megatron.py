@@ -175,3 +175,89 @@ def test_megatron_crafted_common_pt_runs_nothing(mg_run, tmp_path):
         with pytest.raises(CkptEvalError, match=r"refusing to unpickle .*common.pt.*system"):
             call()
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------- through the app
+
+
+def _loss_cfg(tmp: Path, ckpt: Path, shards: Path, *extra: str):
+    return factories.compose(["mode=loss", f"ckpt={ckpt}", "data=local", f"data.dataset_path={shards}",
+                              f"eval.seq_len={SEQ}", "eval.batch_size=8", "eval.steps=-1",
+                              f"tracking.uri=sqlite:///{tmp}/mlflow.db", *extra])
+
+
+def test_megatron_mode_loss_equals_megatron_forward(mg_run, tmp_path, tiny_token_shards, monkeypatch):
+    from ckpteval import app
+
+    run, ref = mg_run
+    monkeypatch.chdir(tmp_path)
+    result = app.main(_loss_cfg(tmp_path, run / "iter_0000010", tiny_token_shards))
+    assert result["step"] == 10
+    assert abs(result["eval/loss"] - ref["loss"]) < 1e-5, (result, ref)
+
+
+def test_megatron_mode_convert_loads_in_stock_transformers(mg_run, tmp_path, tiny_token_shards, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from ckpteval import app
+
+    run, ref = mg_run
+    monkeypatch.chdir(tmp_path)
+    result = app.main(factories.compose(["mode=convert", f"ckpt={run / 'iter_0000010'}",
+                                         f"convert.out={tmp_path / 'hf'}", f"tracking.uri=sqlite:///{tmp_path}/m.db"]))
+    hf_dir = Path(result["convert/out"])
+    assert (hf_dir / "config.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    assert abs(factories.reference_loss(model, _files(tiny_token_shards), SEQ) - ref["loss"]) < 1e-5
+
+
+def test_megatron_watch_once(mg_run, tmp_path, tiny_token_shards, monkeypatch):
+    from ckpteval import app
+
+    run, ref = mg_run
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "run"
+    shutil.copytree(run, root)
+    db = tmp_path / "mlflow.db"
+    summary = app.main(factories.compose([
+        "mode=watch", f"watch.dir={root}", "watch.once=true", "watch.stable_s=0", "data=local",
+        f"data.dataset_path={tiny_token_shards}", f"eval.seq_len={SEQ}", "eval.batch_size=8", "eval.steps=-1",
+        f"tracking.uri=sqlite:///{db}"]))
+    assert summary["watch/evaluated"] == 1 and summary["watch/failed"] == 0, summary
+    _, runs = factories.mlflow_runs(db)
+    losses = {Path(r.data.tags["ckpt"]).name: r.data.metrics["eval/loss"] for r in runs if "eval/loss" in r.data.metrics}
+    assert set(losses) == {"iter_0000010"} and abs(losses["iter_0000010"] - ref["loss"]) < 1e-5, losses
+
+
+@pytest.mark.slow
+def test_megatron_glob_scan_cli(mg_run, tmp_path, tiny_token_shards):
+    run, ref = mg_run
+    shutil.copytree(run, tmp_path / "run")
+    shutil.copytree(run / "iter_0000010", tmp_path / "run" / "iter_0000020")  # a second step, same weights
+    db = tmp_path / "mlflow.db"
+    proc = factories.run_cli(["-m", "mode=loss", "ckpt=glob:run/iter_*", "data=local",
+                              f"data.dataset_path={tiny_token_shards}", f"eval.seq_len={SEQ}", "eval.batch_size=8",
+                              "eval.steps=-1", f"tracking.uri=sqlite:///{db}", "hydra.sweep.dir=sweep"],
+                             cwd=tmp_path, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    assert "sweep summary: 2 job(s), 2 completed" in proc.stdout
+    client, runs = factories.mlflow_runs(db)
+    children = {Path(r.data.tags["ckpt"]).name: r for r in runs if r.data.tags.get("mlflow.parentRunId")}
+    assert set(children) == {"iter_0000010", "iter_0000020"}
+    for name, r in children.items():
+        [point] = client.get_metric_history(r.info.run_id, "eval/loss")
+        assert point.step == int(name.split("_")[1]) and abs(point.value - ref["loss"]) < 1e-5, name
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("layout", ["fsdp", "tp"])
+def test_megatron_torchrun_layouts(mg_run, layout, tmp_path, tiny_token_shards):
+    run, ref = mg_run
+    proc = factories.run_cli(["mode=loss", f"ckpt={run / 'iter_0000010'}", "data=local",
+                              f"data.dataset_path={tiny_token_shards}", f"eval.seq_len={SEQ}", "eval.batch_size=4",
+                              "eval.steps=-1", "tracking.enabled=false", f"parallel={layout}"],
+                             cwd=tmp_path, timeout=500, launcher=framework_ckpts.torchrun(2))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = factories.last_json_line(proc.stdout)
+    assert abs(result["eval/loss"] - ref["loss"]) < 1e-5, (result, ref)
