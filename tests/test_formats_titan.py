@@ -125,6 +125,16 @@ def test_titan_flavor_name_resolved_through_torchtitans_registry(titan_run, tmp_
     assert "in the checkpoint vs" in str(e.value)
 
 
+def test_titan_flavor_without_torchtitan_importable_names_the_fix(titan_run, tmp_path, monkeypatch):
+    run, _ = titan_run
+    step = _copy_step(run, tmp_path)
+    (tmp_path / "job_config.json").write_text(json.dumps({"model": {"name": "llama3", "flavor": "debugmodel"}}))
+    monkeypatch.setitem(__import__("sys").modules, "torchtitan.models.llama3", None)  # import now raises
+    with pytest.raises(CkptEvalError, match=r"flavor debugmodel, but torchtitan cannot be imported.*ckpteval\[titan\].*"
+                                            r"config.json"):
+        get_format("torchtitan").architecture(step)
+
+
 def test_titan_without_architecture_source(titan_run, tmp_path, tiny_token_shards):
     """No config.json and no job config: the `model` group, checked against the tensors; without it an error
     naming the override."""
