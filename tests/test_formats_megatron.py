@@ -104,7 +104,8 @@ def test_megatron_args_contradicting_tensors_name_both(mg_run, tmp_path):
     with pytest.raises(CkptEvalError, match=r"linear_qkv has 128 rows.*4 query groups"):
         get_format("megatron").architecture(ckpt)
     _write_common(ckpt, ffn_hidden_size=128)
-    with pytest.raises(CkptEvalError, match=r"contradicts .*Megatron args.*in the checkpoint vs"):
+    with pytest.raises(CkptEvalError, match=r"contradicts .*Megatron args.*in the checkpoint but .* there: fix or "
+                                            r"remove that config"):
         get_format("megatron").architecture(ckpt)
     _write_common(ckpt, normalization="LayerNorm", swiglu=False)
     with pytest.raises(CkptEvalError, match=r"swiglu=False, normalization=LayerNorm.*Llama-style"):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,6 @@ from ckpteval.checkpoint.formats.torchtitan import (
     rope_pairs_to_halves,
 )
 from ckpteval.errors import CkptEvalError
-
-log = logging.getLogger(__name__)
 
 ITER_DIR = re.compile(r"^iter_(\d+)$")
 LATEST = "latest_checkpointed_iteration.txt"
@@ -244,7 +241,6 @@ class MegatronFormat(CheckpointFormat):
         arch = from_args()
         if arch is not None:
             check_shapes(arch.config, shapes_for(arch.config), arch.source, path)
-            log.info("megatron checkpoint %s: architecture from %s", path, arch.source)
             return arch
         return self._arch_without_args(path, model_cfg, shapes_for)
 
@@ -258,7 +254,6 @@ class MegatronFormat(CheckpointFormat):
             arch = _common.model_group_arch(model_cfg, path, "Megatron", "no args in common.pt, no config.json in "
                                                                          "or beside it")
         check_shapes(arch.config, shapes_for(arch.config), arch.source, path)
-        log.info("megatron checkpoint %s: architecture from %s", path, arch.source)
         return arch
 
     def tensor_specs(self, path: Path, config) -> dict[str, tuple[int, ...]]:

@@ -19,7 +19,6 @@ dir or its parents up to the run dir, else the `model` group; the tensors are ch
 from __future__ import annotations
 
 import json
-import logging
 import re
 import tempfile
 from pathlib import Path
@@ -29,8 +28,6 @@ import torch
 
 from ckpteval.checkpoint.formats.base import Architecture, CheckpointFormat
 from ckpteval.errors import CkptEvalError
-
-log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 JOB_CONFIG_NAMES = ("job_config.json", "job_config.toml", "config.toml")
@@ -219,15 +216,18 @@ def check_shapes(config, shapes: dict[str, tuple[int, ...]], source: str, path: 
     if getattr(config, "tie_word_embeddings", False):
         expected.pop("lm_head.weight", None)
         shapes = {k: v for k, v in shapes.items() if k != "lm_head.weight"}
-    wrong = [f"{k} {shapes[k]} in the checkpoint vs {expected[k]} from {source}" for k in expected
+    wrong = [f"{k} is {shapes[k]} in the checkpoint but {expected[k]} there" for k in expected
              if k in shapes and shapes[k] != expected[k]]
     missing = [k for k in expected if k not in shapes]
     extra = [k for k in shapes if k not in expected]
     if wrong or missing or extra:
-        detail = wrong[:2] or [f"{len(missing)} tensor(s) the config needs are absent (e.g. {missing[:1]})"
-                               if missing else f"{len(extra)} tensor(s) the config has no place for (e.g. {extra[:1]})"]
-        raise CkptEvalError(f"checkpoint {path} contradicts its architecture source ({source}): {'; '.join(detail)}"
-                            ": fix or remove that config, or put the right config.json beside the checkpoint")
+        detail = wrong[:2] or [f"{len(missing)} tensor(s) it needs are absent (e.g. {missing[0]})" if missing
+                               else f"{len(extra)} tensor(s) have no place in it (e.g. {extra[0]})"]
+        fix = ("describe the model with model.* overrides, or put its config.json beside the checkpoint"
+               if source.startswith("the `model` group") else
+               "fix or remove that config, or put the right config.json beside the checkpoint")
+        raise CkptEvalError(f"checkpoint {path} contradicts its architecture source, {source}: "
+                            f"{'; '.join(detail)}: {fix}")
 
 
 def architecture_from_sources(path: Path, model_cfg, shapes: dict[str, tuple[int, ...]], job_config_fn,
@@ -242,7 +242,6 @@ def architecture_from_sources(path: Path, model_cfg, shapes: dict[str, tuple[int
     if arch is None:
         arch = _common.model_group_arch(model_cfg, path, family, "no config.json in or beside it, no trainer config")
     check_shapes(arch.config, shapes, arch.source, path)
-    log.info("%s checkpoint %s: architecture from %s", family, path, arch.source)
     return arch
 
 
