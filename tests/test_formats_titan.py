@@ -191,6 +191,22 @@ def test_titan_crafted_metadata_runs_nothing(tmp_path):
     assert not marker.exists()
 
 
+def test_titan_crafted_metadata_through_mode_loss(tmp_path, tiny_token_shards, monkeypatch, capsys):
+    from ckpteval import app
+
+    marker = tmp_path / "PWNED"
+    step = tmp_path / "run" / "checkpoint" / "step-10"
+    step.mkdir(parents=True)
+    (step / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        app.main(_loss_cfg(tmp_path, step, tiny_token_shards))
+    assert exc.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "refusing to unpickle" in err[0] and "system" in err[0], err
+    assert not marker.exists()
+
+
 # ---------------------------------------------------------------------------------------------- through the app
 
 
