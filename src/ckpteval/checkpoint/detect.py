@@ -14,8 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ckpteval.checkpoint.formats import REGISTRY, CheckpointFormat, all_formats, detect_format
-from ckpteval.checkpoint.formats import _common
+from ckpteval.checkpoint.formats import REGISTRY, CheckpointFormat, _common, all_formats, detect_format
 from ckpteval.checkpoint.formats.dcp import TRAINER_ENTRIES, dcp_model_prefix, read_dcp_metadata  # noqa: F401
 from ckpteval.checkpoint.formats.hf import hf_weight_files  # noqa: F401 (re-exported)
 from ckpteval.errors import CkptEvalError
@@ -95,9 +94,8 @@ def _detect(path: Path, forced: str | None = None) -> tuple[CheckpointFormat, Pa
     try:
         family.check_complete(ckpt)
     except CkptEvalError as e:
-        how = f"ckpt_format={forced} was forced" if forced else f"detected as {family.name}"
-        raise CkptEvalError(f"{e} [{how}; if it is another format, set ckpt_format=NAME: {', '.join(REGISTRY)}]") \
-            from None
+        how = f"ckpt_format={forced} was forced" if forced else f"read as ckpt_format={family.name}"
+        raise CkptEvalError(f"{e} [{how}; another format? set ckpt_format=NAME: {', '.join(REGISTRY)}]") from None
     return family, ckpt
 
 

@@ -55,7 +55,7 @@ def build_model(config, device: torch.device | str = "cpu", dtype: torch.dtype =
 def _mismatch(info: CheckpointInfo, what: str) -> CkptEvalError:
     fix = ("describe the checkpoint with model.* overrides (or put its config.json beside it)"
            if (info.arch_source or "").startswith("the `model` group") else
-           f"the architecture source describes a different model than the checkpoint's tensors")
+           "the architecture source describes a different model than the checkpoint's tensors")
     return CkptEvalError(f"checkpoint {info.path} does not match its architecture from {info.arch_source}: {what}: "
                          f"{fix}")
 

@@ -1,7 +1,8 @@
-"""`mode=convert`: a checkpoint (DCP, GGUF or HF) -> a verified Hugging Face model dir, once.
+"""`mode=convert`: a checkpoint of any family (HF, DCP, GGUF, nanoGPT, Lightning, ...) -> a verified HF dir, once.
 
     python run.py mode=convert ckpt=outputs/.../checkpoints/step_300                          # -> outputs/converted/step_300-<hash>
     python run.py mode=convert ckpt=outputs/.../step_300 convert.out=exports/step_300 convert.dtype=bfloat16
+    python run.py mode=convert ckpt=out-shakespeare/ckpt.pt convert.out=exports/nanogpt      # -> GPT2LMHeadModel
 
 The dir holds config.json, model.safetensors and the tokenizer; it appears only after the converted model
 reproduced the source's logits within `convert.tolerance` (max abs difference printed). Running it again on

@@ -141,9 +141,12 @@ class HFFormat(CheckpointFormat):
 
 
 def _read_bin(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    import zipfile
+
     from ckpteval.checkpoint.safe_pickle import torch_load
 
-    state = torch_load(path, mmap=mmap)
+    # mmap (tensors paged in only when read) needs the zip format torch.save writes since 1.6; older files load whole
+    state = torch_load(path, mmap=mmap and zipfile.is_zipfile(path))
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CkptEvalError(f"checkpoint file {path} is not a state dict of tensors (it holds a "
                             f"{type(state).__name__}): re-save it with model.save_pretrained(DIR)")
