@@ -254,3 +254,33 @@ def torchrun(nproc: int = 2) -> list[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}"]
+
+
+def stock_harness(hf_dir: Path, limit: int) -> dict[str, float]:
+    """lm-eval alone: `simple_evaluate` with a plain HFLM on an HF dir (the offline tasks in tests/tasks)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    tasks_dir = Path(__file__).resolve().parent / "tasks"
+    lm = HFLM(pretrained=str(hf_dir), batch_size=8, device="cpu", dtype="float32")
+    ref = simple_evaluate(model=lm, tasks=["ckpteval_mc", "ckpteval_rolling"], limit=limit, log_samples=False,
+                          task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
+                          random_seed=1234, numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234)
+    return {f"harness/{task}/{key.split(',')[0]}": value for task in ("ckpteval_mc", "ckpteval_rolling")
+            for key, value in ref["results"][task].items() if "," in key and isinstance(value, float)}
+
+
+def harness_vs_stock(ckpt: Path, tmp: Path, limit: int = 6) -> tuple[dict, dict, Path]:
+    """mode=harness (fast backend) on `ckpt`, and stock lm-eval on its mode=convert output: (ours, stock, hf dir)."""
+    from ckpteval import app
+    from tests import factories
+
+    tasks_dir = Path(__file__).resolve().parent / "tasks"
+    converted = app.main(factories.compose(["mode=convert", f"ckpt={ckpt}", f"convert.out={tmp / 'hf'}",
+                                            f"tracking.uri=sqlite:///{tmp}/m.db"]))
+    ours = app.main(factories.compose([
+        "mode=harness", f"ckpt={ckpt}", "harness=offline", f"harness.include_path={tasks_dir}", "harness.backend=fast",
+        "harness.batch_size=8", "harness.seed=1234", f"harness.limit={limit}", f"tracking.uri=sqlite:///{tmp}/m.db"]))
+    hf_dir = Path(converted["convert/out"])
+    return ours, stock_harness(hf_dir, limit), hf_dir

@@ -292,3 +292,23 @@ def test_titan_torchrun_layouts(titan_run, layout, tmp_path, tiny_token_shards):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = factories.last_json_line(proc.stdout)
     assert abs(result["eval/loss"] - ref["loss"]) < 1e-5, (result, ref)
+
+
+def test_titan_mode_harness_fast_equals_stock_lm_eval(titan_run, tmp_path, tiny_tokenizer_dir, tiny_token_shards,
+                                                   monkeypatch):
+    """mode=harness (fast backend) on the titan checkpoint = stock lm-eval (HFLM) on its converted dir, which
+    has the framework's own loss; the tokenizer sits in the run dir, as the trainer's assets would."""
+    from transformers import AutoModelForCausalLM
+
+    run, ref = titan_run
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "run"
+    shutil.copytree(run, root)
+    for f in Path(tiny_tokenizer_dir).iterdir():
+        shutil.copy(f, root / f.name)
+    ours, stock, hf_dir = framework_ckpts.harness_vs_stock(root / 'checkpoint' / 'step-10', tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    assert abs(factories.reference_loss(model, _files(tiny_token_shards), SEQ) - ref["loss"]) < 1e-5
+    assert stock and ours["step"] == 10
+    for key, value in stock.items():
+        assert ours[key] == pytest.approx(value, rel=1e-6, abs=1e-5), key  # perplexities of a random model are ~1e7
