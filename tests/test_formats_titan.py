@@ -114,12 +114,15 @@ def _copy_step(run: Path, dest: Path) -> Path:
     return dest / "checkpoint" / "step-10"
 
 
-def test_titan_flavor_name_resolved_through_torchtitans_registry(titan_run, tmp_path):
-    """An older-style job config naming only model.name/flavor is resolved by torchtitan's own registry; its
-    debugmodel (dim 256, 6 layers) contradicts these tensors, and the error names both."""
+@pytest.mark.parametrize("name", ["job_config.json", "config.toml"])
+def test_titan_flavor_name_resolved_through_torchtitans_registry(titan_run, tmp_path, name):
+    """A job config (JSON dump or launch TOML) naming only model.name/flavor is resolved by torchtitan's own
+    registry; its debugmodel (dim 256, 6 layers) contradicts these tensors, and the error names both."""
     run, _ = titan_run
     step = _copy_step(run, tmp_path)
-    (tmp_path / "job_config.json").write_text(json.dumps({"model": {"name": "llama3", "flavor": "debugmodel"}}))
+    text = (json.dumps({"model": {"name": "llama3", "flavor": "debugmodel"}}) if name.endswith(".json") else
+            '[job]\ndump_folder = "."\n\n[model]\nname = "llama3"\nflavor = "debugmodel"\n')
+    (tmp_path / name).write_text(text)
     with pytest.raises(CkptEvalError, match=r"contradicts .*flavor debugmodel.*registry") as e:
         get_format("torchtitan").architecture(step)
     assert "in the checkpoint but" in str(e.value)
