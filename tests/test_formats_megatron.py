@@ -178,6 +178,22 @@ def test_megatron_crafted_common_pt_runs_nothing(mg_run, tmp_path):
     assert not marker.exists()
 
 
+def test_megatron_crafted_metadata_runs_nothing(tmp_path):
+    import pickle
+
+    marker = tmp_path / "PWNED"
+    ckpt = tmp_path / "iter_0000010"
+    ckpt.mkdir()
+    (ckpt / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1}))
+    torch.save({"iteration": 10}, ckpt / "common.pt")
+    (ckpt / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    fmt = detect_format(ckpt)
+    assert fmt is not None and fmt.name == "megatron"
+    for call in (lambda: fmt.check_complete(ckpt), lambda: fmt.architecture(ckpt)):
+        with pytest.raises(CkptEvalError, match=r"refusing to unpickle .*\.metadata.*system"):
+            call()
+    assert not marker.exists()
+
 # ---------------------------------------------------------------------------------------------- through the app
 
 
