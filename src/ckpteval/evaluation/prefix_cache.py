@@ -3,8 +3,8 @@
 Few-shot tasks give many documents the same leading tokens (MMLU's per-subject dev examples, a `first_n` or
 fixed fewshot split). `plan_shared_prefixes` sorts the token sequences, reads the radix tree off the longest
 common prefixes of neighbours (the tree's internal nodes are the minima of that array), and picks the set of
-disjoint subtrees whose shared prefix saves the most tokens: `(members - 1) * shared_len` for a node, or the sum
-of its children's best when sharing deeper pays more. Every member keeps at least one token of its own, so the
+disjoint subtrees whose shared prefix saves the most tokens: `(members - 1) * shared_len` for a node, less a
+fixed charge per separate prefix, or the sum of its children's best when sharing deeper pays more. Every member keeps at least one token of its own, so the
 logits that score it come from its own forward.
 
 `PrefixStore` keeps the per-layer keys/values of computed prefixes under a token cap, evicting the least recently
@@ -24,6 +24,7 @@ import torch
 log = logging.getLogger(__name__)
 
 MIN_SHARED = 16  # shorter shared prefixes are not worth a separate forward and a cache
+CLUSTER_COST = 64  # tokens a separate prefix is charged (its own forward, smaller batches): no needless splits
 
 
 def _lcp(a, b) -> int:
@@ -65,7 +66,7 @@ def plan_shared_prefixes(seqs: list[tuple[int, ...]], max_tokens: int, min_share
         kids_gain = sum(best[c][0] for c in children)
         kids_plan = [p for c in children for p in best.pop(c)[1]]
         shared = min(m, min(len(seqs[order[k]]) for k in range(a, b + 1)) - 1)
-        own_gain = (b - a) * shared if min_shared <= shared <= max_tokens else 0
+        own_gain = (b - a) * shared - CLUSTER_COST if min_shared <= shared <= max_tokens else 0
         if own_gain > kids_gain:
             best[(a, b)] = (own_gain, [(shared, [order[k] for k in range(a, b + 1)])])
         else:
