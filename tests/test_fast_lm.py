@@ -362,7 +362,7 @@ def _driver(spec_path: str) -> None:
     lm = FastLM(model, tok, batch_size=2, rank=rank, world_size=world)
     reqs = _requests(model, tok)
     rows, score_batch = [], lm._score_batch
-    lm._score_batch = lambda batch: rows.append(len(batch)) or score_batch(batch)  # count this rank's share
+    lm._score_batch = lambda batch, *a: rows.append(len(batch)) or score_batch(batch, *a)  # this rank's share
     gen = _instances([(t, {"until": ["\n"], "max_gen_toks": 4}) for t in TEXT[:3]], "generate_until")
     out = {"ll": lm.loglikelihood(_instances(reqs))}
     out["rows"] = sum(rows)
