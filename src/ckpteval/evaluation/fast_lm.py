@@ -410,6 +410,10 @@ class FastLM(TemplateLM):
         mask = (causal & visible)[:, None]
         if S:
             mask = torch.cat([torch.ones(len(batch), 1, T, S, dtype=torch.bool), mask], dim=-1)
+        elif all(len(g.conts) == 1 for g in batch):
+            # plain causal rows, right-padded: every real token sees only real tokens before it, so no mask at
+            # all (sdpa's causal kernel skips the masked half; an explicit T x T mask costs it all, e.g. rolling)
+            mask = None
         logp = torch.log_softmax(self.forward(ids, pos, mask, keep, self.new_cache(shared, len(batch))).float(),
                                  dim=-1)
         flat_t, targets_t, owner_t = (torch.tensor(x, device=logp.device) for x in (flat, targets, owner))
@@ -434,19 +438,18 @@ class FastLM(TemplateLM):
 
         ids = torch.tensor([prefix])
         cache = DynamicCache()
-        causal = torch.ones(len(prefix), len(prefix), dtype=torch.bool).tril()[None, None]
-        self.forward(ids, torch.arange(len(prefix))[None], causal, torch.zeros(1, len(prefix), dtype=torch.bool),
-                     cache, project=False)
+        self.forward(ids, torch.arange(len(prefix))[None], None, torch.zeros(1, len(prefix), dtype=torch.bool),
+                     cache, project=False)  # one row, no padding: plain causal attention
         return cache_tensors(cache)
 
     def forward(self, ids, pos, mask, keep, cache=None, project: bool = True) -> torch.Tensor:
         """Logits (n_kept, vocab) at the kept positions, in row-major order; `cache` (a DynamicCache) holds
         earlier keys/values the mask's first columns refer to, and is extended in place."""
         dev = self._device
-        if self._attn_impl == "eager":  # eager attention adds the mask to the scores
+        if self._attn_impl == "eager" and mask is not None:  # eager attention adds the mask to the scores
             mask = additive_mask(mask, self._autocast or self.compute_dtype)
-        kwargs = {"input_ids": ids.to(dev), "position_ids": pos.to(dev), "attention_mask": mask.to(dev),
-                  "use_cache": cache is not None}
+        kwargs = {"input_ids": ids.to(dev), "position_ids": pos.to(dev), "use_cache": cache is not None,
+                  "attention_mask": mask.to(dev) if mask is not None else None}
         if cache is not None:
             kwargs["past_key_values"] = cache
         autocast = (torch.autocast(device_type=dev.type, dtype=self._autocast) if self._autocast

@@ -132,6 +132,8 @@ def greedy_batch(lm, shared: tuple[int, ...], rows: list[tuple[int, ...]], max_g
 
         cache = DynamicCache()
     mask = torch.cat([torch.ones(b, T, S, dtype=torch.bool), mask], dim=2)[:, None]
+    if not S:  # right padding: real tokens see only real tokens before them, the causal kernel is enough
+        mask = None
     logits = lm.forward(ids, torch.arange(S, S + T).expand(b, T), mask, keep, cache)
     kv_valid = torch.cat([torch.ones(b, S, dtype=torch.bool), valid], dim=1)
     nxt = logits.argmax(-1).cpu()
