@@ -251,8 +251,9 @@ def build_lm(backend: str, model, tokenizer, harness_cfg, dist):
         kwargs = {}
         if dist is not None and dist.dp_size > 1:
             kwargs = {"rank": dist.dp_rank, "world_size": dist.dp_size, "group": dist.dp_group}
+        kwargs["prefix_cache_tokens"] = int(getattr(harness_cfg, "prefix_cache_tokens", 8192))
         return FastLM(model, tokenizer, batch_size=int(harness_cfg.batch_size), device=dist.device if dist else None,
-                      dtype=harness_cfg.dtype, prefix_cache_tokens=int(harness_cfg.prefix_cache_tokens), **kwargs)
+                      dtype=harness_cfg.dtype, **kwargs)
     from lm_eval.models.huggingface import HFLM
 
     # simple_evaluate ignores its batch_size for an LM object: HFLM's own batch_size is the one that counts.

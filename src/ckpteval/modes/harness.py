@@ -104,7 +104,8 @@ def _evaluate_in_memory(cfg, hcfg, info, job, resolved, timing: dict) -> dict | 
     timing["load_s"] = time.perf_counter() - start
     try:
         lm = build_lm(hcfg.backend, model, tokenizer, hcfg, job.dist)
-        cache_dir = Path(hcfg.request_cache_dir or Path(cfg.paths.outputs) / "harness_requests").expanduser()
+        cache_dir = Path(getattr(hcfg, "request_cache_dir", None) or Path(cfg.paths.outputs) / "harness_requests")
+        cache_dir = cache_dir.expanduser()
         results = run_simple_evaluate(lm, resolved, hcfg, request_cache_dir=cache_dir)
         if hasattr(lm, "forward_seconds"):
             timing["forward_s"] = lm.forward_seconds
