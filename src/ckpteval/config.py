@@ -188,6 +188,9 @@ class HarnessConfig:
     allow_code_execution: bool = False  # tasks that execute model-written code stay refused unless true
     trust_remote_code: bool = False
     cache_dir: Optional[str] = None  # conversion cache for backend=subprocess; default <paths.outputs>/converted
+    prefix_cache_tokens: int = 8192  # fast backend: cap on shared-prefix tokens whose KV is kept (0: no sharing)
+    request_cache: bool = True  # build tasks' requests once per scan/watcher (memory + request_cache_dir)
+    request_cache_dir: Optional[str] = None  # built requests as JSON across processes; default <paths.outputs>/harness_requests
 
 
 @dataclass
