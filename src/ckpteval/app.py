@@ -125,6 +125,14 @@ def _main(cfg: DictConfig) -> dict[str, Any] | None:
         return result
     finally:
         shutdown()
+        _delete_downloads()
+
+
+def _delete_downloads() -> None:
+    """The job's copies of s3://... checkpoints (checkpoint.remote; kept with CKPTEVAL_KEEP_DOWNLOADS=1)."""
+    from ckpteval.checkpoint.remote import cleanup
+
+    cleanup()
 
 
 def run_name(mode: str, ckpt: str | None, step: int | None) -> str:

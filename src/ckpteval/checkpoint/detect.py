@@ -240,6 +240,9 @@ def dcp_model_prefix(keys) -> str:
 
 def inspect_checkpoint(path, tokenizer_override: str | None = None) -> CheckpointInfo:
     """Detect the format, check the checkpoint is complete, and find its step, config and tokenizer."""
+    if "://" in str(path):  # s3://, gs://, ...: a local copy of just what evaluation reads
+        from ckpteval.checkpoint.remote import materialize
+        path = materialize(str(path))
     fmt, ckpt = _detect(Path(str(path)).expanduser().resolve())
     meta_dir = ckpt if ckpt.is_dir() else None
     step, tokens = _metadata_step_tokens(meta_dir) if meta_dir else (None, None)
