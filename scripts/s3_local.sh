@@ -35,7 +35,7 @@ EOF
   # setsid: its own process group, so `down` stops the server and everything it started
   setsid "$WEED" server -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$DIR/data" \
     -master.port=$((PORT + 1)) -volume.port=$((PORT + 2)) -filer.port=$((PORT + 3)) \
-    -master.volumeSizeLimitMB=64 -volume.max=32 -s3 -s3.port="$PORT" -s3.config="$DIR/s3.json" \
+    -master.volumeSizeLimitMB=64 -volume.max=32 -s3 -s3.port="$PORT" -s3.port.iceberg=0 -s3.port.lance=0 -s3.config="$DIR/s3.json" \
     >"$DIR/weed.log" 2>&1 </dev/null &
   echo $! >"$DIR/weed.pid"
   cat >"$DIR/env" <<EOF
@@ -52,7 +52,7 @@ EOF
   BUCKETS="$BUCKETS" "$PYTHON" - <<'EOF' || { tail -20 "$DIR/weed.log" >&2; down; exit 1; }
 import os, time
 import s3fs
-deadline, last = time.monotonic() + 90, None
+deadline, last = time.monotonic() + 60, None
 while time.monotonic() < deadline:
     try:
         fs = s3fs.S3FileSystem(skip_instance_cache=True)
@@ -66,7 +66,7 @@ while time.monotonic() < deadline:
         last = exc
         time.sleep(0.5)
 else:
-    raise SystemExit(f"S3 server not ready after 90 s: {last}")
+    raise SystemExit(f"S3 server not ready after 60 s: {last}")
 EOF
   echo "S3 (SeaweedFS) on http://127.0.0.1:$PORT, buckets: $BUCKETS; clients: . $DIR/env"
 }
