@@ -4,6 +4,9 @@
     python run.py mode=loss ckpt=PATH data=local data.dataset_path=DIR
     torchrun --nproc_per_node=2 run.py mode=loss parallel=fsdp ckpt=PATH ...
     python run.py -m mode=loss ckpt='glob:outputs/**/step_*' data=local data.dataset_path=DIR
+
+Imports stay light here (no torch, transformers or mlflow): `--help` and `--cfg job` answer in about a second;
+the job imports what its mode needs.
 """
 
 import os
@@ -12,7 +15,6 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from ckpteval.app import main as app_main
 from ckpteval.config import register_configs
 
 register_configs()
@@ -30,6 +32,8 @@ def _rank_overrides(argv: list[str]) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict | None:
+    from ckpteval.app import main as app_main
+
     return app_main(cfg)
 
 

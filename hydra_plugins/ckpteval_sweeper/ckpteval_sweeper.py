@@ -97,9 +97,11 @@ class CkptEvalSweeper(BasicSweeper):
     def sweep(self, arguments: list[str]) -> Any:
         from ckpteval import sweep
         from ckpteval.errors import CkptEvalError
+        from ckpteval.job import stop_signals
 
         try:
-            return self._run(arguments)
+            with stop_signals():  # SIGTERM/SIGHUP between or inside jobs: the jobs' runs and the parent end KILLED
+                return self._run(arguments)
         except CkptEvalError as exc:  # a user error (no match, ...): one line, like app.main
             sweep.end_parent_run("FAILED", str(exc))
             print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -11,24 +11,25 @@ import importlib
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from ckpteval.errors import CkptEvalError
-from ckpteval.parallel.dist import DistContext, init_distributed, shutdown
-from ckpteval.results import job_output_dir, report
-from ckpteval.tracking import Run, flatten, mlflow_run, resolve_tracking_uri, ui_command
+from ckpteval.errors import CkptEvalError, TrackingError
+from ckpteval.job import Job, JobStopped, run_tracked, stop_signals, validate_config
 
 log = logging.getLogger("ckpteval")
+EXIT_USER_ERROR = 2  # bad input: nothing ran, nothing half-written
+EXIT_TRACKING = 3  # the evaluation finished but the store went away: results wait in the outbox
 
 
 @dataclass(frozen=True)
 class ModeSpec:
     target: str  # "module:function"
-    opens_run: bool = True  # False: the mode manages MLflow itself (watch) or logs nothing (prepare)
+    opens_run: bool = True  # False: the mode manages MLflow itself (watch, replay) or logs nothing (prepare)
     needs_ckpt: bool = False
 
     def load(self) -> Callable[[DictConfig, "Job"], dict[str, Any]]:
@@ -43,46 +44,53 @@ MODES: dict[str, ModeSpec] = {
     "convert": ModeSpec("ckpteval.modes.convert:run", needs_ckpt=True),
     "prepare": ModeSpec("ckpteval.modes.prepare:run", opens_run=False),
     "watch": ModeSpec("ckpteval.modes.watch:run", opens_run=False),
+    "replay": ModeSpec("ckpteval.app:replay", opens_run=False),
 }
 
-
-@dataclass
-class Job:
-    """What a mode gets besides its config: where it runs, where it writes, the MLflow run to log into."""
-
-    dist: DistContext
-    out_dir: Path
-    run: Run = field(default_factory=Run)
-    # Filled by the mode for the result header and MLflow tags; `step` is the x-axis of every metric.
-    step: int | None = None
-
-    def log(self, msg: str, *args) -> None:
-        if self.dist.is_main:
-            log.info(msg, *args)
+__all__ = ["Job", "MODES", "main", "run_name"]
 
 
 def main(cfg: DictConfig) -> dict[str, Any] | None:
-    """Run one job; user errors become one `error: ...` line on stderr and exit code 2."""
+    """Run one job; user errors become one `error: ...` line on stderr and exit code 2 (3: results in the
+    outbox because the tracking store went away)."""
     _quiet_libraries()
     try:
-        return _main(cfg)
+        with stop_signals():
+            return _main(cfg)
     except CkptEvalError as exc:
         _print_error(exc)
         log.debug("details", exc_info=True)
-        shutdown()
+        _shutdown()
         if _in_multirun():
             raise  # Hydra records the job FAILED; the sweep goes on and its summary lists the error
-        sys.exit(2)
+        sys.exit(EXIT_TRACKING if isinstance(exc, TrackingError) and "outbox" in str(exc) else EXIT_USER_ERROR)
+    except JobStopped as exc:
+        _shutdown()
+        print(f"stopped by {exc}: the job's MLflow run is KILLED, nothing was marked done", file=sys.stderr,
+              flush=True)
+        if _in_multirun():
+            raise
+        sys.exit(128 + {"SIGTERM": 15, "SIGHUP": 1, "SIGINT": 2}.get(str(exc), 15))
+
+
+def _shutdown() -> None:
+    if "torch" in sys.modules:
+        from ckpteval.parallel.dist import shutdown
+
+        shutdown()
 
 
 def _print_error(exc: CkptEvalError) -> None:
     """One `error:` line per job: under torchrun, errors every rank shares (config errors before the process
     group exists, failures gathered by `fail_together`) are printed by rank 0 only; a rank's own error keeps
     its rank in the line."""
-    import torch.distributed as tdist
-
     rank = int(os.environ.get("RANK", "0"))
-    shared = getattr(exc, "all_ranks", False) or not (tdist.is_available() and tdist.is_initialized())
+    initialized = False
+    if "torch" in sys.modules:
+        import torch.distributed as tdist
+
+        initialized = tdist.is_available() and tdist.is_initialized()
+    shared = getattr(exc, "all_ranks", False) or not initialized
     if rank == 0:
         print(f"error: {exc}", file=sys.stderr, flush=True)
     elif not shared:
@@ -95,37 +103,78 @@ def _print_error(exc: CkptEvalError) -> None:
 
 
 def _main(cfg: DictConfig) -> dict[str, Any] | None:
-    spec = MODES.get(cfg.mode.name)
+    name = str(cfg.mode.name)
+    if cfg.tracking.replay:
+        name = "replay"
+    spec = MODES.get(name)
     if spec is None:
-        raise CkptEvalError(f"unknown mode {cfg.mode.name!r}: choose one of {', '.join(MODES)} (mode=NAME)")
+        raise CkptEvalError(f"unknown mode {name!r}: choose one of {', '.join(MODES)} (mode=NAME)")
     _reject_glob_without_multirun(cfg.ckpt)
     if spec.needs_ckpt and not cfg.ckpt:
-        raise CkptEvalError(f"mode={cfg.mode.name} needs a checkpoint: add ckpt=PATH (an HF dir, a DCP step_N dir "
+        raise CkptEvalError(f"mode={name} needs a checkpoint: add ckpt=PATH (an HF dir, a DCP step_N dir "
                             f"or a .gguf file)")
+    validate_config(cfg)
+    if name == "replay":
+        return replay(cfg, None)
+    log.info("%s: starting%s", name, f" on {cfg.ckpt}" if cfg.ckpt else "")
+    from ckpteval.parallel.dist import init_distributed
+
     dist = init_distributed(cfg.parallel, cfg.eval.device)
     job = Job(dist=dist, out_dir=_shared_out_dir(dist))
-    fn = spec.load()
     try:
+        if dist.is_main and spec.opens_run:
+            _replay_quietly(cfg.tracking)
+        fn = spec.load()
         if not spec.opens_run:
-            return fn(cfg, job)
-        job.step = _step_from_path(cfg.ckpt)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        name = cfg.tracking.run_name or run_name(cfg.mode.name, cfg.ckpt, job.step)
-        with mlflow_run(cfg.tracking, enabled=dist.is_main, run_name=name,
-                        tags={"mode": cfg.mode.name, "ckpt": _abs(cfg.ckpt), "step": job.step},
-                        params=flatten(resolved)) as run:
-            job.run = run
             result = fn(cfg, job)
-            if dist.is_main and result is not None:
-                report(result, title=f"{cfg.mode.name} {cfg.ckpt or ''}".strip(), run=run, out_dir=job.out_dir,
-                       step=job.step)
-                run.set_tags({"step": job.step})
+            if dist.is_main and name != "watch":
+                print(f"results: {job.out_dir}", flush=True)
+            return result
+        job.step = _step_from_path(cfg.ckpt)
+        from ckpteval.tracking import flatten
+
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        result = run_tracked(
+            cfg, lambda j: fn(cfg, j), job,
+            run_name=cfg.tracking.run_name or run_name(name, cfg.ckpt, job.step),
+            tags={"mode": name, "ckpt": _abs(cfg.ckpt), "step": job.step}, params=flatten(resolved),
+            title=f"{name} {cfg.ckpt or ''}".strip())
         if dist.is_main and cfg.tracking.enabled:
-            print(f"MLflow: {ui_command(resolve_tracking_uri(cfg.tracking.uri))}", flush=True)
+            from ckpteval.tracking import print_ui_hint
+
+            print_ui_hint(cfg.tracking)
         return result
     finally:
-        shutdown()
+        _shutdown()
         _delete_downloads()
+
+
+def replay(cfg: DictConfig, _job) -> dict[str, Any]:
+    """`mode=replay` (or tracking.replay=true): deliver what the outbox holds to the store, then exit."""
+    from ckpteval.tracking import outbox_dir, replay_outbox, resolve_tracking_uri
+    from ckpteval.tracking.store import server_answers
+
+    uri = resolve_tracking_uri(cfg.tracking.uri)
+    if not server_answers(uri, cfg.tracking.timeout_s):
+        raise CkptEvalError(f"tracking server {uri} is still unreachable: the outbox {outbox_dir(cfg.tracking)} "
+                            f"keeps its results; start the server (or fix tracking.uri) and run mode=replay again")
+    n = replay_outbox(cfg.tracking)
+    print(f"replay: {n} run(s) completed from {outbox_dir(cfg.tracking)} to {uri}", flush=True)
+    return {"replayed": n}
+
+
+def _replay_quietly(tracking_cfg) -> None:
+    """Deliver an earlier job's outbox before this job's run opens (never fails the job)."""
+    if not tracking_cfg.enabled:
+        return
+    from ckpteval.tracking import replay_outbox
+
+    try:
+        replay_outbox(tracking_cfg)
+    except CkptEvalError:
+        raise
+    except Exception:  # noqa: BLE001 - replay is best effort here; mode=replay reports its errors
+        log.warning("replaying the tracking outbox failed", exc_info=True)
 
 
 def _delete_downloads() -> None:
@@ -133,6 +182,8 @@ def _delete_downloads() -> None:
     from ckpteval.checkpoint.remote import cleanup
 
     cleanup()
+
+
 
 
 def run_name(mode: str, ckpt: str | None, step: int | None) -> str:
@@ -154,9 +205,11 @@ def _abs(path: str | None) -> str | None:
     return str(Path(path).expanduser().resolve()) if path and "://" not in path else path
 
 
-def _shared_out_dir(dist: DistContext) -> Path:
+def _shared_out_dir(dist) -> Path:
     """Rank 0's run dir on every rank: each rank's Hydra resolves its own `${now:...}`, and a shared path (the
     default checkpoint dir of an FSDP training run) must not depend on which second a rank started in."""
+    from ckpteval.results import job_output_dir
+
     out = job_output_dir()
     if not dist.distributed:
         return out
@@ -188,11 +241,12 @@ def _quiet_libraries() -> None:
     """Keep stdout readable: our log lines and the result, not every library's warnings."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported (lazily)
     for name in ("alembic", "mlflow", "urllib3", "datasets", "filelock", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    try:
+    # Every DCP load in one process says this; it is the intended use, not news to the user.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed is disabled, unavailable or uninitialized.*")
+    if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
-    except ImportError:
-        pass

@@ -8,10 +8,58 @@ message naming the key. Each field carries a one-line docstring-comment; the REA
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+
+class Choice(str, Enum):
+    """A config choice: an Enum, so a value outside the list fails at compose time naming the valid ones; a
+    ``str`` that formats as its plain value, so the code reads and compares it like the string it was."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+class ParallelName(Choice):
+    none = "none"
+    fsdp = "fsdp"
+    tp = "tp"
+    pp = "pp"
+
+
+class DataKind(Choice):
+    local = "local"
+    hf = "hf"
+
+
+class TokenDtype(Choice):
+    uint16 = "uint16"
+    uint32 = "uint32"
+    int32 = "int32"
+    int64 = "int64"
+
+
+class ComputeDtype(Choice):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class HarnessBackend(Choice):
+    fast = "fast"
+    hf = "hf"
+    subprocess = "subprocess"
+
+
+class WatchOrder(Choice):
+    oldest = "oldest"
+    newest = "newest"
+
+
+PP_SCHEDULES = ("GPipe", "1F1B")  # names Enum members cannot have ("1F1B"): checked by ckpteval.job.validate_config
 
 
 @dataclass
@@ -21,7 +69,7 @@ class ModeConfig:
 
 @dataclass
 class ParallelConfig:
-    name: str = "none"  # none | fsdp | tp | pp (launch under torchrun for anything but none)
+    name: ParallelName = ParallelName.none  # none | fsdp | tp | pp (launch under torchrun for anything but none)
     dp: int = -1  # data-parallel degree; -1 = world_size / (tp * pp)
     tp: int = 1  # tensor-parallel degree (parallel=tp)
     pp: int = 1  # pipeline stages (parallel=pp)
@@ -34,12 +82,12 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = "local"  # local (token shards) | hf (Hugging Face dataset, tokenized on the fly)
+    kind: DataKind = DataKind.local  # local (token shards) | hf (Hugging Face dataset, tokenized on the fly)
     # -- local: raw token streams
     dataset_path: Optional[str] = None  # held-out data dir (local) evaluated by every loss evaluation
     train_path: Optional[str] = None  # training data dir (train_eval only)
     file_pattern: str = "*.bin"  # glob under dataset_path/train_path; files sorted by path
-    dtype: str = "uint16"  # token dtype of .bin files (uint16 | uint32 | int32 | int64)
+    dtype: TokenDtype = TokenDtype.uint16  # token dtype of .bin files (uint16 | uint32 | int32 | int64)
     # -- hf: a datasets dataset, loaded offline
     name: Optional[str] = None  # save_to_disk dir, data-file dir/file (json/jsonl/parquet/txt), or hub name in the local cache
     config: Optional[str] = None  # dataset config name
@@ -78,7 +126,7 @@ class EvalConfig:
     steps: int = 20  # batches per evaluation; -1 = exactly one pass over every window
     batch_size: int = 8  # windows per batch (per data-parallel rank)
     seq_len: int = 256  # tokens per window (inputs); targets are the next L tokens
-    dtype: str = "float32"  # float32 | bfloat16: compute dtype (loss always accumulated in float32)
+    dtype: ComputeDtype = ComputeDtype.float32  # float32 | bfloat16 | float16: compute dtype (loss always accumulated in float32)
     logits_chunk: int = 0  # tokens per chunk of the vocabulary projection; 0 = auto (~16M logits, 64 MB float32)
     doc_mask: bool = False  # keep document boundaries in a window: attend within a document, positions restart
     doc_sep_id: Optional[int] = None  # token that ends a document (doc_mask); default: the model's eos_token_id
@@ -97,7 +145,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0  # max global gradient norm; <= 0 disables clipping
-    dtype: str = "float32"  # float32 | bfloat16 (autocast; master weights stay float32)
+    dtype: ComputeDtype = ComputeDtype.float32  # float32 | bfloat16 (autocast; master weights stay float32)
     seed: int = 1234
     log_interval: int = 10  # log train/loss, lr, tokens/s every N steps
 
@@ -120,6 +168,8 @@ class TrackingConfig:
     timeout_s: float = 10.0  # connect timeout for a remote server; unreachable = clear error, nothing runs
     parent_run_id: Optional[str] = None  # set by sweeps: nest this job's run under a parent
     tags: dict[str, str] = field(default_factory=dict)  # extra tags for the run
+    outbox: str = "${paths.outputs}/tracking_outbox"  # results kept while the store is away + running-run markers
+    replay: bool = False  # replay the outbox to the store and exit (same as mode=replay)
 
 
 @dataclass
@@ -133,8 +183,8 @@ class HarnessConfig:
     log_samples: bool = True  # keep per-sample logs as an MLflow artifact
     gen_kwargs: Optional[str] = None  # generation tasks: "temperature=0,max_gen_toks=64"
     apply_chat_template: bool = False
-    backend: str = "fast"  # fast (FastLM: HFLM's numbers, shared contexts run once) | hf (lm-eval HFLM) | subprocess (lm_eval CLI)
-    dtype: str = "float32"  # float32 | bfloat16
+    backend: HarnessBackend = HarnessBackend.fast  # fast (FastLM: HFLM's numbers, shared contexts run once) | hf (lm-eval HFLM) | subprocess (lm_eval CLI)
+    dtype: ComputeDtype = ComputeDtype.float32  # float32 | bfloat16
     allow_code_execution: bool = False  # tasks that execute model-written code stay refused unless true
     trust_remote_code: bool = False
     cache_dir: Optional[str] = None  # conversion cache for backend=subprocess; default <paths.outputs>/converted
@@ -144,7 +194,7 @@ class HarnessConfig:
 class ConvertConfig:
     out: Optional[str] = None  # output HF dir; default: <paths.outputs>/converted/<name>-<path hash>
     tolerance: float = 1e-5  # max abs logits difference allowed between source and converted model
-    dtype: str = "float32"  # dtype of the saved safetensors (float32 | bfloat16)
+    dtype: ComputeDtype = ComputeDtype.float32  # dtype of the saved safetensors (float32 | bfloat16)
 
 
 @dataclass
@@ -174,7 +224,7 @@ class WatchConfig:
     once: bool = False  # evaluate the backlog, then exit
     plan: list[str] = field(default_factory=lambda: ["loss"])  # evaluations per checkpoint: loss, harness
     heavy: HeavyConfig = field(default_factory=HeavyConfig)
-    order: str = "oldest"  # oldest | newest first
+    order: WatchOrder = WatchOrder.oldest  # oldest | newest first
     from_step: int = 0  # ignore checkpoints before this step
     max_attempts: int = 3  # per (checkpoint, evaluation), then recorded failed
     backoff_s: float = 30.0  # first retry delay (doubles each attempt)

@@ -1,5 +1,9 @@
 """How a job's result leaves the process: the result block, one JSON line on stdout, `results.json` in the
-Hydra run dir, and the same metrics + artifacts in the job's MLflow run (rank 0 only)."""
+Hydra run dir, and the same metrics + artifacts in the job's MLflow run (rank 0 only).
+
+`results.json` is written to a staging path first (`.pending/results.json` in the run dir) and moved into
+place by the job runner only after the MLflow run is FINISHED, so a results.json always means "complete and
+tracked"; when the store went away the outbox keeps the staged file and its replay moves it into place."""
 
 from __future__ import annotations
 
@@ -8,7 +12,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ckpteval.tracking import Run
+from ckpteval.tracking.run import Run
+
+STAGING = ".pending"
 
 
 def job_output_dir() -> Path:
@@ -36,9 +42,10 @@ def result_block(title: str, result: dict[str, Any]) -> str:
 
 def report(result: dict[str, Any], *, title: str, run: Run, out_dir: Path, step: int | None,
            artifacts: dict[str, Path] | None = None) -> Path:
-    """Print, save and log one job's result; returns the results.json path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "results.json"
+    """Log, print and stage one job's result; returns the staged results.json (see `publish`)."""
+    staging = out_dir / STAGING
+    staging.mkdir(parents=True, exist_ok=True)
+    path = staging / "results.json"
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")
     run.log_metrics({k: v for k, v in result.items() if k not in ("step", "tokens_seen")}, step=step)
     run.log_artifact(path)
@@ -50,3 +57,15 @@ def report(result: dict[str, Any], *, title: str, run: Run, out_dir: Path, step:
     print(result_block(title, result), flush=True)
     print(json.dumps(result, default=str), flush=True)
     return path
+
+
+def publish(staged: Path, out_dir: Path) -> Path:
+    """Move a staged results.json into the run dir (atomic), once its run is FINISHED."""
+    final = out_dir / "results.json"
+    staged.replace(final)
+    try:
+        staged.parent.rmdir()
+    except OSError:
+        pass
+    print(f"results: {final}", flush=True)
+    return final

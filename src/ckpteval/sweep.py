@@ -17,7 +17,6 @@ Two halves:
 
 from __future__ import annotations
 
-import atexit
 import csv
 import glob
 import json
@@ -192,39 +191,20 @@ def job_override_lists(overrides: Iterable, expand: Callable[[str], list[str]],
 # ------------------------------------------------------------------------------------------ parent run
 
 
-@dataclass
-class ParentRun:
-    uri: str
-    run_id: str
-    name: str
-
-
-_parent: ParentRun | None = None  # the open sweep's parent run (sweeper and callback share the process)
+# The parent run itself (open, end, the one open between sweeper and callback) lives in ckpteval.tracking.parent.
 
 
 def parent_run_id() -> str | None:
-    return _parent.run_id if _parent else None
+    from ckpteval.tracking import parent
+
+    return parent.parent_run_id()
 
 
 def end_parent_run(status: str, error: str | None = None) -> None:
-    """End the open parent run early (the sweep itself failed: no match, a bad override, Ctrl-C)."""
-    global _parent
-    parent, _parent = _parent, None
-    if parent is None:
-        return
-    from mlflow.tracking import MlflowClient
+    """End the open parent run early (the sweep itself failed: no match, a bad override, Ctrl-C, SIGTERM)."""
+    from ckpteval.tracking import parent
 
-    client = MlflowClient(tracking_uri=parent.uri)
-    try:
-        if error:
-            client.set_tag(parent.run_id, "error", error[:5000])
-        client.set_terminated(parent.run_id, status)
-    except Exception as exc:  # noqa: BLE001 - the sweep's own error is the one to report
-        log.warning("could not mark the sweep's MLflow run %s %s: %s", parent.run_id, status, exc)
-
-
-def _end_parent_at_exit() -> None:
-    end_parent_run("FAILED", "the sweep stopped before its end (see its console output)")
+    parent.end_parent(status, error)
 
 
 # ------------------------------------------------------------------------------------------ records
@@ -466,33 +446,26 @@ class SweepCallback(Callback):
 
     # -- start: the parent run exists before the sweeper expands the patterns, so every job can nest under it
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        global _parent
+        from ckpteval.tracking import parent
+
         self._started = time.time()
-        _parent = None
+        parent.take()
         tracking = config.tracking
         if not tracking.enabled:
             return
-        from ckpteval.tracking import git_commit, open_client
-
-        try:
-            client, experiment_id, uri = open_client(tracking)
-        except CkptEvalError as exc:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-            sys.exit(2)
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         name = f"sweep/{sweep_dir.name}"
         overrides = [str(o) for o in config.hydra.overrides.task]
-        tags = {"mlflow.runName": name, "ckpteval.sweep": "true", "sweep_dir": str(sweep_dir),
-                "overrides": " ".join(overrides)[:5000], **{k: str(v) for k, v in (tracking.tags or {}).items()}}
-        if tracking.parent_run_id:
-            tags["mlflow.parentRunId"] = tracking.parent_run_id
-        commit = git_commit()
-        if commit:
-            tags["mlflow.source.git.commit"] = commit
-        run = client.create_run(experiment_id, run_name=name, tags=tags)
-        _parent = ParentRun(uri=uri, run_id=run.info.run_id, name=name)
-        atexit.register(_end_parent_at_exit)
-        log.info("MLflow parent run %s (%s): each job's run nests under it", name, run.info.run_id)
+        try:
+            from ckpteval.tracking import replay_outbox
+
+            replay_outbox(tracking)
+            run = parent.open_parent(tracking, name, {"sweep_dir": str(sweep_dir),
+                                                      "overrides": " ".join(overrides)[:5000]})
+        except CkptEvalError as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        log.info("MLflow parent run %s (%s): each job's run nests under it", name, run.run_id)
 
     # -- per job, in the job's own process (whatever the launcher)
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -523,8 +496,9 @@ class SweepCallback(Callback):
 
     # -- end: table on stdout, CSV + PNG in the sweep dir and on the parent run, parent FINISHED
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        global _parent
-        parent, _parent = _parent, None
+        from ckpteval.tracking import parent
+
+        found = parent.take()
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         records = load_records(sweep_dir, since=self._started)
         failed = [r for r in records if r.status != "COMPLETED"]
@@ -533,27 +507,24 @@ class SweepCallback(Callback):
         png = plot_metrics(records, sweep_dir / "summary.png", f"{sweep_dir.name}: metric vs checkpoint step") \
             if self.plot else None
         print(f"summary: {csv_path}" + (f", {png}" if png else ""), flush=True)
-        if parent is not None:
+        if found is not None:
+            run, name = found
             try:
-                self._finish_parent(parent, records, [csv_path] + ([png] if png else []))
-            except Exception as exc:  # noqa: BLE001 - never leave the parent RUNNING
-                log.warning("could not log the summary to MLflow run %s: %s", parent.run_id, exc)
-                _parent = parent
-                end_parent_run("FAILED", f"summary logging failed: {exc}")
+                self._finish_parent(run, records, [csv_path] + ([png] if png else []))
+            except Exception as exc:  # never leave the parent RUNNING
+                log.warning("could not log the summary to MLflow run %s: %s", run.run_id, exc, exc_info=True)
+                run.end("FAILED", f"summary logging failed: {exc}")
+                if isinstance(exc, CkptEvalError):
+                    print(f"error: {exc}", file=sys.stderr, flush=True)
+                    sys.exit(3)
             else:
                 from ckpteval.tracking import ui_command
 
-                print(f"MLflow: parent run {parent.name} ({parent.run_id}); {ui_command(parent.uri)}", flush=True)
+                print(f"MLflow: parent run {name} ({run.run_id}); {ui_command(run.uri)}", flush=True)
         if failed:
             sys.exit(1)
 
-    def _finish_parent(self, parent: ParentRun, records: list[JobRecord], artifacts: list[Path]) -> None:
-        from mlflow.tracking import MlflowClient
-
-        from ckpteval.tracking import Run
-
-        client = MlflowClient(tracking_uri=parent.uri)
-        run = Run(client, parent.run_id, parent.uri)
+    def _finish_parent(self, run, records: list[JobRecord], artifacts: list[Path]) -> None:
         for path in artifacts:
             run.log_artifact(path, "summary")
         metrics = key_metrics(records)
@@ -570,4 +541,4 @@ class SweepCallback(Callback):
         run.set_tags({"sweep.jobs": len(records), "sweep.failed": len(failed),
                       **{f"best_ckpt/{m}": r.ckpt for m, r in best.items()},
                       "mlflow.note.content": summary_markdown(records, self.max_table_metrics)})
-        client.set_terminated(parent.run_id, "FINISHED")
+        run.end("FINISHED")

@@ -394,8 +394,9 @@ class Watcher:
         log.info("done %s in %.1fs: %s", what, time.monotonic() - t0, _key_metrics(result))
 
     def _run_one(self, cand: Candidate, ev: Evaluation, attempt: int) -> tuple[dict[str, Any], Any]:
-        from ckpteval.app import Job, run_name
-        from ckpteval.results import report
+        """One evaluation through the job runner (ckpteval.job.run_tracked): its run, results.json, outbox."""
+        from ckpteval.app import run_name
+        from ckpteval.job import Job, run_tracked
 
         hcfg = None
         resolved = dict(self.resolved)
@@ -408,33 +409,32 @@ class Watcher:
         tags = {"mode": "watch", "evaluation": ev.name, "ckpt": cand.url, "step": cand.step,
                 "ckpt_identity": cand.identity, "watch_dir": self.watch_dir, "attempt": attempt}
         out_dir = self.out_root / cand.name / ev.name
-        run = None
+        job = Job(dist=self.dist, out_dir=out_dir, step=cand.step)
+
+        def evaluate(j: Job) -> dict[str, Any]:
+            with self._interruptible():
+                result = self._call(ev, j, path, hcfg)
+            if j.step is None:
+                j.step = cand.step
+            return result
+
         try:
-            with self.discovery.local_copy(cand, self.downloads) as path, \
-                    mlflow_run(self.cfg.tracking, enabled=True, run_name=run_name(ev.name, path, cand.step),
-                               tags=tags, params=flatten(resolved)) as run:
-                job = Job(dist=self.dist, out_dir=out_dir, run=run, step=cand.step)
-                with self._interruptible():
-                    result = self._call(ev, job, path, hcfg)
-                    report(result, title=f"watch {ev.name} {cand.name}", run=run, out_dir=out_dir,
-                           step=job.step if job.step is not None else cand.step)
+            with self.discovery.local_copy(cand, self.downloads) as path:
+                result = run_tracked(self.cfg, evaluate, job, run_name=run_name(ev.name, path, cand.step),
+                                     tags=tags, params=flatten(resolved), title=f"watch {ev.name} {cand.name}")
         except Exception as exc:
-            exc._watch_run = run  # so the failure can be tagged on the run that recorded it
+            exc._watch_run = job.run if job.run.active else None  # so the failure is tagged on its run
             raise
         finally:
             shutil.rmtree(self.scratch, ignore_errors=True)
-        if run is not None and run.active:  # lm-eval outputs are run artifacts now: keep only results.json here
+        if job.run.active:  # lm-eval outputs are run artifacts now: keep only results.json here
             shutil.rmtree(out_dir / "lm_eval", ignore_errors=True)
-        return result, run
+        return result, job.run
 
     def _call(self, ev: Evaluation, job, path: str, hcfg) -> dict[str, Any]:
-        if ev.kind == "loss":
-            from ckpteval.modes.loss import evaluate_checkpoint_loss
+        from ckpteval.job import evaluation_fn
 
-            return evaluate_checkpoint_loss(self.cfg, job, path)
-        from ckpteval.modes.harness import evaluate_checkpoint_harness
-
-        return evaluate_checkpoint_harness(self.cfg, job, path, harness_cfg=hcfg)
+        return evaluation_fn(ev.kind)(self.cfg, job, path, **({"harness_cfg": hcfg} if ev.kind == "harness" else {}))
 
     def _failed(self, item: Work, attempt: int, exc: BaseException, run) -> None:
         cand, ev = item.cand, item.evaluation
