@@ -136,3 +136,34 @@ def mlflow_server(tmp_path, s3_server):
     finally:
         kill_group(proc)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A single-node SLURM (scripts/slurm_local.sh); SLURM_CONF is set in os.environ for the session."""
+    if not shutil.which("slurmctld"):
+        pytest.fail("no slurmctld: apt-get install -y slurm-wlm munge (.ci/run installs them)")
+    state = tmp_path_factory.mktemp("slurm")
+    port = free_port_block(width=2, grpc_offset=0)
+    script = REPO / "scripts" / "slurm_local.sh"
+    env = {**os.environ, "SLURM_PORT": str(port)}
+    subprocess.run([script, "up", state], env=env, check=True, timeout=120)
+    saved = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(state / "slurm.conf")
+    try:
+        yield {"dir": state, "conf": state / "slurm.conf"}
+    finally:
+        os.environ.pop("SLURM_CONF") if saved is None else os.environ.__setitem__("SLURM_CONF", saved)
+        subprocess.run([script, "down", state], env=env, timeout=120)
+
+
+def sacct_completed(job_ids: set[str] | None = None) -> dict[str, tuple[str, str, str]]:
+    """{JobID: (JobName, State, ExitCode)} from `sacct --completion` (the jobcomp/filetxt records)."""
+    out = subprocess.run(["sacct", "-c", "-n", "-P", "-o", "JobID,JobName,State,ExitCode"], capture_output=True,
+                         text=True, check=True).stdout
+    rows = {}
+    for line in out.splitlines():
+        parts = line.split("|")
+        if len(parts) == 4 and (job_ids is None or parts[0] in job_ids):
+            rows[parts[0]] = tuple(parts[1:])
+    return rows
