@@ -174,10 +174,11 @@ def _slow_multipart_upload(local: Path, url: str, part_bytes: int = 5 * 2**20, p
     fs.invalidate_cache()
 
 
-def _watch(tmp_path: Path, url: str, shards: Path, tracking: str, state: Path, log: Path) -> subprocess.Popen:
+def _watch(tmp_path: Path, url: str, shards: Path, tracking: str, state: Path, log: Path,
+           extra: list[str] = ()) -> subprocess.Popen:
     cmd = [sys.executable, str(factories.REPO / "run.py"), "mode=watch", f"watch.dir={url}", "watch.interval=0.5",
            "watch.stable_s=1", "watch.events=false", f"watch.state_dir={state}", *DATA,
-           f"data.dataset_path={shards}", f"tracking.uri={tracking}"]
+           f"data.dataset_path={shards}", f"tracking.uri={tracking}", *extra]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONUNBUFFERED": "1", "CKPTEVAL_REMOTE_CACHE": str(tmp_path / "cache")}
     return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
@@ -325,3 +326,85 @@ def test_scancel_ends_the_run_killed(tmp_path, slurm_cluster, tiny_hf_ckpt, tiny
         assert state == "CANCELLED"
     finally:
         kill_group(proc)
+
+
+# ---------------------------------------------------------------------------------------------- shared MLflow
+
+
+def _bucket_files(prefix: str) -> list[str]:
+    fs = s3fs_client()
+    return [p[len(prefix) + 1:] for p in fs.find(prefix)]
+
+
+def test_mlflow_server_artifacts_land_in_the_bucket(tmp_path, mlflow_server, tiny_tokenizer_dir, tiny_token_shards,
+                                                    tiny_hf_ckpt):
+    """A scan's summary CSV/PNG and a harness job's lm-eval results and samples, logged to a real `mlflow
+    server` that proxies artifacts to s3://mlartifacts: listed by the server's artifact API and in the bucket."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.test_harness import SEED, TASKS_DIR
+
+    _make_run(tmp_path / "ckpts", tiny_tokenizer_dir, {100: 0, 200: 1})
+    uri = mlflow_server["uri"]
+    scan = factories.run_cli(["-m", "mode=loss", "ckpt=glob:ckpts/step_*", *DATA, f"data.dataset_path={tiny_token_shards}",
+                              f"tracking.uri={uri}", "hydra.sweep.dir=sweep"], cwd=tmp_path, timeout=500)
+    assert scan.returncode == 0, scan.stderr[-3000:]
+    harness = factories.run_cli(["mode=harness", f"ckpt={tiny_hf_ckpt}", "harness=offline",
+                                 f"harness.include_path={TASKS_DIR}", "harness.batch_size=8", f"harness.seed={SEED}",
+                                 f"tracking.uri={uri}", f"hydra.run.dir={tmp_path / 'h'}"], cwd=tmp_path, timeout=500)
+    assert harness.returncode == 0, harness.stderr[-3000:]
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("ckpteval")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    [parent] = [r for r in runs if r.data.tags.get("ckpteval.sweep") == "true"]
+    [h_run] = [r for r in runs if r.info.run_name.startswith("harness/")]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "summary")} == {"summary/summary.csv",
+                                                                                        "summary/summary.png"}
+
+    def listed(run_id: str, path: str = "") -> list[str]:  # the server's artifact API, recursively
+        out = []
+        for a in client.list_artifacts(run_id, path):
+            out += listed(run_id, a.path) if a.is_dir else [a.path]
+        return out
+
+    h_files = listed(h_run.info.run_id, "lm_eval")
+    assert any(f.endswith(".json") and "samples" not in f for f in h_files), h_files  # results
+    assert any("samples" in f for f in h_files), h_files
+    in_bucket = _bucket_files(mlflow_server["prefix"])
+    for run_id, files in ((parent.info.run_id, ["summary/summary.csv", "summary/summary.png"]),
+                          (h_run.info.run_id, h_files)):
+        for f in files:
+            assert any(p.endswith(f"{run_id}/artifacts/{f}") for p in in_bucket), (f, in_bucket[:20])
+    png = s3fs_client().cat(next(p for p in s3fs_client().find(mlflow_server["prefix"]) if p.endswith("summary.png")))
+    assert png[:4] == b"\x89PNG"
+
+
+def test_two_watchers_share_the_work_through_the_server(tmp_path, mlflow_server, s3_run, tiny_tokenizer_dir,
+                                                        tiny_token_shards):
+    """Two watcher processes (two machines: separate state dirs) on one s3:// dir, both logging to the server,
+    started together: every checkpoint is evaluated (FINISHED) exactly once, none left RUNNING or KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    local = _make_run(tmp_path / "src", tiny_tokenizer_dir, {10: 0, 20: 1, 30: 2})
+    for step, path in local.items():
+        upload_dir(path, f"{s3_run}/step_{step}")
+    procs = [_watch(tmp_path, s3_run, tiny_token_shards, mlflow_server["uri"], tmp_path / f"state{i}",
+                    tmp_path / f"watch{i}.log", extra=["watch.once=true"]) for i in (0, 1)]
+    try:
+        for proc in procs:
+            wait_for(lambda: proc.poll() is not None, 400, "the watcher to finish its backlog (watch.once)")
+    finally:
+        for proc in procs:
+            kill_group(proc)
+    logs = [(tmp_path / f"watch{i}.log").read_text() for i in (0, 1)]
+    assert all(p.returncode == 0 for p in procs), [text[-2000:] for text in logs]
+    client = MlflowClient(tracking_uri=mlflow_server["uri"])
+    exp = client.get_experiment_by_name("ckpteval")
+    runs = [r for r in client.search_runs([exp.experiment_id], max_results=1000)
+            if r.info.run_name.startswith("loss/step_")]
+    by_step: dict[str, list[str]] = {}
+    for r in runs:
+        by_step.setdefault(r.info.run_name, []).append(r.info.status)
+    assert by_step == {f"loss/step_{s:07d}": ["FINISHED"] for s in local}, by_step
+    assert all(SECRET not in text for text in logs)
