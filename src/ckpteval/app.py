@@ -149,6 +149,7 @@ def _main(cfg: DictConfig) -> dict[str, Any] | None:
         return result
     finally:
         _shutdown()
+        _delete_downloads()
 
 
 def replay(cfg: DictConfig, _job) -> dict[str, Any]:
@@ -187,6 +188,15 @@ def _replay_quietly(tracking_cfg) -> None:
         raise
     except Exception:
         log.warning("replaying the tracking outbox failed", exc_info=True)
+
+
+def _delete_downloads() -> None:
+    """The job's copies of s3://... checkpoints (checkpoint.remote; kept with CKPTEVAL_KEEP_DOWNLOADS=1)."""
+    from ckpteval.checkpoint.remote import cleanup
+
+    cleanup()
+
+
 
 
 def run_name(mode: str, ckpt: str | None, step: int | None) -> str:

@@ -139,6 +139,10 @@ def _find_tokenizer(family: CheckpointFormat, ckpt: Path, override: str | None) 
 def inspect_checkpoint(path, tokenizer_override: str | None = None, ckpt_format: str | None = None) -> CheckpointInfo:
     """Detect the family (or take `ckpt_format`), check the checkpoint is complete, find its step, tokens seen,
     config.json and tokenizer. A config.json found in or beside it is validated here, before anything loads it."""
+    if "://" in str(path):  # s3://, gs://, ...: a local copy of just what evaluation reads
+        from ckpteval.checkpoint.remote import materialize
+
+        path = materialize(str(path))
     family, ckpt = _detect(Path(str(path)).expanduser().resolve(), forced_format(ckpt_format))
     step, tokens = family.step_tokens(ckpt)
     path_step = parse_step(ckpt) if family.name != "nanogpt" else None
