@@ -350,6 +350,26 @@ def test_dcp_waits_for_its_config_json_and_symlinks_count_once(tmp_path, templat
     assert {c.name: c.state for c in disc.look()}["step_10"] == READY
 
 
+def test_a_poisoned_checkpoint_does_not_stop_the_good_one_beside_it(tmp_path, templates, caplog):
+    """A safetensors header whose length field overflows: that candidate waits (logged once, with the
+    traceback), the listing goes on and the good checkpoint beside it becomes ready."""
+    import struct
+
+    root = tmp_path / "ckpts"
+    root.mkdir()
+    _copy(templates[1], root / "step_100")
+    bad = _copy(templates[2], root / "step_200")
+    (bad / "model.safetensors").write_bytes(struct.pack("<Q", 2**63 + 5) + b"{}" * 8)
+    clock = Clock()
+    disc = Discovery(str(root), stable_s=1.0, clock=clock)
+    with caplog.at_level("WARNING", logger="ckpteval.watch"):
+        for _ in range(5):
+            looked = {c.name: c for c in disc.look()}
+            clock.t += 1.5
+    assert looked["step_100"].state == READY and looked["step_200"].state == INCOMPLETE
+    assert len([r for r in caplog.records if "step_200" in r.getMessage()]) <= 1  # once per snapshot, not per look
+
+
 def test_filesystem_events_wake_the_loop(tmp_path, monkeypatch):
     """A real watchdog observer on watch.dir: a checkpoint dir appearing wakes the loop before the next poll."""
     wake = threading.Event()

@@ -107,6 +107,8 @@ class Watcher:
         self._known: dict[str, tuple[str, str]] = {}  # candidate name -> (state, reason) last logged
         self._pending: dict[str, tuple[Candidate, list[Evaluation]]] = {}  # name -> ready, not yet done
         self._last_beat = 0.0
+        self._store_down = False  # MLflow unreachable at the last check (logged once per outage)
+        self._outbox_down = False  # the outbox replay found the store still away (logged once)
         self.view: MlflowView | None = None
         self.resolved = OmegaConf.to_container(cfg, resolve=True)
 
@@ -371,13 +373,13 @@ class Watcher:
             try:
                 run_id = self.view.finished_run(cand.identity, ev.name)
             except Exception as exc:  # noqa: BLE001 - store down: wait, do not burn an attempt
-                if not getattr(self, "_store_down", False):  # once per outage, not once per poll
+                if not self._store_down:  # once per outage, not once per poll
                     log.warning("MLflow store unreachable (%s: %s): evaluations wait for it (checked every %gs)",
                                 type(exc).__name__, str(exc)[:200], self.w.interval)
                 self._store_down = True
                 self.deferred[item.key] = time.monotonic() + self.w.interval
                 return
-            if getattr(self, "_store_down", False):
+            if self._store_down:
                 log.info("MLflow store reachable again: resuming")
                 self._store_down = False
             if run_id:
@@ -500,13 +502,12 @@ class Watcher:
         """Results of evaluations whose tracking failed, sent to the store now that it may be back."""
         from ckpteval import tracking
 
-        replay = getattr(tracking, "replay_outbox", None)
-        if replay is None or not self.cfg.tracking.enabled:  # OUTBOX: lands with the job runner (issue 14 item 2)
+        if not self.cfg.tracking.enabled:
             return
         try:
-            sent = replay(self.cfg.tracking)
+            sent = tracking.replay_outbox(self.cfg.tracking)
         except TrackingError as exc:
-            if not getattr(self, "_outbox_down", False):
+            if not self._outbox_down:
                 log.warning("tracking store still unreachable, outbox kept: %s", str(exc)[:300])
             self._outbox_down = True
             return
