@@ -222,6 +222,11 @@ CLI_CASES = [
      [f"eval.device={_NO_CUDA}"]),
     ("store_not_a_database", lambda t, c, s: ["mode=loss", f"ckpt={c}", *_data(s),
                                               f"tracking.uri=sqlite:///{_file(t, 'x.db')}"], ["not an sqlite"]),
+    # composition errors (Hydra's) become the same one line and exit 2 (ckpteval/cli_errors.py)
+    ("enum_choice", lambda t, c, s: ["mode=loss", "eval.dtype=float64"], ["eval.dtype=float64", "bfloat16"]),
+    ("key_typo", lambda t, c, s: ["mode=loss", "eval.stpes=3"], ["eval.stpes", "+eval.stpes=3"]),
+    ("wrong_type", lambda t, c, s: ["mode=loss", "eval.steps=abc"], ["eval.steps=abc", "Integer"]),
+    ("unknown_group_option", lambda t, c, s: ["parallel=zzz"], ["parallel/zzz", "fsdp none pp tp"]),
 ]
 
 

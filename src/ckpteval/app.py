@@ -61,12 +61,12 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
     except CkptEvalError as exc:
         _print_error(exc)
         log.debug("details", exc_info=True)
-        _shutdown()
+        shutdown()
         if _in_multirun():
             raise  # Hydra records the job FAILED; the sweep goes on and its summary lists the error
         sys.exit(EXIT_TRACKING if isinstance(exc, TrackingError) and "outbox" in str(exc) else EXIT_USER_ERROR)
     except JobStopped as exc:
-        _shutdown()
+        shutdown()
         print(f"stopped by {exc}: the job's MLflow run is KILLED, nothing was marked done", file=sys.stderr,
               flush=True)
         if _in_multirun():
@@ -74,11 +74,12 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
         sys.exit(128 + {"SIGTERM": 15, "SIGHUP": 1, "SIGINT": 2}.get(str(exc), 15))
 
 
-def _shutdown() -> None:
+def shutdown() -> None:
+    """End the process group, if this job started one (torch is not even imported for a config error)."""
     if "torch" in sys.modules:
-        from ckpteval.parallel.dist import shutdown
+        from ckpteval.parallel import dist
 
-        shutdown()
+        dist.shutdown()
 
 
 def _print_error(exc: CkptEvalError) -> None:
@@ -148,7 +149,7 @@ def _main(cfg: DictConfig) -> dict[str, Any] | None:
             print_ui_hint(cfg.tracking)
         return result
     finally:
-        _shutdown()
+        shutdown()
         _delete_downloads()
 
 

@@ -240,7 +240,7 @@ def next_steps(cfg, ckpt_dir: Path, step: int) -> list[str]:
     else:
         data = f"data=local data.dataset_path={shlex.quote(str(Path(cfg.data.dataset_path).resolve()))}"
     tok = f" tokenizer={shlex.quote(str(cfg.tokenizer))}" if cfg.tokenizer else ""
-    cmds = [f"python run.py mode=loss ckpt={ckpt} {data}{tok}"]
+    cmds = [f"python run.py mode=loss ckpt={ckpt} {data}{tok} eval.seq_len={cfg.eval.seq_len}"]
     if OFFLINE_TASKS.is_dir():
         cmds.append(f"python run.py mode=harness ckpt={ckpt}{tok} harness=offline "
                     f"harness.include_path={shlex.quote(str(OFFLINE_TASKS))}")
