@@ -109,6 +109,14 @@ def test_titan_hf_export_without_config_json(titan_run, tiny_token_shards):
     assert abs(loss - ref["loss"]) < 1e-5, (loss, ref)
 
 
+def test_titan_tied_embeddings(tmp_path, tiny_token_shards):
+    """enable_weight_tying=True: both tok_embeddings and lm_head are saved; one transformers tied head."""
+    ref = framework_ckpts.run("titan", tmp_path / "run", tiny_token_shards, SEQ, "--tie")
+    step = tmp_path / "run" / "checkpoint" / "step-10"
+    assert get_format("torchtitan").architecture(step).config.tie_word_embeddings
+    loss, _ = _our_loss(step, tiny_token_shards)
+    assert abs(loss - ref["loss"]) < 1e-5, (loss, ref)
+
 def _copy_step(run: Path, dest: Path) -> Path:
     shutil.copytree(run / "checkpoint" / "step-10", dest / "checkpoint" / "step-10")
     return dest / "checkpoint" / "step-10"
