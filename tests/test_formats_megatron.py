@@ -46,7 +46,7 @@ def _our_loss(path: Path, shards: Path, model_cfg=None) -> tuple[float, str]:
     fmt = detect_format(path)
     arch = fmt.architecture(path, model_cfg)
     model = AutoModelForCausalLM.from_config(arch.config)
-    model.load_state_dict(fmt.read_state(path, arch.config))
+    model.load_state_dict(fmt.read_state(path, arch.config), strict=not arch.config.tie_word_embeddings)
     return factories.reference_loss(model.eval(), _files(shards), SEQ), arch.source
 
 
@@ -84,6 +84,13 @@ def test_megatron_specs_match_state_and_only_model_tensors_are_read(mg_run, monk
     assert torch.equal(state["model.layers.1.mlp.gate_proj.weight"], fc1[1, :160])
     assert torch.equal(state["model.layers.1.mlp.up_proj.weight"], fc1[1, 160:])
 
+
+def test_megatron_tied_embeddings(tmp_path, tiny_token_shards):
+    """share_embeddings_and_output_weights=True (args: untie_embeddings_and_output_weights=False)."""
+    ref = framework_ckpts.run("megatron", tmp_path / "run", tiny_token_shards, SEQ, "--tie")
+    loss, source = _our_loss(tmp_path / "run" / "iter_0000010", tiny_token_shards)
+    assert "Megatron args" in source and abs(loss - ref["loss"]) < 1e-5, (loss, ref)
+    assert get_format("megatron").architecture(tmp_path / "run" / "iter_0000010").config.tie_word_embeddings
 
 def _copy(run: Path, dest: Path, name: str = "iter_0000010") -> Path:
     shutil.copytree(run / "iter_0000010", dest / name)

@@ -109,6 +109,34 @@ def test_titan_hf_export_without_config_json(titan_run, tiny_token_shards):
     assert abs(loss - ref["loss"]) < 1e-5, (loss, ref)
 
 
+def test_titan_tied_embeddings(tmp_path, tiny_token_shards):
+    """enable_weight_tying=True: both tok_embeddings and lm_head are saved; one transformers tied head."""
+    ref = framework_ckpts.run("titan", tmp_path / "run", tiny_token_shards, SEQ, "--tie")
+    step = tmp_path / "run" / "checkpoint" / "step-10"
+    assert get_format("torchtitan").architecture(step).config.tie_word_embeddings
+    loss, _ = _our_loss(step, tiny_token_shards)
+    assert abs(loss - ref["loss"]) < 1e-5, (loss, ref)
+
+def test_titan_pre_03_names(titan_run, tmp_path, tiny_token_shards):
+    """torchtitan before 0.3 named q/k/v `layers.{i}.attention.wq` (no `qkv_linear`) and the head `output`: the
+    same tensors (torchtitan's own, from step-10) re-saved under those names with DCP give the same loss."""
+    import torch.distributed.checkpoint as dcp
+
+    run, ref = titan_run
+    step10 = run / "checkpoint" / "step-10"
+    meta = titan_fmt.dcp_metadata(step10).state_dict_metadata
+    wanted = {k: m for k, m in meta.items() if titan_fmt._hf_name(k)}
+    tensors = titan_fmt.read_dcp_tensors(step10, wanted)
+    old = {k.replace("attention.qkv_linear.", "attention.").replace("lm_head.", "output."): v
+           for k, v in tensors.items()}
+    old["train_state"] = {"step": 10, "ntokens_seen": 5120}
+    dest = tmp_path / "checkpoint" / "step-10"
+    dcp.save(old, checkpoint_id=str(dest), no_dist=True)
+    shutil.copy(run / "job_config.json", tmp_path / "job_config.json")
+    assert any(".attention.wq." in k for k in titan_fmt.dcp_metadata(dest).state_dict_metadata)
+    loss, _ = _our_loss(dest, tiny_token_shards)
+    assert abs(loss - ref["loss"]) < 1e-5, (loss, ref)
+
 def _copy_step(run: Path, dest: Path) -> Path:
     shutil.copytree(run / "checkpoint" / "step-10", dest / "checkpoint" / "step-10")
     return dest / "checkpoint" / "step-10"
