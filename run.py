@@ -38,5 +38,8 @@ def main(cfg: DictConfig) -> dict | None:
 
 
 if __name__ == "__main__":
+    from ckpteval import cli_errors
+
+    cli_errors.install()  # composition errors: one `error:` line, exit 2, like every other bad input
     sys.argv += _rank_overrides(sys.argv[1:])
     main()

@@ -32,3 +32,20 @@ def tiny_hf_ckpt(tmp_path_factory, tiny_tokenizer_dir):
 def tiny_token_shards(tmp_path_factory):
     """Two uint16 .bin shards of random tokens < 512 (lengths 1000 and 777)."""
     return factories.make_token_shards(tmp_path_factory.mktemp("shards"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tiers: a test that starts run.py, torchrun or a server in a subprocess is `slow` even when its author
+    forgot the marker (the fast default tier must stay fast)."""
+    import inspect
+
+    for item in items:
+        fn = getattr(item, "function", None)
+        if fn is None or item.get_closest_marker("slow") or item.get_closest_marker("scale"):  # own tier
+            continue
+        try:
+            source = inspect.getsource(fn)
+        except (OSError, TypeError):
+            continue
+        if "run_cli(" in source or "torch.distributed.run" in source or "subprocess." in source:
+            item.add_marker(pytest.mark.slow)

@@ -228,3 +228,22 @@ def test_cli_subprocess_backend_equals_in_memory_and_reuses_conversion(evaluated
     cfg = factories.compose(args[:-2])
     again, _ = converted_checkpoint(cfg, cfg.harness, inspect_checkpoint(ckpt))
     assert again == converted and {p.name: p.stat().st_mtime_ns for p in converted.iterdir()} == before
+
+
+def test_include_path_tasks_that_import_python_are_named_once(caplog):
+    """`!function` in an include_path task YAML runs that Python file: the log names it (WARNING) before it runs,
+    once per file per process."""
+    from omegaconf import OmegaConf
+
+    from ckpteval.evaluation import harness as harness_eval
+
+    harness_eval._NOTICED.clear()
+    hcfg = OmegaConf.create({"tasks": ["ckpteval_mc", "ckpteval_rolling"], "include_path": str(TASKS_DIR),
+                             "allow_code_execution": False})
+    with caplog.at_level("WARNING", logger="ckpteval.evaluation.harness"):
+        harness_eval.resolve_tasks(hcfg)
+        harness_eval.resolve_tasks(hcfg)
+    notices = [r.getMessage() for r in caplog.records if "imports Python" in r.getMessage()]
+    assert len(notices) == 2, notices
+    assert any("ckpteval_mc.yaml" in n and "ckpteval_offline_data.load_mc" in n for n in notices)
+    assert any("ckpteval_rolling.yaml" in n and "ckpteval_offline_data.load_rolling" in n for n in notices)

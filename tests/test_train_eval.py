@@ -125,3 +125,23 @@ def test_demo_default_runs_and_loss_falls(tmp_path):
     assert "python run.py mode=loss ckpt=" in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
     assert (tmp_path / "outputs" / "demo_corpus" / "tokenizer" / "tokenizer.json").exists()
     assert list((tmp_path / "outputs" / "train_eval").glob("*/checkpoints/step_40/.metadata"))
+
+
+@pytest.mark.slow
+def test_every_next_command_runs_offline_as_printed(setup, capsys):
+    """The "Next:" commands train_eval prints run, exactly as printed, with no network (HF_HUB_OFFLINE=1)."""
+    import shlex
+
+    tmp, train, val, tok = setup
+    app.main(_train_cfg(tmp, train, val, tok, tmp / "ckpts"))
+    out = capsys.readouterr().out
+    assert re.search(r"^\[step 6\] train/loss=\d+\.\d{4} \| lr=\S+ \| tokens/s=\S+ \| eta 0:00:00$", out, re.M), out
+    block = out.split("\nNext:\n", 1)[1]
+    commands = [line.strip().split("    #")[0] for line in block.splitlines() if line.strip().startswith("python run.py")]
+    assert len(commands) == 2 and "mode=harness" in commands[1] and "harness=offline" in commands[1]
+    for command in commands:
+        args = shlex.split(command)[2:]  # after "python run.py"
+        proc = factories.run_cli(args, cwd=tmp, timeout=600)
+        assert proc.returncode == 0, (command, proc.stderr[-3000:])
+        assert factories.last_json_line(proc.stdout), command
+        assert "results: " in proc.stdout

@@ -12,9 +12,10 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -32,7 +33,7 @@ class ModeSpec:
     opens_run: bool = True  # False: the mode manages MLflow itself (watch, replay) or logs nothing (prepare)
     needs_ckpt: bool = False
 
-    def load(self) -> Callable[[DictConfig, "Job"], dict[str, Any]]:
+    def load(self) -> Callable[[DictConfig, Job], dict[str, Any]]:
         module, fn = self.target.split(":")
         return getattr(importlib.import_module(module), fn)
 
@@ -47,7 +48,7 @@ MODES: dict[str, ModeSpec] = {
     "replay": ModeSpec("ckpteval.app:replay", opens_run=False),
 }
 
-__all__ = ["Job", "MODES", "main", "run_name"]
+__all__ = ["MODES", "Job", "main", "run_name"]
 
 
 def main(cfg: DictConfig) -> dict[str, Any] | None:
@@ -60,12 +61,12 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
     except CkptEvalError as exc:
         _print_error(exc)
         log.debug("details", exc_info=True)
-        _shutdown()
+        shutdown()
         if _in_multirun():
             raise  # Hydra records the job FAILED; the sweep goes on and its summary lists the error
         sys.exit(EXIT_TRACKING if isinstance(exc, TrackingError) and "outbox" in str(exc) else EXIT_USER_ERROR)
     except JobStopped as exc:
-        _shutdown()
+        shutdown()
         print(f"stopped by {exc}: the job's MLflow run is KILLED, nothing was marked done", file=sys.stderr,
               flush=True)
         if _in_multirun():
@@ -73,11 +74,12 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
         sys.exit(128 + {"SIGTERM": 15, "SIGHUP": 1, "SIGINT": 2}.get(str(exc), 15))
 
 
-def _shutdown() -> None:
+def shutdown() -> None:
+    """End the process group, if this job started one (torch is not even imported for a config error)."""
     if "torch" in sys.modules:
-        from ckpteval.parallel.dist import shutdown
+        from ckpteval.parallel import dist
 
-        shutdown()
+        dist.shutdown()
 
 
 def _print_error(exc: CkptEvalError) -> None:
@@ -114,6 +116,8 @@ def _main(cfg: DictConfig) -> dict[str, Any] | None:
         raise CkptEvalError(f"mode={name} needs a checkpoint: add ckpt=PATH (an HF dir, a DCP step_N dir "
                             f"or a .gguf file)")
     validate_config(cfg)
+    if spec.opens_run or name == "watch":
+        _check_store(cfg.tracking)
     if name == "replay":
         return replay(cfg, None)
     log.info("%s: starting%s", name, f" on {cfg.ckpt}" if cfg.ckpt else "")
@@ -145,7 +149,7 @@ def _main(cfg: DictConfig) -> dict[str, Any] | None:
             print_ui_hint(cfg.tracking)
         return result
     finally:
-        _shutdown()
+        shutdown()
         _delete_downloads()
 
 
@@ -163,6 +167,16 @@ def replay(cfg: DictConfig, _job) -> dict[str, Any]:
     return {"replayed": n}
 
 
+def _check_store(tracking_cfg) -> None:
+    """A store that cannot work (sqlite path under a file, not a database, read-only; a server that does not
+    answer) is one error line within a second, before torch is even imported (rank 0 only: it alone logs)."""
+    if not tracking_cfg.enabled or int(os.environ.get("RANK", "0")) != 0:
+        return
+    from ckpteval.tracking import check_reachable, resolve_tracking_uri
+
+    check_reachable(resolve_tracking_uri(tracking_cfg.uri), tracking_cfg.timeout_s)
+
+
 def _replay_quietly(tracking_cfg) -> None:
     """Deliver an earlier job's outbox before this job's run opens (never fails the job)."""
     if not tracking_cfg.enabled:
@@ -173,7 +187,7 @@ def _replay_quietly(tracking_cfg) -> None:
         replay_outbox(tracking_cfg)
     except CkptEvalError:
         raise
-    except Exception:  # noqa: BLE001 - replay is best effort here; mode=replay reports its errors
+    except Exception:
         log.warning("replaying the tracking outbox failed", exc_info=True)
 
 
@@ -182,8 +196,6 @@ def _delete_downloads() -> None:
     from ckpteval.checkpoint.remote import cleanup
 
     cleanup()
-
-
 
 
 def run_name(mode: str, ckpt: str | None, step: int | None) -> str:

@@ -36,6 +36,10 @@ def load_split(name: str | None, config: str | None, split: str):
             if builder is None:
                 raise CkptEvalError(f"data.name={name}: unsupported file type {path.suffix} (use one of "
                                     f"{', '.join(BUILDERS)})")
+            if split not in ("validation", "train"):  # the defaults of data.split / data.train_split
+                raise CkptEvalError(f"data.name={name} is a single file, which has no split {split!r}: drop "
+                                    f"data.split=..., or point data.name at a dir or save_to_disk dataset that has "
+                                    f"a {split!r} split")
             ds = datasets.load_dataset(builder, data_files={split: str(path)})
         elif path.is_dir():
             ds = datasets.load_dataset(str(path), config)

@@ -140,6 +140,30 @@ def _leaf_entries(manager, name: str, depth: int = 0) -> list:
     return out
 
 
+_NOTICED: set[str] = set()  # task YAMLs already named in this process's log
+
+
+def _notice_python_imports(manager, names: list[str], include_path: str | None) -> None:
+    """Name, once per file and before it runs, each task YAML from harness.include_path that imports Python
+    (`!function`): loading the task executes that Python file, so the user should know which ones do."""
+    if not include_path:
+        return
+    root = Path(include_path).resolve()
+    for entry in {e.yaml_path: e for n in names for e in _leaf_entries(manager, n) if e.yaml_path}.values():
+        path = Path(entry.yaml_path).resolve()
+        if str(path) in _NOTICED or not path.is_relative_to(root if root.is_dir() else root.parent):
+            continue
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        if "!function" in text:
+            _NOTICED.add(str(path))
+            funcs = sorted({line.split("!function", 1)[1].strip() for line in text.splitlines() if "!function" in line})
+            log.warning("task %s (%s) imports Python from harness.include_path: %s runs when it loads", entry.name,
+                        path, ", ".join(funcs))
+
+
 def _refuse_code_tasks(names: list[str], allow: bool) -> None:
     if names and not allow:
         raise CkptEvalError(f"task(s) {', '.join(sorted(set(names)))} execute model-written code: they stay refused "
@@ -199,6 +223,7 @@ def resolve_tasks(hcfg) -> ResolvedTasks:
     allow = bool(hcfg.allow_code_execution)
     _refuse_code_tasks([e.name for n in names for e in _leaf_entries(manager, n) if (e.cfg or {}).get("unsafe_code")],
                        allow)
+    _notice_python_imports(manager, names, _include_path(hcfg))
     objects: list = []
     leaf: dict[str, Any] = {}
     for name in names:
@@ -207,6 +232,7 @@ def resolve_tasks(hcfg) -> ResolvedTasks:
         except CkptEvalError:
             raise
         except Exception as exc:  # noqa: BLE001 - datasets raises many types for missing data; one message for all
+            log.warning("loading task %s failed", name, exc_info=True)  # the traceback, for a bug report
             raise _load_error(name, exc, manager) from None
         objects += _top_level(loaded)
         leaf.update(loaded["tasks"])

@@ -87,6 +87,13 @@ def document_sep_id(eval_cfg, model_config) -> int | None:
 
         raise CkptEvalError("eval.doc_mask=true needs the token that ends each document and the model config has no "
                             "eos_token_id: set eval.doc_sep_id=N")
+    vocab = getattr(model_config, "vocab_size", None)
+    if vocab is not None and not 0 <= int(sep) < vocab:
+        from ckpteval.errors import CkptEvalError
+
+        raise CkptEvalError(f"eval.doc_sep_id={sep} is outside the model's vocabulary (0..{vocab - 1}), so no "
+                            f"document would ever end: use the id of the token that ends documents (often "
+                            f"eos_token_id)")
     return int(sep)
 
 

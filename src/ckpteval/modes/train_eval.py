@@ -113,7 +113,7 @@ def _train(cfg, job, model, tokenizer, optimizer, scheduler, state, train_window
     stream = train_batches(train_windows, tcfg.batch_size, tcfg.seed, state.data_position, d.dp_rank, d.dp_size)
     autocast = resolve_dtype(tcfg.dtype) if tcfg.dtype != "float32" else None
     last_eval: dict[str, float] = {}
-    t0, tokens0 = time.perf_counter(), state.tokens_seen
+    t0, tokens0, step0 = time.perf_counter(), state.tokens_seen, state.step
     model.train()
     while state.step < tcfg.steps:
         loss, grad_norm = optimizer_step(model, optimizer, scheduler, stream, tcfg.grad_accum, device=d.device,
@@ -130,7 +130,8 @@ def _train(cfg, job, model, tokenizer, optimizer, scheduler, state, train_window
             job.run.log_metrics(metrics, step=state.step)
             if d.is_main:
                 print(f"[step {state.step}] train/loss={loss:.4f} | lr={metrics['train/lr']:.2e} | "
-                      f"tokens/s={rate:,.0f}", flush=True)
+                      f"tokens/s={rate:,.0f} | eta {_eta(time.perf_counter() - t0, state.step - step0, tcfg.steps - state.step)}",
+                      flush=True)
         if eval_windows is not None and (state.step % cfg.eval.interval == 0 or last):
             last_eval = evaluate(cfg, job, model, eval_windows)
             job.run.log_metrics(last_eval, step=state.step)
@@ -211,9 +212,38 @@ def _resume(cfg, job, model, optimizer, scheduler, ckpt_dir: Path) -> TrainState
     return TrainState(step=meta["step"], tokens_seen=meta["tokens_seen"], data_position=meta["data_position"])
 
 
+def _eta(elapsed_s: float, steps_done: int, steps_left: int) -> str:
+    """Time left at this session's pace (evaluations and checkpoints included), as h:mm:ss."""
+    if steps_done <= 0:
+        return "?"
+    left = int(round(elapsed_s / steps_done * steps_left))
+    return f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
+
+
+# The project's own offline task suite (conf/harness/offline.yaml): the harness command that runs with no network.
+OFFLINE_TASKS = Path(__file__).resolve().parents[3] / "tests" / "tasks"
+
+
+def next_steps(cfg, ckpt_dir: Path, step: int) -> list[str]:
+    """Commands that evaluate the checkpoint just written, each runnable offline exactly as printed."""
+    import shlex
+
+    ckpt = shlex.quote(str((ckpt_dir / f"step_{step}").resolve()))
+    if cfg.data.demo:
+        data = f"data=demo paths.demo_data={shlex.quote(str(Path(cfg.paths.demo_data).resolve()))}"
+    elif cfg.data.kind == "hf":
+        data = f"data=hf data.name={shlex.quote(str(cfg.data.name))} data.split={cfg.data.split}"
+    else:
+        data = f"data=local data.dataset_path={shlex.quote(str(Path(cfg.data.dataset_path).resolve()))}"
+    tok = f" tokenizer={shlex.quote(str(cfg.tokenizer))}" if cfg.tokenizer else ""
+    cmds = [f"python run.py mode=loss ckpt={ckpt} {data}{tok} eval.seq_len={cfg.eval.seq_len}"]
+    if OFFLINE_TASKS.is_dir():
+        cmds.append(f"python run.py mode=harness ckpt={ckpt}{tok} harness=offline "
+                    f"harness.include_path={shlex.quote(str(OFFLINE_TASKS))}")
+    return cmds
+
+
 def _print_next_steps(cfg, ckpt_dir: Path, step: int) -> None:
-    ckpt = ckpt_dir / f"step_{step}"
-    data = "data=demo" if cfg.data.demo else f"data={cfg.data.kind} data.dataset_path={cfg.data.dataset_path}"
-    print("\nNext:\n"
-          f"  python run.py mode=loss ckpt={ckpt} {data}          # loss of the checkpoint just written\n"
-          f"  python run.py mode=harness ckpt={ckpt}                  # downstream benchmarks\n", flush=True)
+    cmds = next_steps(cfg, ckpt_dir, step)
+    notes = ["# loss of the checkpoint just written", "# downstream benchmarks (the bundled offline suite)"]
+    print("\nNext:\n" + "".join(f"  {c}    {n}\n" for c, n in zip(cmds, notes)), flush=True)

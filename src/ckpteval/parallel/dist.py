@@ -9,6 +9,7 @@ wrong size fails every rank the same way); data-parallel evaluation shards windo
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,8 @@ import torch.distributed as dist
 
 from ckpteval.errors import CkptEvalError
 from ckpteval.parallel.mesh import MeshDims, build_mesh, resolve_mesh_dims
+
+log = logging.getLogger("ckpteval")
 
 
 @dataclass
@@ -90,6 +93,8 @@ def fail_together(what: str):
     except CkptEvalError as exc:
         message = str(exc)
     except Exception as exc:  # noqa: BLE001 - any failure on one rank must reach the others
+        # Not a known user error: possibly a bug. Its traceback goes to the log before it becomes one line.
+        log.warning("%s failed on rank %s", what, os.environ.get("RANK", "0"), exc_info=True)
         message = f"{what} failed: {type(exc).__name__}: {exc}"
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         if message is not None:

@@ -11,8 +11,14 @@ Importing this package imports no mlflow: that happens on first use.
 
 from ckpteval.tracking.outbox import Outbox, outbox_dir, replay_outbox
 from ckpteval.tracking.run import Run, mlflow_run, open_run, print_ui_hint
-from ckpteval.tracking.store import (check_reachable, flatten, git_commit, open_client, resolve_tracking_uri,
-                                     ui_command)
+from ckpteval.tracking.store import (
+                                     check_reachable,
+                                     flatten,
+                                     git_commit,
+                                     open_client,
+                                     resolve_tracking_uri,
+                                     ui_command,
+)
 
 __all__ = ["Outbox", "Run", "check_reachable", "flatten", "git_commit", "mlflow_run", "open_client", "open_run",
            "outbox_dir", "print_ui_hint", "replay_outbox", "resolve_tracking_uri", "ui_command"]

@@ -119,25 +119,36 @@ def replay_outbox(tracking_cfg) -> int:
     done = 0
     for path in entries:
         entry = json.loads(path.read_text())
-        if entry.get("uri") != uri:
-            continue
+        if entry.get("uri") != uri or (entry.get("end") is None and _owner_alive(box, entry["run_id"])):
+            continue  # another store's, or a run still going on (its own process delivers the end)
         try:
             _deliver(client, box, entry)
-        except Exception as exc:  # noqa: BLE001 - still down or flaky: keep the entry for the next replay
+        except Exception as exc:
             log.warning("replaying MLflow run %s failed (%s: %s): kept in %s for the next try", entry["run_id"],
                         type(exc).__name__, str(exc)[:200], path, exc_info=True)
             break
         done += 1
     for marker in orphans:
+        if not (box.root / "running" / f"{marker['run_id']}.json").exists():
+            continue  # its pending entry was delivered above, which ended the run
+        if box.entry_path(marker["run_id"]).exists():
+            continue  # its entry is still undelivered: it ends the run when it is
         try:
-            if not box.entry_path(marker["run_id"]).exists():
-                _end_orphan(client, marker)
+            _end_orphan(client, marker)
         except Exception as exc:  # noqa: BLE001
             log.warning("could not end MLflow run %s (%s): retrying on the next start", marker["run_id"], exc)
             continue
         box.clear_running(marker["run_id"])
         done += 1
     return done
+
+
+def _owner_alive(box: Outbox, run_id: str) -> bool:
+    try:
+        marker = json.loads((box.root / "running" / f"{run_id}.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return marker.get("host") != socket.gethostname() or _pid_alive(int(marker.get("pid", 0)))
 
 
 def _dead_markers(box: Outbox, uri: str) -> list[dict[str, Any]]:

@@ -9,7 +9,8 @@ the store fails.
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ckpteval.tracking.run import Run, open_run
 

@@ -14,9 +14,10 @@ saying where the results wait. The next replay delivers them and ends the run.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from ckpteval.errors import CkptEvalError, TrackingError
 from ckpteval.tracking.outbox import Outbox, outbox_dir
@@ -48,7 +49,7 @@ class Run:
                 return
             except CkptEvalError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - any store failure: keep the data, report at the end
+            except Exception as exc:
                 if self.outbox is None:
                     raise tracking_error(self.uri, what, exc) from exc
                 self.offline = tracking_error(self.uri, what, exc)
@@ -133,7 +134,7 @@ class Run:
                 if self.outbox is not None:
                     self.outbox.clear_running(self.run_id)
                 return
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 if self.outbox is None:
                     raise tracking_error(self.uri, f"ending the run {status}", exc) from exc
                 self.offline = tracking_error(self.uri, f"ending the run {status}", exc)

@@ -13,8 +13,9 @@ import os
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ckpteval.errors import CkptEvalError, TrackingError
 
@@ -56,10 +57,24 @@ def check_sqlite_path(db: Path, uri: str) -> None:
         if head and head != SQLITE_MAGIC:
             raise CkptEvalError(f"tracking.uri={uri}: {db} is not an sqlite database: point tracking.uri at an "
                                 f"MLflow sqlite file or a new path, {LOCAL_FIX}")
-    writable = os.access(db, os.W_OK) if db.exists() else os.access(db.parent, os.W_OK | os.X_OK)
-    if not writable:
-        raise CkptEvalError(f"tracking.uri={uri}: {db if db.exists() else db.parent} is read-only: point "
-                            f"tracking.uri at a writable place, {LOCAL_FIX}")
+    target = db if db.exists() else db.parent
+    if not _writable(db):
+        raise CkptEvalError(f"tracking.uri={uri}: {target} is read-only: point tracking.uri at a writable place, "
+                            f"{LOCAL_FIX}")
+
+
+def _writable(db: Path) -> bool:
+    """A real write probe (permission bits say nothing for root or on a read-only mount)."""
+    try:
+        if db.exists():
+            with open(db, "r+b"):
+                return True
+        probe = db.parent / f".ckpteval_probe_{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+        return True
+    except OSError:
+        return False
 
 
 def ui_command(uri: str) -> str:
@@ -116,7 +131,7 @@ def git_commit() -> str | None:
     """The commit of the ckpteval checkout, when it is one (tags runs with the code that produced them)."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=5)
+                             text=True, timeout=5, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -126,6 +141,7 @@ def quiet_mlflow() -> None:
     """MLflow's and alembic's INFO lines (table creation, migrations) tell a user nothing."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # we print the UI command once
     for name in ("alembic", "alembic.runtime.migration", "mlflow", "mlflow.store.db.utils", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -134,9 +150,9 @@ def make_client(uri: str, timeout_s: float = 10.0):
     """An MlflowClient with short HTTP retries (a dead server is reported in seconds, not minutes)."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(timeout_s, 1))))
-    quiet_mlflow()
     from mlflow.tracking import MlflowClient
 
+    quiet_mlflow()  # after the import: importing mlflow sets its own loggers' levels
     return MlflowClient(tracking_uri=uri)
 
 
@@ -167,6 +183,8 @@ def _artifact_location(tracking_cfg, uri: str) -> str | None:
 
 
 def tracking_error(uri: str | None, what: str, exc: BaseException) -> TrackingError:
-    """A TrackingError for a failed store call; the traceback stays in the log (WARNING) for bug reports."""
-    log.warning("MLflow call failed (%s) on %s", what, uri, exc_info=exc)
+    """A TrackingError for a failed store call. A store that went away is a known fault, not a bug: one WARNING
+    line (its traceback at DEBUG)."""
+    log.warning("MLflow call failed (%s) on %s: %s: %s", what, uri, type(exc).__name__, str(exc)[:300])
+    log.debug("MLflow call failed", exc_info=exc)
     return TrackingError(f"the MLflow store {uri} failed while {what} ({type(exc).__name__}: {str(exc)[:200]})")

@@ -439,8 +439,8 @@ class Watcher:
     def _failed(self, item: Work, attempt: int, exc: BaseException, run) -> None:
         cand, ev = item.cand, item.evaluation
         error = f"{type(exc).__name__}: {exc}"
-        if not isinstance(exc, CkptEvalError):
-            log.debug("traceback of %s on %s", ev.name, cand.url, exc_info=exc)
+        if not isinstance(exc, CkptEvalError):  # not a known user error: the traceback is what a bug report needs
+            log.warning("traceback of %s on %s", ev.name, cand.url, exc_info=exc)
         if attempt >= self.w.max_attempts:
             self._give_up(item, attempt, error, run)
             return
