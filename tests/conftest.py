@@ -41,7 +41,7 @@ def pytest_collection_modifyitems(config, items):
 
     for item in items:
         fn = getattr(item, "function", None)
-        if fn is None or item.get_closest_marker("slow"):
+        if fn is None or item.get_closest_marker("slow") or item.get_closest_marker("scale"):  # own tier
             continue
         try:
             source = inspect.getsource(fn)

@@ -21,7 +21,7 @@ from tests import factories
 from tests.scale_fixtures import (SECRET, kill_group, mlflow_server, s3_server, s3fs_client,  # noqa: F401
                                   sacct_completed, slurm_cluster, upload_dir, wait_for)
 
-pytestmark = [pytest.mark.scale, pytest.mark.slow]
+pytestmark = pytest.mark.scale  # its own tier (not slow): .ci/run installs the services, then pytest -m scale
 SEQ = 32
 DATA = ["data=local", f"eval.seq_len={SEQ}", "eval.batch_size=4", "eval.steps=-1"]
 

@@ -198,8 +198,6 @@ def _delete_downloads() -> None:
     cleanup()
 
 
-
-
 def run_name(mode: str, ckpt: str | None, step: int | None) -> str:
     """`loss/step_0001200`: zero-padded so runs sort by step in the MLflow UI."""
     if step is not None:

@@ -156,6 +156,19 @@ def make_client(uri: str, timeout_s: float = 10.0):
     return MlflowClient(tracking_uri=uri)
 
 
+def _create_experiment(client, tracking_cfg, uri: str) -> str:
+    """Create the experiment; another process (a second watcher, a parallel job) may create it first."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(tracking_cfg.experiment, _artifact_location(tracking_cfg, uri))
+    except MlflowException as exc:
+        exp = client.get_experiment_by_name(tracking_cfg.experiment)
+        if exp is None or exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return exp.experiment_id
+
+
 def open_client(tracking_cfg):
     """Resolve the store, check it answers, and return (client, experiment_id, uri)."""
     uri = resolve_tracking_uri(tracking_cfg.uri)
@@ -165,7 +178,7 @@ def open_client(tracking_cfg):
         exp = client.get_experiment_by_name(tracking_cfg.experiment)
         if exp is not None:
             return client, exp.experiment_id, uri
-        return client, client.create_experiment(tracking_cfg.experiment, _artifact_location(tracking_cfg, uri)), uri
+        return client, _create_experiment(client, tracking_cfg, uri), uri
     except Exception as exc:  # mlflow raises many types for a bad store; one clear line for all of them
         if isinstance(exc, CkptEvalError):
             raise
