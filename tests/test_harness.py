@@ -238,8 +238,10 @@ def test_include_path_tasks_that_import_python_are_named_once(caplog):
     from ckpteval.evaluation import harness as harness_eval
 
     harness_eval._NOTICED.clear()
-    hcfg = OmegaConf.create({"tasks": ["ckpteval_mc", "ckpteval_rolling"], "include_path": str(TASKS_DIR),
-                             "allow_code_execution": False})
+    from ckpteval.config import HarnessConfig
+
+    hcfg = OmegaConf.structured(HarnessConfig(tasks=["ckpteval_mc", "ckpteval_rolling"], include_path=str(TASKS_DIR)))
+    harness_eval._RESOLVED.clear()  # resolved tasks are kept per process: resolve afresh so the notice can show
     with caplog.at_level("WARNING", logger="ckpteval.evaluation.harness"):
         harness_eval.resolve_tasks(hcfg)
         harness_eval.resolve_tasks(hcfg)

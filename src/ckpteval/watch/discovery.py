@@ -254,20 +254,16 @@ class Discovery:
 
 def _architecture(path, shown: str) -> tuple[bool, str]:
     """(present?, what it waits for): the architecture by the family's own rules with no `model` group to fall
-    back on (config.json in or beside an HF/DCP dir; GGUF and self-describing files carry their own)."""
+    back on (config.json in or beside an HF/DCP dir; GGUF and self-describing files carry their own). A config.json
+    that is there but broken is not waited for: the checkpoint is complete and stable, so its evaluation runs and
+    records the error (attempts, then failed) instead of waiting forever in silence."""
     try:
         info = inspect_checkpoint(path)
+        info.family.architecture(info.path, model_cfg=None)
     except CkptEvalError as exc:
-        return False, str(exc).replace(str(path), shown)
-    family = getattr(info, "family", None)
-    if family is not None:  # per-family rules (checkpoint/formats): ask the family, with the model group withheld
-        try:
-            family.architecture(info.path, model_cfg=None)
-        except CkptEvalError as exc:
-            return False, (f"checkpoint {shown} is complete but its architecture is not there yet "
-                           f"({str(exc).replace(str(path), shown)}): {NO_FALLBACK}")
-        return True, ""
-    if info.format == "gguf" or info.config_dir is not None:
-        return True, ""
-    return False, (f"checkpoint {shown} is complete but has no config.json yet (in the {info.format.upper()} dir or "
-                   "beside it): " + NO_FALLBACK)
+        base = Path(str(path))
+        if any((d / "config.json").is_file() for d in (base, base.parent)):
+            return True, ""
+        return False, (f"checkpoint {shown} is complete but its architecture is not there yet "
+                       f"({str(exc).replace(str(path), shown)}): {NO_FALLBACK}")
+    return True, ""
