@@ -83,6 +83,8 @@ class EvalConfig:
     doc_mask: bool = False  # keep document boundaries in a window: attend within a document, positions restart
     doc_sep_id: Optional[int] = None  # token that ends a document (doc_mask); default: the model's eos_token_id
     device: Optional[str] = None  # cpu | cuda | cuda:N; default: cuda when available, else cpu
+    # extra held-out sets beside `data`, NAME -> a data config (kind local|hf); metrics eval/NAME/...
+    sets: dict[str, DataConfig] = field(default_factory=dict)
 
 
 @dataclass
@@ -114,7 +116,7 @@ class CheckpointConfig:
 class TrackingConfig:
     enabled: bool = True  # log to MLflow (rank 0)
     uri: str = "sqlite:///outputs/mlflow.db"  # MLflow tracking URI (sqlite file, http(s)://server, databricks)
-    experiment: str = "ckpteval"  # MLflow experiment name
+    experiment: Optional[str] = None  # MLflow experiment; default: one per training run, named from the checkpoint's run dir
     run_name: Optional[str] = None  # default: "<mode>/<checkpoint name>"
     artifact_location: Optional[str] = None  # for a new experiment; default: outputs/mlartifacts beside a sqlite store
     timeout_s: float = 10.0  # connect timeout for a remote server; unreachable = clear error, nothing runs
