@@ -83,8 +83,9 @@ class EvalConfig:
     doc_mask: bool = False  # keep document boundaries in a window: attend within a document, positions restart
     doc_sep_id: Optional[int] = None  # token that ends a document (doc_mask); default: the model's eos_token_id
     device: Optional[str] = None  # cpu | cuda | cuda:N; default: cuda when available, else cpu
-    # extra held-out sets beside `data`, NAME -> a data config (kind local|hf); metrics eval/NAME/...
-    sets: dict[str, DataConfig] = field(default_factory=dict)
+    # extra held-out sets beside `data`: NAME -> the fields of a DataConfig (kind local|hf); metrics eval/NAME/...
+    # (untyped here so `+eval.sets.NAME={...}` merges; each set is checked against DataConfig before anything loads)
+    sets: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

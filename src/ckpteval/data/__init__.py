@@ -29,9 +29,22 @@ def load_eval_windows(cfg, tokenizer) -> TokenWindows:
                  what="data.dataset_path")
 
 
-def check_eval_sets(cfg) -> None:
-    """Config errors of `eval.sets`, found before anything is read or loaded."""
-    for name, data_cfg in (cfg.eval.get("sets") or {}).items():
+def eval_set_configs(cfg) -> dict[str, object]:
+    """`eval.sets` as typed DataConfigs (checked field names and types), with the config errors of each set,
+    found before anything is read or loaded."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ckpteval.config import DataConfig
+
+    out = {}
+    for name, raw in (cfg.eval.get("sets") or {}).items():
+        try:
+            data_cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), raw)
+        except OmegaConfBaseException as exc:
+            msg = str(exc).splitlines()[0]
+            raise CkptEvalError(f"eval.sets.{name} is not a data config ({msg}): use the fields of `data` "
+                                f"(kind, dataset_path, file_pattern, dtype, name, config, split, text_field)") from None
         if not _SET_NAME.match(str(name)) or name == "data":
             raise CkptEvalError(f"eval.sets.{name}: a set name is letters, digits, '_', '.', '-' (and not 'data'): "
                                 f"rename it")
@@ -44,13 +57,19 @@ def check_eval_sets(cfg) -> None:
         if data_cfg.kind == "hf" and not data_cfg.name:
             raise CkptEvalError(f"eval.sets.{name} has no name: give a save_to_disk dir, data files or a cached hub "
                                 f"name ('+eval.sets.{name}={{kind: hf, name: DIR_OR_NAME}}')")
+        out[str(name)] = data_cfg
+    return out
+
+
+def check_eval_sets(cfg) -> None:
+    eval_set_configs(cfg)
 
 
 def load_eval_sets(cfg, tokenizer) -> list[EvalSet]:
     """The `data` set and every `eval.sets.NAME`, windowed alike (eval.seq_len), in config order."""
-    check_eval_sets(cfg)
+    configs = eval_set_configs(cfg)
     sets = [EvalSet("data", "eval/", load_eval_windows(cfg, tokenizer))]
-    for name, data_cfg in (cfg.eval.get("sets") or {}).items():
+    for name, data_cfg in configs.items():
         if data_cfg.kind == "local":
             from ckpteval.data.local import load_local_windows
 
