@@ -210,3 +210,76 @@ def test_byte_table_without_tokenizer_leaves_bpb_out(tmp_path, monkeypatch, tiny
     result = app.main(factories.compose(["mode=loss", f"ckpt={ckpt}", "data=local", "eval.seq_len=32",
                                          f"data.dataset_path={tiny_token_shards}", "tracking.enabled=false"]))
     assert "eval/bpb" not in result and "eval/loss" in result
+
+
+# ---- every parallel layout under torchrun: the same numbers as one process ---------------------------------
+
+LAYOUTS = {"fsdp": ["parallel=fsdp"], "tp": ["parallel=tp"], "pp": ["parallel=pp", "parallel.microbatches=2"]}
+
+
+def _driver(spec_path: str) -> None:
+    """Under torchrun: each job through app.main in this process; rank 0 keeps results and window files."""
+    import os
+    import sys
+
+    spec = json.loads(Path(spec_path).read_text())
+    rank = int(os.environ["RANK"])
+    shutdown, app.shutdown = app.shutdown, lambda: None  # one process group for every job of the launch
+    out = {}
+    for name, args in spec["jobs"].items():
+        print(f"[driver rank {rank}] job {name}", file=sys.stderr, flush=True)
+        out[name] = app.main(factories.compose(args))
+        if rank == 0:
+            Path("window_nll.npz").rename(f"{name}_window_nll.npz")
+    if rank == 0:
+        Path(spec["out"]).write_text(json.dumps(out))
+    shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_every_layout_under_torchrun_gives_the_single_process_numbers(tmp_path, monkeypatch, tiny_tokenizer_dir):
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    _, _, _, overrides = _setup(tmp_path, tiny_tokenizer_dir)
+    base = [o for o in overrides if not o.startswith("eval.batch_size")] + ["eval.batch_size=4",
+                                                                               "tracking.enabled=false"]
+    jobs = {f"{layout}_{steps}": base + extra + [f"eval.steps={steps}"]
+            for layout, extra in LAYOUTS.items() for steps in (-1, 3)}
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"jobs": jobs, "out": str(tmp_path / "dist.json")}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(factories.REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={port}", "-m", "tests.test_eval_sets", str(spec)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    dist_results = json.loads((tmp_path / "dist.json").read_text())
+    for layout in LAYOUTS:
+        for steps in (-1, 3):
+            # eval.steps counts batches per data-parallel rank: fsdp's 2 ranks x 3 batches = 6 batches of one process
+            single_steps = steps * 2 if steps > 0 and layout == "fsdp" else steps
+            single = app.main(factories.compose(base + [f"eval.steps={single_steps}"]))
+            windows = dict(np.load(tmp_path / "window_nll.npz"))
+            got = dist_results[f"{layout}_{steps}"]
+            keys = [k for k in single if k.startswith("eval/")]
+            assert {"eval/bpb", "eval/code/bpb", "eval/web/bpb"} <= set(keys) and set(got) == set(single)
+            for key in keys:
+                assert got[key] == pytest.approx(single[key], rel=1e-5), (layout, steps, key)
+            got_windows = np.load(tmp_path / f"{layout}_{steps}_window_nll.npz")
+            for name, values in windows.items():  # same windows in the same order, whatever the layout
+                np.testing.assert_allclose(got_windows[name], values, rtol=1e-5)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _driver(sys.argv[1])
