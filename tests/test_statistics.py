@@ -49,3 +49,80 @@ def test_incomplete_beta_equals_scipy():
 
 def test_binomial_two_sided_is_capped_at_one():
     assert binomial_two_sided(5, 10) == 1.0 and binomial_two_sided(0, 0) == 1.0
+
+
+# ---- a scan's summary: p-values against the best checkpoint, on the same samples ----------------------------
+
+SEQ = 32
+
+
+def _window_nll_reference(ckpt, shards, seq: int) -> np.ndarray:
+    """Per-window NLL sums from a plain transformers forward (eval.steps=-1: every window once, in order)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for arr in shards:
+            for k in range((len(arr) - 1) // seq):
+                w = torch.from_numpy(arr[k * seq: k * seq + seq + 1].astype(np.int64))[None]
+                out.append(float(model(input_ids=w, labels=w).loss) * seq)
+    return np.array(out)
+
+
+def _lm_eval_correct(run_dir, task: str, metric: str) -> dict:
+    """doc_id -> 0/1 from lm-eval's own per-sample log of one job."""
+    import json
+    from pathlib import Path
+
+    [path] = Path(run_dir).glob(f"lm_eval/**/samples_{task}.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return {r["doc_id"]: r[metric] for r in rows if r.get("filter", "none") == "none"}
+
+
+@pytest.mark.slow
+def test_scan_summary_p_values_equal_independent_tests(tmp_path, tiny_tokenizer_dir, tiny_token_shards):
+    import csv
+
+    from tests import factories
+
+    ckpts = tmp_path / "ckpts"
+    for seed, step in enumerate([100, 200, 300]):
+        factories.make_hf_checkpoint(ckpts / f"step_{step}", tiny_tokenizer_dir, seed=seed)
+    proc = factories.run_cli(["-m", "mode=loss,harness", "ckpt=glob:ckpts/step_*", "data=local",
+                              f"data.dataset_path={tiny_token_shards}", f"eval.seq_len={SEQ}", "eval.steps=-1",
+                              "harness=offline", f"harness.include_path={factories.REPO / 'tests' / 'tasks'}",
+                              "harness.tasks=[ckpteval_mc]", "harness.backend=hf",
+                              f"tracking.uri=sqlite:///{tmp_path / 'ml.db'}", "hydra.sweep.dir=sweep"],
+                             cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "sweep" / "summary.csv")))
+    shards = [np.fromfile(f, dtype=np.uint16) for f in sorted(tiny_token_shards.glob("*.bin"))]
+    loss_rows = [r for r in rows if r["mode"] == "loss"]
+    nll = {r["step"]: _window_nll_reference(r["checkpoint"], shards, SEQ) for r in loss_rows}
+    best = min(loss_rows, key=lambda r: float(r["eval/loss"]))
+    for r in loss_rows:
+        if r is best:
+            assert r["eval/loss p_vs_best"] == ""
+            continue
+        expected = stats.ttest_rel(nll[best["step"]], nll[r["step"]]).pvalue
+        assert float(r["eval/loss p_vs_best"]) == pytest.approx(expected, rel=1e-6)
+        assert r["eval/loss significant"] == str(expected < 0.05)
+
+    metric = "harness/ckpteval_mc/acc"
+    h_rows = [r for r in rows if r["mode"] == "harness"]
+    best = max(h_rows, key=lambda r: float(r[metric]))
+    ref = _lm_eval_correct(best["run_dir"], "ckpteval_mc", "acc")
+    tested = 0
+    for r in h_rows:
+        if r is best:
+            continue
+        other = _lm_eval_correct(r["run_dir"], "ckpteval_mc", "acc")
+        n01 = sum(1 for d in ref if ref[d] == 1 and other[d] == 0)
+        n10 = sum(1 for d in ref if ref[d] == 0 and other[d] == 1)
+        expected = stats.binomtest(n01, n01 + n10, 0.5).pvalue if n01 + n10 else 1.0
+        assert float(r[f"{metric} p_vs_best"]) == pytest.approx(expected, rel=1e-9)
+        tested += 1
+    assert tested == 2
+    assert "p=" in proc.stdout and "paired test against the best checkpoint" in proc.stdout

@@ -11,8 +11,11 @@ Pure Python + numpy: no scipy at run time (the tests check both against scipy).
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from math import comb
+from pathlib import Path
 
 import numpy as np
 
@@ -82,3 +85,69 @@ def _beta_fraction(x: float, a: float, b: float, eps: float = 1e-15, tiny: float
 
 def significant(p: float | None, alpha: float = ALPHA) -> bool | None:
     return None if p is None or math.isnan(p) else p < alpha
+
+
+# ---- the samples a job left in its run dir ---------------------------------------------------------------
+
+WINDOW_FILE = "window_nll.npz"  # written by mode=loss: per set, each window's NLL sum in the global window order
+_LOSS = re.compile(r"^eval/(?:(?P<set>[^/]+)/)?loss$")
+_HARNESS = re.compile(r"^harness/(?P<task>[^/]+)/(?P<metric>[^/]+)$")
+_NOT_PER_SAMPLE = {"primary", "n_samples"}
+
+
+def paired_test_kind(metric: str) -> str | None:
+    """Which paired test compares `metric` between two jobs: "paired t" (held-out loss), "McNemar" (harness
+    metrics), None (no per-sample data behind it)."""
+    if _LOSS.match(metric):
+        return "paired t"
+    m = _HARNESS.match(metric)
+    if m and m["metric"] not in _NOT_PER_SAMPLE and not m["metric"].endswith("_stderr"):
+        return "McNemar"
+    return None
+
+
+def paired_samples(run_dir: str | Path | None, metric: str) -> dict | None:
+    """Per-sample values behind `metric` in a job's run dir, keyed by sample (window index or lm-eval doc_id);
+    None when the job left none (another mode, an older run, a metric that is not 0/1 per sample)."""
+    if not run_dir:
+        return None
+    m = _LOSS.match(metric)
+    if m:
+        path = Path(run_dir) / WINDOW_FILE
+        if not path.is_file():
+            return None
+        with np.load(path) as data:
+            name = m["set"] or "data"
+            return dict(enumerate(data[name].tolist())) if name in data.files else None
+    m = _HARNESS.match(metric)
+    return _harness_samples(Path(run_dir), m["task"], m["metric"]) if m else None
+
+
+def _harness_samples(run_dir: Path, task: str, metric: str) -> dict | None:
+    files = sorted(run_dir.glob(f"lm_eval/**/samples_{task}.jsonl"))
+    if not files:
+        return None
+    out = {}
+    with open(files[-1], encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            filt = row.get("filter", "none")
+            for key, value in row.items():
+                name = key if filt == "none" else f"{key}_{filt}"
+                if name == metric and isinstance(value, (int, float, bool)) and float(value) in (0.0, 1.0):
+                    out[row.get("doc_id")] = float(value)
+    return out or None
+
+
+def p_value_vs(metric: str, best_dir, other_dir) -> tuple[float, int] | None:
+    """(p-value, samples) of `metric` of one job against the best job on the samples both saw; None when
+    either job has no per-sample data or they did not see the same samples."""
+    kind = paired_test_kind(metric)
+    if kind is None:
+        return None
+    best, other = paired_samples(best_dir, metric), paired_samples(other_dir, metric)
+    if best is None or other is None or set(best) != set(other):
+        return None
+    keys = sorted(best, key=str)
+    a, b = [best[k] for k in keys], [other[k] for k in keys]
+    return (paired_t_test(a, b) if kind == "paired t" else mcnemar_exact(a, b)), len(keys)

@@ -25,10 +25,10 @@ from ckpteval.data import EvalSet, check_eval_sets, load_eval_sets
 from ckpteval.data.windows import check_token_ids, eval_batches, num_eval_batches
 from ckpteval.errors import CkptEvalError
 from ckpteval.evaluation.loss import EvalResult, evaluating, run_eval
+from ckpteval.evaluation.statistics import WINDOW_FILE
 from ckpteval.parallel import load_eval_model, resolve_dtype
 
 log = logging.getLogger("ckpteval")
-WINDOW_FILE = "window_nll.npz"  # per set: each window's NLL sum (nats), in the global window order
 
 
 def run(cfg, job) -> dict[str, Any]:
