@@ -120,7 +120,7 @@ def test_cli_result_line_results_json_and_mlflow_run(tmp_path, tiny_hf_ckpt, tin
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.tags["mode"] == "loss" and run.data.tags["step"] == "120"
-    assert run.data.tags["mlflow.runName"] == "loss/step_0000120"
+    assert run.data.tags["mlflow.runName"] == "loss@120"
     assert run.data.params["eval.seq_len"] == str(SEQ) and run.data.params["data.kind"] == "local"
     history = client.get_metric_history(run.info.run_id, "eval/loss")
     assert [(m.step, m.value) for m in history] == [(120, pytest.approx(line["eval/loss"]))]

@@ -117,7 +117,7 @@ class CheckpointConfig:
 class TrackingConfig:
     enabled: bool = True  # log to MLflow (rank 0)
     uri: str = "sqlite:///outputs/mlflow.db"  # MLflow tracking URI (sqlite file, http(s)://server, databricks)
-    experiment: Optional[str] = None  # MLflow experiment; default: one per training run, named from the checkpoint's run dir
+    experiment: Optional[str] = None  # MLflow experiment; conf default: one per training run (tracking/naming.py)
     run_name: Optional[str] = None  # default: "<mode>/<checkpoint name>"
     artifact_location: Optional[str] = None  # for a new experiment; default: outputs/mlartifacts beside a sqlite store
     timeout_s: float = 10.0  # connect timeout for a remote server; unreachable = clear error, nothing runs
@@ -218,3 +218,9 @@ class Config:
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
+    from omegaconf import OmegaConf
+
+    from ckpteval.tracking.naming import default_experiment
+
+    # conf/tracking/mlflow.yaml: `experiment: ${ckpteval_experiment:...}`, one experiment per training run
+    OmegaConf.register_new_resolver("ckpteval_experiment", default_experiment, replace=True, use_cache=False)

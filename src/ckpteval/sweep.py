@@ -514,7 +514,9 @@ class SweepCallback(Callback):
             print(f"error: {exc}", file=sys.stderr, flush=True)
             sys.exit(2)
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
-        name = f"sweep/{sweep_dir.name}"
+        from ckpteval.tracking.naming import scan_run_name
+
+        name = scan_run_name(OmegaConf.select(config, "mode.name"), str(sweep_dir))
         overrides = [str(o) for o in config.hydra.overrides.task]
         tags = {"mlflow.runName": name, "ckpteval.sweep": "true", "sweep_dir": str(sweep_dir),
                 "overrides": " ".join(overrides)[:5000], **{k: str(v) for k, v in (tracking.tags or {}).items()}}
@@ -601,10 +603,11 @@ class SweepCallback(Callback):
                 run.log_metrics(r.metrics, step=r.step)
         best = best_per_metric(records, metrics)
         for metric, r in best.items():
-            run.log_metrics({f"best/{metric}": r.metrics[metric]}, step=r.step)
+            # "summary/..." sorts after "eval": the UI's first chart section stays the eval curve
+            run.log_metrics({f"summary/best/{metric}": r.metrics[metric]}, step=r.step)
         by_job = {r.job: r for r in records}
         for (job, metric), (p, _) in (pvalues or {}).items():  # p of each checkpoint vs the best, at its step
-            run.log_metrics({f"p_vs_best/{metric}": p}, step=by_job[job].step)
+            run.log_metrics({f"summary/p_vs_best/{metric}": p}, step=by_job[job].step)
         failed = [r for r in records if r.status != "COMPLETED"]
         run.set_tags({"sweep.jobs": len(records), "sweep.failed": len(failed),
                       **{f"best_ckpt/{m}": r.ckpt for m, r in best.items()},

@@ -38,8 +38,10 @@ def eval_set_configs(cfg) -> dict[str, object]:
     from ckpteval.config import DataConfig
 
     out = {}
-    for name, raw in (cfg.eval.get("sets") or {}).items():
-        try:
+    sets = cfg.eval.get("sets") or {}
+    for name in sets:
+        try:  # interpolations (${paths.demo_data}, ${oc.env:VAR}) resolve against the whole config first
+            raw = OmegaConf.to_container(sets[name], resolve=True) if OmegaConf.is_config(sets[name]) else sets[name]
             data_cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), raw)
         except OmegaConfBaseException as exc:
             msg = str(exc).splitlines()[0]

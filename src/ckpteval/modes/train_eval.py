@@ -139,6 +139,9 @@ def _train(cfg, job, model, tokenizer, optimizer, scheduler, state, train_window
             if d.is_main:
                 print(f"[step {state.step}] eval/loss={last_eval['eval/loss']:.4f} | "
                       f"eval/perplexity={last_eval['eval/perplexity']:.4f}", flush=True)
+                extra = [f"{k}={v:.4f}" for k, v in last_eval.items() if k.count("/") == 2 and k.endswith("/loss")]
+                if extra:  # eval.sets: one more line, the `data` line keeps its format
+                    print(f"[step {state.step}] " + " | ".join(extra), flush=True)
         interval = cfg.checkpoint.interval
         if last or (interval > 0 and state.step % interval == 0):
             save_checkpoint(cfg, job, model, optimizer, scheduler, state, tokenizer, ckpt_dir)

@@ -25,6 +25,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from ckpteval.errors import CkptEvalError
+from ckpteval.tracking.naming import watch_run_name, watcher_run_name
 from ckpteval.tracking import flatten, mlflow_run
 from ckpteval.watch.discovery import READY, UNSTABLE, Candidate, Discovery
 from ckpteval.watch.ledger import DONE, FAILED, STARTED, Ledger, MlflowView, WatchLock, pair_key
@@ -126,7 +127,7 @@ class Watcher:
             try:
                 self._startup()
                 observer = self.discovery.start_events(self.wake) if self.w.events else None
-                with mlflow_run(self.cfg.tracking, enabled=True, run_name=f"watch/{Path(self.watch_dir).name}",
+                with mlflow_run(self.cfg.tracking, enabled=True, run_name=watcher_run_name(self.watch_dir),
                                 tags={"mode": "watch", "evaluation": "watcher", "watch_dir": self.watch_dir,
                                       "ckpt": self.watch_dir},
                                 params=flatten(self.resolved)) as summary_run:
@@ -391,10 +392,11 @@ class Watcher:
                            error=None)
         self.session["evaluated"] += 1
         self.latest_step = max(self.latest_step or 0, cand.step or 0)
+        self._log_curve(metrics, cand.step)
         log.info("done %s in %.1fs: %s", what, time.monotonic() - t0, _key_metrics(result))
 
     def _run_one(self, cand: Candidate, ev: Evaluation, attempt: int) -> tuple[dict[str, Any], Any]:
-        from ckpteval.app import Job, run_name
+        from ckpteval.app import Job
         from ckpteval.results import report
 
         hcfg = None
@@ -411,7 +413,7 @@ class Watcher:
         run = None
         try:
             with self.discovery.local_copy(cand, self.downloads) as path, \
-                    mlflow_run(self.cfg.tracking, enabled=True, run_name=run_name(ev.name, path, cand.step),
+                    mlflow_run(self.cfg.tracking, enabled=True, run_name=watch_run_name(ev.name, path, cand.step),
                                tags=tags, params=flatten(resolved)) as run:
                 job = Job(dist=self.dist, out_dir=out_dir, run=run, step=cand.step)
                 with self._interruptible():
@@ -487,6 +489,16 @@ class Watcher:
             self.summary_run.set_tags({"heartbeat": time.strftime("%Y-%m-%dT%H:%M:%S")})
         except Exception as exc:  # noqa: BLE001 - the summary run is best effort; evaluations carry the results
             log.warning("could not update the watcher run: %s", exc)
+
+    def _log_curve(self, metrics: dict[str, float], step: int | None) -> None:
+        """The watcher's summary run carries the eval curves: each evaluation's metrics at its checkpoint step."""
+        if step is None or not hasattr(self, "summary_run"):
+            return
+        try:
+            self.summary_run.log_metrics({k: v for k, v in metrics.items() if k not in ("step", "tokens_seen")},
+                                         step=step)
+        except Exception as exc:  # noqa: BLE001 - best effort, as the heartbeat
+            log.warning("could not log the curve to the watcher run: %s", exc)
 
     def _summary(self) -> dict[str, Any]:
         counts = self._counts() if hasattr(self, "ledger") else {}
