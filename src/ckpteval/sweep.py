@@ -581,8 +581,21 @@ class SweepCallback(Callback):
                 from ckpteval.tracking import ui_command
 
                 print(f"MLflow: parent run {parent.name} ({parent.run_id}); {ui_command(parent.uri)}", flush=True)
+                self._print_view_links(parent)
         if failed:
             sys.exit(1)
+
+    @staticmethod
+    def _print_view_links(parent: ParentRun) -> None:
+        """Where to look: the runs table with the key metrics as columns, and the curves."""
+        from mlflow.tracking import MlflowClient
+
+        from ckpteval.tracking.naming import view_urls
+
+        exp_id = MlflowClient(tracking_uri=parent.uri).get_run(parent.run_id).info.experiment_id
+        base = parent.uri if parent.uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+        table, charts = view_urls(base, exp_id)
+        print(f"  runs table: {table}\n  curves:     {charts}", flush=True)
 
     def _finish_parent(self, parent: ParentRun, records: list[JobRecord], artifacts: list[Path],
                        pvalues: dict | None = None) -> None:
@@ -608,6 +621,9 @@ class SweepCallback(Callback):
         by_job = {r.job: r for r in records}
         for (job, metric), (p, _) in (pvalues or {}).items():  # p of each checkpoint vs the best, at its step
             run.log_metrics({f"summary/p_vs_best/{metric}": p}, step=by_job[job].step)
+        from ckpteval.tracking.naming import publish_view
+
+        publish_view(client, client.get_run(parent.run_id).info.experiment_id, metrics[:self.max_table_metrics])
         failed = [r for r in records if r.status != "COMPLETED"]
         run.set_tags({"sweep.jobs": len(records), "sweep.failed": len(failed),
                       **{f"best_ckpt/{m}": r.ckpt for m, r in best.items()},

@@ -141,8 +141,32 @@ def watch_run_name(evaluation: str, ckpt: str | None, step: int | None) -> str:
 
 
 def watcher_run_name(watch_dir: str) -> str:
-    return f"watcher:{PurePath(str(watch_dir).rstrip('/')).name}"
+    """`watcher:run1`: the run dir's name (not `checkpoints`), its tail when long (a timestamp)."""
+    p = PurePath(str(watch_dir).rstrip("/"))
+    name = p.parent.name if p.name == "checkpoints" and p.parent.name else p.name
+    return f"watcher:{name[-12:]}"
 
 
 def scan_run_name(mode: str | None, sweep_dir: str) -> str:
     return f"scan:{mode or 'jobs'} {PurePath(sweep_dir).name[-8:]}"
+
+
+# ---- the experiment page a scan points people to ---------------------------------------------------------
+
+VIEW_KEY = "ckpteval"  # MLflow's shared view state: tag mlflow.sharedViewState.<key>, URL ?viewStateShareKey=<key>
+
+
+def publish_view(client, experiment_id: str, metrics: list[str]) -> None:
+    """Store a view of the runs table with `metrics` as columns on the experiment (MLflow's "share view" state),
+    so the link `view_urls` prints opens the table with the key metrics shown, no column picking."""
+    import json
+
+    state = {"selectedColumns": [f"metrics.`{m}`" for m in metrics], "viewMaximized": False, "runListHidden": False}
+    client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(state))
+
+
+def view_urls(ui_base: str, experiment_id: str) -> tuple[str, str]:
+    """(runs table with the key metrics, chart view) of an experiment. `workflowType=machine_learning`: MLflow
+    3 otherwise opens every experiment on its GenAI overview (traces), which ckpteval does not log."""
+    base = f"{ui_base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return f"{base}&compareRunsMode=TABLE&viewStateShareKey={VIEW_KEY}", f"{base}&compareRunsMode=CHART"
