@@ -1,9 +1,10 @@
 """Look at a checkpoint scan the way a person does: `mlflow ui` on 127.0.0.1, the experiment in headless
-Chromium, screenshots of the runs table (the sweep's parent run expanded into its per-checkpoint child runs)
-and of the children's metric-vs-step charts.
+Chromium, screenshots of (1) the experiment's first screen as it opens, (2) the runs table (the scan's parent
+run expanded into its per-checkpoint child runs) and (3) the chart view, whose first section is the eval curve.
 
     python scripts/mlflow_ui_screenshot.py --demo                      # tiny scan first, then screenshots
-    python scripts/mlflow_ui_screenshot.py --db outputs/mlflow.db      # the newest sweep in an existing store
+    python scripts/mlflow_ui_screenshot.py --db outputs/mlflow.db      # the newest scan in an existing store
+    python scripts/mlflow_ui_screenshot.py --db outputs/mlflow.db --experiment train_eval/2026-11-24_05-51-36
 
 Needs: pip install playwright (the Python package only) and a Chromium binary: Debian's
 (apt-get install chromium -> /usr/bin/chromium, used when present) or `playwright install chromium`.
@@ -24,7 +25,7 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
@@ -56,19 +57,22 @@ def run_demo_scan(workdir: Path, db: Path) -> None:
         sys.exit(f"demo scan failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
-def newest_sweep(db: Path, experiment: str):
+def newest_sweep(db: Path, experiment: str | None):
+    """The newest scan parent run (in `experiment`, or in any experiment: one per training run) + its children."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
+    exps = [client.get_experiment_by_name(experiment)] if experiment else client.search_experiments()
+    ids = [e.experiment_id for e in exps if e is not None]
+    if not ids:
         sys.exit(f"no experiment {experiment!r} in {db}: run a scan first (python run.py -m ckpt='glob:...')")
-    parents = client.search_runs([exp.experiment_id], "tags.`ckpteval.sweep` = 'true'", max_results=1,
+    parents = client.search_runs(ids, "tags.`ckpteval.sweep` = 'true'", max_results=1,
                                  order_by=["attributes.start_time DESC"])
     if not parents:
-        sys.exit(f"no sweep parent run in experiment {experiment!r} of {db}: run a scan first")
-    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
-    return exp.experiment_id, parents[0], children
+        sys.exit(f"no scan parent run in {experiment or 'any experiment'} of {db}: run a scan first")
+    exp_id = parents[0].info.experiment_id
+    children = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    return exp_id, parents[0], children
 
 
 def start_ui(db: Path, port: int) -> subprocess.Popen:
@@ -106,46 +110,49 @@ def close_side_panel(page) -> None:
         page.wait_for_timeout(500)
 
 
-def widen_run_name_column(page, by: int = 160) -> None:
-    """Drag the Run Name column wider so `loss/step_0001200` is not cut off."""
-    handle = page.locator(".ag-header-cell[col-id*='Run Name'] .ag-header-cell-resize").first
-    box = handle.bounding_box() if handle.count() else None
-    if box:
-        x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-        page.mouse.move(x, y)
-        page.mouse.down()
-        page.mouse.move(x + by, y, steps=8)
-        page.mouse.up()
-
-
 def screenshots(url: str, experiment_id: str, parent, children, out_dir: Path) -> list[Path]:
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
         sys.exit("playwright is not installed: pip install playwright (and apt-get install chromium)")
     shots = []
-    runs_url = f"{url}/#/experiments/{experiment_id}/runs"
+    sys.path.insert(0, str(REPO / "src"))
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
-        # The runs table: the sweep's parent run, expanded into one child run per checkpoint (and its status).
-        page.goto(runs_url, wait_until="load")
+        # (1) The experiment as it first opens: no clicks, nothing closed or widened.
+        page.goto(f"{url}/#/experiments/{experiment_id}", wait_until="load")
+        try:
+            page.get_by_text(parent.info.run_name, exact=True).first.wait_for(timeout=60_000)
+        except Exception:  # noqa: BLE001 - the first screen may not list runs at all: record what it shows
+            print("first screen: the scan's parent run is not visible without a click", file=sys.stderr)
+        page.wait_for_timeout(4000)
+        shots.append(out_dir / "mlflow_ui_first_screen.png")
+        page.screenshot(path=str(shots[-1]))
+        # (2) The runs table as the scan's printed link opens it (key metrics as columns), parent expanded.
+        from ckpteval.tracking.naming import view_urls
+
+        table_url, charts_url = view_urls(url, experiment_id)
+        page.goto(table_url, wait_until="load")
         page.get_by_text(parent.info.run_name, exact=True).first.wait_for(timeout=120_000)
         close_side_panel(page)
-        widen_run_name_column(page)
         row = page.locator(".ag-row", has=page.get_by_text(parent.info.run_name, exact=True)).first
-        row.locator("button[data-component-id*='runnamecellrenderer']").first.click()
+        expand = row.locator("button[data-component-id*='runnamecellrenderer']")
+        if expand.count():
+            expand.first.click()
         for child in children:
             page.get_by_text(child.info.run_name, exact=True).first.wait_for(timeout=60_000)
         page.wait_for_timeout(1500)
         shots.append(out_dir / "mlflow_ui_runs.png")
         page.screenshot(path=str(shots[-1]))
-        # The chart view of the same runs: eval/loss etc. per run; the parent's own history is the curve vs step.
-        page.goto(runs_url + "?compareRunsMode=CHART", wait_until="load")
-        title = page.get_by_text("eval/loss", exact=True).first  # the parent's history: the curve vs step
-        title.wait_for(timeout=60_000)
+        # (3) The chart view: its first section should be the eval curve (the parent's history vs step).
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})  # a fresh page: a hash-only change
+        page.goto(charts_url, wait_until="load")                             # leaves the SPA half-loaded
+        try:
+            page.get_by_text("eval/loss", exact=True).first.wait_for(timeout=60_000)
+        except Exception:  # noqa: BLE001 - record what the view shows instead
+            print("charts: no eval/loss chart visible", file=sys.stderr)
         close_side_panel(page)
-        title.scroll_into_view_if_needed()
         page.wait_for_timeout(3000)
         shots.append(out_dir / "mlflow_ui_charts.png")
         page.screenshot(path=str(shots[-1]))
@@ -156,7 +163,7 @@ def screenshots(url: str, experiment_id: str, parent, children, out_dir: Path) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", type=Path, default=Path("outputs/mlflow.db"), help="sqlite MLflow store")
-    parser.add_argument("--experiment", default="ckpteval")
+    parser.add_argument("--experiment", default=None, help="default: the experiment of the newest scan")
     parser.add_argument("--out", type=Path, default=Path("outputs"), help="dir for the PNGs")
     parser.add_argument("--demo", action="store_true", help="run a tiny 4-checkpoint scan into a temp store first")
     parser.add_argument("--port", type=int, default=0, help="0 = a free port")

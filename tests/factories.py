@@ -147,14 +147,14 @@ def last_json_line(stdout: str) -> dict:
     raise AssertionError(f"no JSON line in stdout:\n{stdout[-2000:]}")
 
 
-def mlflow_runs(db: Path, experiment: str = "ckpteval"):
+def mlflow_runs(db: Path, experiment: str | None = None):
+    """Runs of one experiment, or of every experiment of the store (each training run has its own)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return client, []
-    return client, client.search_runs([exp.experiment_id], max_results=1000)
+    exps = [client.get_experiment_by_name(experiment)] if experiment else client.search_experiments()
+    ids = [e.experiment_id for e in exps if e is not None]
+    return client, client.search_runs(ids, max_results=1000) if ids else []
 
 
 def write_llama_gguf(model, path: Path) -> Path:

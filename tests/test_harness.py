@@ -94,7 +94,7 @@ def test_mlflow_run_read_back(evaluated):
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.tags["mode"] == "harness" and run.data.tags["step"] == "40"
-    assert run.data.tags["mlflow.runName"] == "harness/step_0000040"
+    assert run.data.tags["mlflow.runName"] == "harness@40"
     assert run.data.tags["harness.primary.ckpteval_mc"] == "acc_norm"
     assert run.data.params["harness.include_path"] == str(TASKS_DIR)
     for key in ("harness/ckpteval_mc/acc_norm", "harness/ckpteval_rolling/word_perplexity", "harness/mean_primary",

@@ -110,7 +110,9 @@ def test_cli_result_line_results_json_and_mlflow_run(tmp_path, tiny_hf_ckpt, tin
                               f"tracking.uri=sqlite:///{db}", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = factories.last_json_line(proc.stdout)
-    assert set(line) == {"step", "tokens_seen", "eval/loss", "eval/perplexity", "eval/tokens"}
+    assert set(line) == {"step", "tokens_seen", "eval/loss", "eval/perplexity", "eval/bpb", "eval/loss_stderr",
+                         "eval/tokens"}
+    assert set(np.load(run_dir / "window_nll.npz")) == {"data"}
     assert json.loads((run_dir / "results.json").read_text()) == line
     assert f"mlflow ui --backend-store-uri sqlite:///{db}" in proc.stdout
     client, runs = factories.mlflow_runs(db)
@@ -118,7 +120,7 @@ def test_cli_result_line_results_json_and_mlflow_run(tmp_path, tiny_hf_ckpt, tin
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.tags["mode"] == "loss" and run.data.tags["step"] == "120"
-    assert run.data.tags["mlflow.runName"] == "loss/step_0000120"
+    assert run.data.tags["mlflow.runName"] == "loss@120"
     assert run.data.params["eval.seq_len"] == str(SEQ) and run.data.params["data.kind"] == "local"
     history = client.get_metric_history(run.info.run_id, "eval/loss")
     assert [(m.step, m.value) for m in history] == [(120, pytest.approx(line["eval/loss"]))]
@@ -262,11 +264,12 @@ def test_chunked_nll_equals_full_cross_entropy(chunk):
     targets[2] = -100  # a padding row
     targets[0, 4] = -100
     with torch.no_grad():
-        nll, count = chunked_nll(hidden, head, targets, chunk)
+        nll, mask = chunked_nll(hidden, head, targets, chunk)
         full = torch.nn.functional.cross_entropy(head(hidden).reshape(-1, 50).double(), targets.reshape(-1),
-                                                 reduction="sum", ignore_index=-100)
-    assert int(count) == 17
-    assert float(nll) == pytest.approx(float(full), rel=1e-6)
+                                                 reduction="none", ignore_index=-100).reshape(3, 9)
+    assert nll.shape == mask.shape == (3, 9)
+    assert int(mask.sum()) == 17 and torch.equal(mask.bool(), targets != -100)
+    assert torch.allclose(nll, full, rtol=1e-6, atol=1e-9)  # per token, 0 where ignored
 
 
 def test_doc_mask_same_under_eager_and_sdpa_attention():
@@ -279,9 +282,9 @@ def test_doc_mask_same_under_eager_and_sdpa_attention():
     tokens[:, [5, 11, 20]] = 7  # three document ends per window
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     with torch.inference_mode():
-        plain = causal_lm_scorer(model, 0)(inputs, targets)[0]
-        sdpa = causal_lm_scorer(model, 0, doc_sep=7)(inputs, targets)[0]
+        plain = causal_lm_scorer(model, 0)(inputs, targets)[0].sum()
+        sdpa = causal_lm_scorer(model, 0, doc_sep=7)(inputs, targets)[0].sum()
         model.set_attn_implementation("eager")
-        eager = causal_lm_scorer(model, 0, doc_sep=7)(inputs, targets)[0]
+        eager = causal_lm_scorer(model, 0, doc_sep=7)(inputs, targets)[0].sum()
     assert float(eager) == pytest.approx(float(sdpa), rel=1e-5)
     assert abs(float(plain) - float(sdpa)) > 1e-3  # the mask is really applied

@@ -232,16 +232,16 @@ def test_multirun_scan_end_to_end(tmp_path, tiny_tokenizer_dir, tiny_token_shard
     client, runs = factories.mlflow_runs(db)
     [parent] = [r for r in runs if r.data.tags.get("ckpteval.sweep") == "true"]
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert sorted(children) == ["loss/step_0000100", "loss/step_0000300", "loss/step_0000400", "loss/step_0001200"]
+    assert sorted(children) == ["loss@100", "loss@1200", "loss@300", "loss@400"]
     assert parent.info.status == "FINISHED"
     for step in steps:
-        run = children[f"loss/step_{step:07d}"]
+        run = children[f"loss@{step}"]
         assert run.info.status == "FINISHED"
         [point] = client.get_metric_history(run.info.run_id, "eval/loss")
         model = AutoModelForCausalLM.from_pretrained(ckpts / f"step_{step}", dtype=torch.float32).eval()
         assert point.step == step
         assert point.value == pytest.approx(factories.reference_loss(model, shards, SEQ), abs=1e-4)
-    failed = children["loss/step_0000400"]
+    failed = children["loss@400"]
     assert failed.info.status == "FAILED" and "does not match its architecture" in failed.data.tags["error"]
 
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}

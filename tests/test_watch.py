@@ -700,7 +700,7 @@ def test_watch_end_to_end_exactly_once_across_sigkill_and_sigterm(tmp_path, temp
         path = ckpts / f"step_{step}"
         assert r.data.tags["ckpt_identity"] == checkpoint_identity(path)  # the finished files, not a half-way look
         assert r.data.tags["evaluation"] == "loss" and r.data.tags["ckpt"] == str(path)
-        assert r.data.tags["mlflow.runName"] == f"loss/step_{step:07d}"
+        assert r.data.tags["mlflow.runName"] == f"watch:loss@{step}"
         history = client.get_metric_history(r.info.run_id, "eval/loss")
         assert [m.step for m in history] == [step]
         if seeds[step] in refs:
@@ -770,7 +770,7 @@ def test_plan_with_harness_and_heavy_cadence(tmp_path, monkeypatch, templates, v
     assert pairs == [(200, "harness"), (200, "heavy"), (200, "loss"), (300, "harness"), (300, "loss")]
     runs_by = {(int(r.data.tags["step"]), r.data.tags["evaluation"]): r for r in runs}
     heavy = runs_by[(200, "heavy")]
-    assert heavy.data.tags["mlflow.runName"] == "heavy/step_0000200"
+    assert heavy.data.tags["mlflow.runName"] == "watch:heavy@200"
     assert json.loads(heavy.data.params["harness.tasks"]) == ["ckpteval_rolling"]
     assert float(heavy.data.params["harness.limit"]) == 2
     assert any(k.startswith("harness/ckpteval_rolling/") for k in heavy.data.metrics)

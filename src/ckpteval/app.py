@@ -199,10 +199,10 @@ def _delete_downloads() -> None:
 
 
 def run_name(mode: str, ckpt: str | None, step: int | None) -> str:
-    """`loss/step_0001200`: zero-padded so runs sort by step in the MLflow UI."""
-    if step is not None:
-        return f"{mode}/step_{step:07d}"
-    return f"{mode}/{Path(ckpt).name}" if ckpt else mode
+    """`loss@1200` (tracking/naming.py): short enough for the MLflow runs table."""
+    from ckpteval.tracking.naming import job_run_name
+
+    return job_run_name(mode, ckpt, step)
 
 
 def _step_from_path(ckpt: str | None) -> int | None:

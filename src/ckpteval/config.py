@@ -131,6 +131,9 @@ class EvalConfig:
     doc_mask: bool = False  # keep document boundaries in a window: attend within a document, positions restart
     doc_sep_id: Optional[int] = None  # token that ends a document (doc_mask); default: the model's eos_token_id
     device: Optional[str] = None  # cpu | cuda | cuda:N; default: cuda when available, else cpu
+    # extra held-out sets beside `data`: NAME -> the fields of a DataConfig (kind local|hf); metrics eval/NAME/...
+    # (untyped here so `+eval.sets.NAME={...}` merges; each set is checked against DataConfig before anything loads)
+    sets: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -162,7 +165,7 @@ class CheckpointConfig:
 class TrackingConfig:
     enabled: bool = True  # log to MLflow (rank 0)
     uri: str = "sqlite:///outputs/mlflow.db"  # MLflow tracking URI (sqlite file, http(s)://server, databricks)
-    experiment: str = "ckpteval"  # MLflow experiment name
+    experiment: Optional[str] = None  # MLflow experiment; conf default: one per training run (tracking/naming.py)
     run_name: Optional[str] = None  # default: "<mode>/<checkpoint name>"
     artifact_location: Optional[str] = None  # for a new experiment; default: outputs/mlartifacts beside a sqlite store
     timeout_s: float = 10.0  # connect timeout for a remote server; unreachable = clear error, nothing runs
@@ -286,3 +289,9 @@ class Config:
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="base_config", node=Config)
+    from omegaconf import OmegaConf
+
+    from ckpteval.tracking.naming import default_experiment
+
+    # conf/tracking/mlflow.yaml: `experiment: ${ckpteval_experiment:...}`, one experiment per training run
+    OmegaConf.register_new_resolver("ckpteval_experiment", default_experiment, replace=True, use_cache=False)

@@ -291,6 +291,34 @@ def best_per_metric(records: list[JobRecord], metrics: list[str]) -> dict[str, J
     return best
 
 
+def significance(records: list[JobRecord], metrics: list[str]) -> dict[tuple[int, str], tuple[float, int]]:
+    """(job, metric) -> (p-value, samples) of each completed job against the best one on the same samples:
+    paired t over windows for held-out loss, exact McNemar for harness metrics (evaluation/statistics.py)."""
+    from ckpteval.evaluation.statistics import p_value_vs
+
+    out: dict[tuple[int, str], tuple[float, int]] = {}
+    for metric, best in best_per_metric(records, metrics).items():
+        for r in records:
+            if r.status == "COMPLETED" and metric in r.metrics and r is not best:
+                found = p_value_vs(metric, best.run_dir, r.run_dir)
+                if found is not None:
+                    out[(r.job, metric)] = found
+    return out
+
+
+def _cell(r: JobRecord, metric: str, best: dict[str, JobRecord], pvalues: dict) -> str:
+    """`value`, `value (best)` or `value (p=0.012)`, `value (p=0.31 ns)`: ns = not significant at 0.05."""
+    from ckpteval.evaluation.statistics import significant
+
+    text = _fmt(r.metrics.get(metric))
+    if (r.job, metric) in pvalues:
+        p = pvalues[(r.job, metric)][0]
+        return f"{text} (p={p:.2g}{'' if significant(p) else ' ns'})"
+    if best.get(metric) is r and any(m == metric for _, m in pvalues):
+        return f"{text} (best)"
+    return text
+
+
 def _short_names(records: list[JobRecord]) -> dict[int, str]:
     """Checkpoint paths relative to the dir they share (step_100, or run1/step_100 across runs)."""
     paths = [r.ckpt for r in records if r.ckpt]
@@ -309,15 +337,18 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def summary_table(records: list[JobRecord], max_metrics: int = 6) -> str:
-    """The stdout summary: one row per job, the best checkpoint per metric, the failed jobs and their errors."""
+def summary_table(records: list[JobRecord], max_metrics: int = 6, pvalues: dict | None = None) -> str:
+    """The stdout summary: one row per job (p-value against the best checkpoint on the same samples where the
+    jobs saved them), the best checkpoint per metric, the failed jobs and their errors."""
     metrics = key_metrics(records)
     shown = metrics[:max_metrics]
     names = _short_names(records)
+    pvalues = significance(records, shown) if pvalues is None else pvalues
+    best_of = best_per_metric(records, shown)
     variants = len({r.variant for r in records}) > 1
     header = ["job", "checkpoint", "step"] + (["variant"] if variants else []) + shown + ["status"]
     rows = [[str(r.job), names[r.job], _fmt(r.step)] + ([r.variant or "-"] if variants else [])
-            + [_fmt(r.metrics.get(m)) for m in shown] + [r.status] for r in records]
+            + [_cell(r, m, best_of, pvalues) for m in shown] + [r.status] for r in records]
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
     failed = [r for r in records if r.status != "COMPLETED"]
     lines = [f"== sweep summary: {len(records)} job(s), {len(records) - len(failed)} completed, {len(failed)} failed "
@@ -333,6 +364,9 @@ def summary_table(records: list[JobRecord], max_metrics: int = 6) -> str:
             where = f" [{r.variant}]" if variants and r.variant else ""
             lines.append(f"  {metric:<{width}}  {_fmt(r.metrics[metric])} ({arrow}) at step {_fmt(r.step)}: "
                          f"{r.ckpt}{where}")
+    if pvalues:
+        lines.append("p: paired test against the best checkpoint on the same samples (loss: t-test over windows; "
+                     "benchmarks: exact McNemar); ns = not significant at 0.05")
     if failed:
         lines.append("failed jobs:")
         lines += [f"  #{r.job} {names[r.job]}: {(r.error or 'unknown error').splitlines()[0]}" for r in failed]
@@ -341,15 +375,25 @@ def summary_table(records: list[JobRecord], max_metrics: int = 6) -> str:
     return "\n".join(lines)
 
 
-def write_csv(records: list[JobRecord], path: Path) -> Path:
+def write_csv(records: list[JobRecord], path: Path, pvalues: dict | None = None) -> Path:
+    """Every metric of every job; for metrics with per-sample data, `METRIC p_vs_best` and `METRIC significant`
+    (p < 0.05 against the best job on the same samples; empty for the best job itself)."""
+    from ckpteval.evaluation.statistics import significant
+
     metrics = list(dict.fromkeys(k for r in records for k in r.metrics))
+    pvalues = significance(records, metrics) if pvalues is None else pvalues
+    tested = [m for m in metrics if any(k[1] == m for k in pvalues)]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["job", "checkpoint", "step", "tokens_seen", "mode", "variant", "status", *metrics, "error",
-                         "run_dir"])
+        writer.writerow(["job", "checkpoint", "step", "tokens_seen", "mode", "variant", "status", *metrics,
+                         *[f"{m} {c}" for m in tested for c in ("p_vs_best", "significant")], "error", "run_dir"])
         for r in records:
+            stats = []
+            for m in tested:
+                p = pvalues.get((r.job, m), (None,))[0]
+                stats += ["" if p is None else p, "" if p is None else significant(p)]
             writer.writerow([r.job, r.ckpt, r.step, r.tokens_seen, r.mode, r.variant, r.status,
-                             *[r.metrics.get(m, "") for m in metrics], (r.error or "")[:2000], r.run_dir])
+                             *[r.metrics.get(m, "") for m in metrics], *stats, (r.error or "")[:2000], r.run_dir])
     return path
 
 
@@ -393,14 +437,18 @@ def plot_metrics(records: list[JobRecord], path: Path, title: str, max_metrics: 
     return path
 
 
-def summary_markdown(records: list[JobRecord], max_metrics: int = 6) -> str:
-    """The table as markdown, for the parent run's description in the MLflow UI."""
+def summary_markdown(records: list[JobRecord], max_metrics: int = 6, pvalues: dict | None = None) -> str:
+    """The table as markdown, for the parent run's description in the MLflow UI (p-values as in the table)."""
     metrics = key_metrics(records)[:max_metrics]
     names = _short_names(records)
+    pvalues = significance(records, metrics) if pvalues is None else pvalues
+    best = best_per_metric(records, metrics)
     lines = ["| job | checkpoint | step | " + " | ".join(metrics) + " | status |",
              "|" + "---|" * (len(metrics) + 4)]
-    lines += [f"| {r.job} | {names[r.job]} | {_fmt(r.step)} | " + " | ".join(_fmt(r.metrics.get(m)) for m in metrics)
-              + f" | {r.status} |" for r in records]
+    lines += [f"| {r.job} | {names[r.job]} | {_fmt(r.step)} | "
+              + " | ".join(_cell(r, m, best, pvalues) for m in metrics) + f" | {r.status} |" for r in records]
+    if pvalues:
+        lines.append("\np: paired test against the best checkpoint on the same samples; ns = not significant at 0.05")
     return "\n".join(lines)
 
 
@@ -454,7 +502,9 @@ class SweepCallback(Callback):
         if not tracking.enabled:
             return
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
-        name = f"sweep/{sweep_dir.name}"
+        from ckpteval.tracking.naming import scan_run_name
+
+        name = scan_run_name(OmegaConf.select(config, "mode.name"), str(sweep_dir))
         overrides = [str(o) for o in config.hydra.overrides.task]
         try:
             from ckpteval.tracking import replay_outbox
@@ -502,15 +552,16 @@ class SweepCallback(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         records = load_records(sweep_dir, since=self._started)
         failed = [r for r in records if r.status != "COMPLETED"]
-        print(summary_table(records, self.max_table_metrics), flush=True)
-        csv_path = write_csv(records, sweep_dir / "summary.csv")
+        pvalues = significance(records, key_metrics(records))
+        print(summary_table(records, self.max_table_metrics, pvalues), flush=True)
+        csv_path = write_csv(records, sweep_dir / "summary.csv", pvalues)
         png = plot_metrics(records, sweep_dir / "summary.png", f"{sweep_dir.name}: metric vs checkpoint step") \
             if self.plot else None
         print(f"summary: {csv_path}" + (f", {png}" if png else ""), flush=True)
         if found is not None:
             run, name = found
             try:
-                self._finish_parent(run, records, [csv_path] + ([png] if png else []))
+                self._finish_parent(run, records, [csv_path] + ([png] if png else []), pvalues)
             except Exception as exc:  # never leave the parent RUNNING
                 log.warning("could not log the summary to MLflow run %s: %s", run.run_id, exc, exc_info=True)
                 run.end("FAILED", f"summary logging failed: {exc}")
@@ -519,12 +570,16 @@ class SweepCallback(Callback):
                     sys.exit(3)
             else:
                 from ckpteval.tracking import ui_command
+                from ckpteval.tracking.naming import view_links
 
                 print(f"MLflow: parent run {name} ({run.run_id}); {ui_command(run.uri)}", flush=True)
+                table, charts = view_links(run)
+                print(f"  runs table: {table}\n  curves:     {charts}", flush=True)
         if failed:
             sys.exit(1)
 
-    def _finish_parent(self, run, records: list[JobRecord], artifacts: list[Path]) -> None:
+    def _finish_parent(self, run, records: list[JobRecord], artifacts: list[Path],
+                       pvalues: dict | None = None) -> None:
         for path in artifacts:
             run.log_artifact(path, "summary")
         metrics = key_metrics(records)
@@ -536,9 +591,16 @@ class SweepCallback(Callback):
                 run.log_metrics(r.metrics, step=r.step)
         best = best_per_metric(records, metrics)
         for metric, r in best.items():
-            run.log_metrics({f"best/{metric}": r.metrics[metric]}, step=r.step)
+            # "summary/..." sorts after "eval": the UI's first chart section stays the eval curve
+            run.log_metrics({f"summary/best/{metric}": r.metrics[metric]}, step=r.step)
+        by_job = {r.job: r for r in records}
+        for (job, metric), (p, _) in (pvalues or {}).items():  # p of each checkpoint vs the best, at its step
+            run.log_metrics({f"summary/p_vs_best/{metric}": p}, step=by_job[job].step)
+        from ckpteval.tracking.naming import publish_view
+
+        publish_view(run, metrics[:self.max_table_metrics])
         failed = [r for r in records if r.status != "COMPLETED"]
         run.set_tags({"sweep.jobs": len(records), "sweep.failed": len(failed),
                       **{f"best_ckpt/{m}": r.ckpt for m, r in best.items()},
-                      "mlflow.note.content": summary_markdown(records, self.max_table_metrics)})
+                      "mlflow.note.content": summary_markdown(records, self.max_table_metrics, pvalues)})
         run.end("FINISHED")

@@ -2,15 +2,87 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 import torch.distributed as dist
 
 from ckpteval.data.windows import TokenWindows
+from ckpteval.errors import CkptEvalError
+
+KINDS = ("local", "hf")
+_SET_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass
+class EvalSet:
+    """One held-out set of a loss evaluation: `data` (metrics eval/...) or `eval.sets.NAME` (eval/NAME/...)."""
+
+    name: str
+    prefix: str
+    windows: TokenWindows
 
 
 def load_eval_windows(cfg, tokenizer) -> TokenWindows:
-    """The held-out windows every loss evaluation (mode=loss, train_eval, watch) reads."""
+    """The held-out windows of the `data` set."""
     return _load(cfg, tokenizer, split=cfg.data.split, path=cfg.data.dataset_path, seq_len=cfg.eval.seq_len,
                  what="data.dataset_path")
+
+
+def eval_set_configs(cfg) -> dict[str, object]:
+    """`eval.sets` as typed DataConfigs (checked field names and types), with the config errors of each set,
+    found before anything is read or loaded."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ckpteval.config import DataConfig
+
+    out = {}
+    sets = cfg.eval.get("sets") or {}
+    for name in sets:
+        try:  # interpolations (${paths.demo_data}, ${oc.env:VAR}) resolve against the whole config first
+            raw = OmegaConf.to_container(sets[name], resolve=True) if OmegaConf.is_config(sets[name]) else sets[name]
+            data_cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), raw)
+        except OmegaConfBaseException as exc:
+            msg = str(exc).splitlines()[0]
+            raise CkptEvalError(f"eval.sets.{name} is not a data config ({msg}): use the fields of `data` "
+                                f"(kind, dataset_path, file_pattern, dtype, name, config, split, text_field)") from None
+        if not _SET_NAME.match(str(name)) or name == "data":
+            raise CkptEvalError(f"eval.sets.{name}: a set name is letters, digits, '_', '.', '-' (and not 'data'): "
+                                f"rename it")
+        if data_cfg.kind not in KINDS:
+            raise CkptEvalError(f"eval.sets.{name}.kind={data_cfg.kind!r} is unknown: use kind: local (token shards, "
+                                f"dataset_path: DIR) or kind: hf (name: DIR_OR_NAME)")
+        if data_cfg.kind == "local" and not data_cfg.dataset_path:
+            raise CkptEvalError(f"eval.sets.{name} has no dataset_path: give the dir of its token shards "
+                                f"('+eval.sets.{name}={{kind: local, dataset_path: DIR}}')")
+        if data_cfg.kind == "hf" and not data_cfg.name:
+            raise CkptEvalError(f"eval.sets.{name} has no name: give a save_to_disk dir, data files or a cached hub "
+                                f"name ('+eval.sets.{name}={{kind: hf, name: DIR_OR_NAME}}')")
+        out[str(name)] = data_cfg
+    return out
+
+
+def check_eval_sets(cfg) -> None:
+    eval_set_configs(cfg)
+
+
+def load_eval_sets(cfg, tokenizer) -> list[EvalSet]:
+    """The `data` set and every `eval.sets.NAME`, windowed alike (eval.seq_len), in config order."""
+    configs = eval_set_configs(cfg)
+    sets = [EvalSet("data", "eval/", load_eval_windows(cfg, tokenizer))]
+    for name, data_cfg in configs.items():
+        if data_cfg.kind == "local":
+            from ckpteval.data.local import load_local_windows
+
+            windows = load_local_windows(data_cfg.dataset_path, data_cfg.file_pattern, data_cfg.dtype,
+                                         cfg.eval.seq_len, f"eval.sets.{name}.dataset_path")
+        else:
+            from ckpteval.data.hf import load_hf_windows
+
+            windows = _on_rank0(lambda d=data_cfg: load_hf_windows(d, d.split, tokenizer, cfg.eval.seq_len))
+        sets.append(EvalSet(str(name), f"eval/{name}/", windows))
+    return sets
 
 
 def load_train_windows(cfg, tokenizer) -> TokenWindows:
@@ -28,8 +100,6 @@ def _load(cfg, tokenizer, *, split: str, path: str | None, seq_len: int, what: s
 
         # Rank 0 tokenizes once and broadcasts the packed stream: ranks never disagree, the CPU work is not repeated.
         return _on_rank0(lambda: load_hf_windows(cfg.data, split, tokenizer, seq_len))
-    from ckpteval.errors import CkptEvalError
-
     raise CkptEvalError(f"data.kind={cfg.data.kind!r} is unknown: use data=local, data=hf or data=demo")
 
 

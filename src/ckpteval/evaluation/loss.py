@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,9 +36,19 @@ class EvalResult:
     perplexity: float
     tokens: int
     nll_sum: float
+    loss_stderr: float | None = None  # standard error of the loss over windows (None with a single window)
+    bpb: float | None = None  # bits per UTF-8 byte (None without a byte table, i.e. without a tokenizer)
+    windows: int = 0  # windows evaluated (counted again when eval.steps wraps around)
+    window_nll: np.ndarray | None = None  # per-window NLL sums in the global window order (keep_windows=True)
 
     def metrics(self, prefix: str = "eval/") -> dict[str, float]:
-        return {f"{prefix}loss": self.loss, f"{prefix}perplexity": self.perplexity, f"{prefix}tokens": self.tokens}
+        out = {f"{prefix}loss": self.loss, f"{prefix}perplexity": self.perplexity}
+        if self.bpb is not None:
+            out[f"{prefix}bpb"] = self.bpb
+        if self.loss_stderr is not None:
+            out[f"{prefix}loss_stderr"] = self.loss_stderr
+        out[f"{prefix}tokens"] = self.tokens
+        return out
 
 
 def perplexity(loss: float) -> float:
@@ -56,23 +67,29 @@ def auto_chunk(head: nn.Module, width: int) -> int:
 
 def chunked_nll(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """NLL sum and count of `targets` (-100 = ignore) under `head(hidden)`, `chunk` tokens of logits at a time.
+    """Per-token NLL of `targets` (-100 = ignore) under `head(hidden)`, `chunk` tokens of logits at a time.
 
-    Ignored positions are dropped before the projection, so padding rows cost nothing. Each chunk's logits are
-    upcast to float32 for the log-softmax, which is what makes bf16 evaluation match float32 closely.
+    Returns (nll, mask), both float64 of `targets`' shape: the NLL of each target token (0 where ignored) and
+    1.0 where a target counts. Per token rather than a sum so `run_eval` can weigh tokens by their bytes (bpb)
+    and sum per window (standard error, paired tests) without a second forward. Ignored positions are dropped
+    before the projection, so padding rows cost nothing. Each chunk's logits are upcast to float32 for the
+    log-softmax, which is what makes bf16 evaluation match float32 closely.
     """
+    shape = targets.shape
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1).to(hidden.device)
     if chunk <= 0:
         chunk = auto_chunk(head, hidden.shape[-1])
     keep = targets != -100
-    if not bool(keep.all()):
-        hidden, targets = hidden[keep], targets[keep]
-    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-    for start in range(0, targets.numel(), chunk):
-        logits = head(hidden[start:start + chunk]).float()
-        total += F.cross_entropy(logits, targets[start:start + chunk], reduction="sum").double()
-    return total, torch.tensor(targets.numel(), dtype=torch.float64, device=hidden.device)
+    kept_hidden, kept_targets = (hidden, targets) if bool(keep.all()) else (hidden[keep], targets[keep])
+    parts = []
+    for start in range(0, kept_targets.numel(), chunk):
+        logits = head(kept_hidden[start:start + chunk]).float()
+        parts.append(F.cross_entropy(logits, kept_targets[start:start + chunk], reduction="none").double())
+    nll = torch.zeros(targets.numel(), dtype=torch.float64, device=hidden.device)
+    if parts:
+        nll[keep] = torch.cat(parts)
+    return nll.reshape(shape), keep.to(torch.float64).reshape(shape)
 
 
 def document_sep_id(eval_cfg, model_config) -> int | None:
@@ -160,14 +177,21 @@ def _autocast(device: torch.device, dtype: torch.dtype, model_dtype: torch.dtype
 
 def run_eval(scorer: Scorer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, device: torch.device,
              dtype: torch.dtype = torch.float32, model_dtype: torch.dtype | None = None, group=None,
-             reduce: bool = True, progress: bool = False, total: int | None = None) -> EvalResult:
+             reduce: bool = True, progress: bool = False, total: int | None = None,
+             byte_lengths: torch.Tensor | None = None, keep_windows: bool = False) -> EvalResult:
     """Token-weighted loss over `batches` of (inputs (B, L), targets (B, L)); reduced across `group` ranks.
+
+    Every statistic is a sum on each rank, all-reduced once and divided once: loss (NLL / tokens), bpb (NLL of
+    the tokens that stand for >= 1 byte / (ln 2 x their bytes), `byte_lengths[id]` = UTF-8 bytes of token id)
+    and the loss's standard error over windows (count, sum and sum of squares of per-window mean NLL).
+    `keep_windows` also gathers each window's NLL sum, in the global window order, for paired tests.
 
     The caller puts the model in eval mode (`evaluating(model)`); this loop never touches model state, so the
     same function serves a standalone checkpoint, a model mid-training, and every parallel layout.
     """
-    nll = torch.zeros((), dtype=torch.float64, device=device)
-    count = torch.zeros((), dtype=torch.float64, device=device)
+    sums = torch.zeros(7, dtype=torch.float64, device=device)  # nll, tokens, byte nll, bytes, n, sum x, sum x^2
+    per_window: list[torch.Tensor] = []
+    table = byte_lengths.to(device) if byte_lengths is not None else None
     iterator = batches
     if progress:
         from tqdm.auto import tqdm
@@ -175,20 +199,57 @@ def run_eval(scorer: Scorer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]
         iterator = tqdm(batches, total=total, desc="eval", unit="batch", leave=False)
     with torch.inference_mode(), _autocast(device, dtype, model_dtype):
         for inputs, targets in iterator:
-            batch_nll, batch_count = scorer(inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True))
-            nll += batch_nll
-            count += batch_count
-    if reduce and torch.distributed.is_available() and torch.distributed.is_initialized():
-        both = torch.stack([nll, count])
-        torch.distributed.all_reduce(both, group=group)
-        nll, count = both[0], both[1]
-    tokens = int(count.item())
+            targets = targets.to(device, non_blocking=True)
+            nll, mask = scorer(inputs.to(device, non_blocking=True), targets)
+            sums += _batch_sums(nll, mask, targets, table)
+            if keep_windows:
+                row = nll.sum(dim=1)
+                per_window.append(torch.where(mask.sum(dim=1) > 0, row, torch.full_like(row, float("nan"))))
+    distributed = reduce and torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed:
+        torch.distributed.all_reduce(sums, group=group)
+    window_nll = _gather_windows(per_window, distributed, group) if keep_windows else None
+    return _result(sums.tolist(), table is not None, window_nll)
+
+
+def _batch_sums(nll: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor, table: torch.Tensor | None
+                ) -> torch.Tensor:
+    """One batch's contribution to run_eval's seven sums (see there)."""
+    tokens = mask.sum(dim=1)
+    real = tokens > 0  # padding rows (eval.steps=-1) are not windows
+    x = nll.sum(dim=1)[real] / tokens[real]
+    if table is not None:
+        nbytes = table[targets.clamp(min=0)].to(torch.float64) * mask
+        byte_nll, total_bytes = (nll * (nbytes > 0)).sum(), nbytes.sum()
+    else:
+        byte_nll = total_bytes = torch.zeros((), dtype=torch.float64, device=nll.device)
+    return torch.stack([nll.sum(), mask.sum(), byte_nll, total_bytes, real.sum().to(torch.float64), x.sum(),
+                        (x * x).sum()])
+
+
+def _gather_windows(per_window: list[torch.Tensor], distributed: bool, group) -> np.ndarray:
+    """Per-window NLL sums of every rank in the global window order (batch s, rank r, row j), padding dropped.
+    Every rank runs the same number of equally shaped batches, so the per-rank vectors have equal lengths."""
+    mine = torch.stack(per_window) if per_window else torch.zeros(0, 0, dtype=torch.float64)
+    if distributed and torch.distributed.get_world_size(group) > 1:
+        parts = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size(group))]
+        torch.distributed.all_gather(parts, mine.contiguous(), group=group)
+        mine = torch.stack(parts, dim=1)  # (S, W, B): batch s of rank r holds windows s*B*W + r*B + j
+    flat = mine.reshape(-1).cpu().numpy()
+    return flat[~np.isnan(flat)]
+
+
+def _result(sums: list[float], with_bytes: bool, window_nll: np.ndarray | None) -> EvalResult:
+    nll, tokens, byte_nll, total_bytes, n, sx, sxx = sums
     if tokens == 0:
         from ckpteval.errors import CkptEvalError
 
         raise CkptEvalError("evaluation saw no target tokens: the held-out data is empty or eval.steps=0")
-    loss = nll.item() / tokens
-    return EvalResult(loss=loss, perplexity=perplexity(loss), tokens=tokens, nll_sum=nll.item())
+    loss = nll / tokens
+    stderr = math.sqrt(max(sxx - sx * sx / n, 0.0) / (n - 1) / n) if n > 1 else None
+    bpb = byte_nll / (math.log(2) * total_bytes) if with_bytes and total_bytes > 0 else None
+    return EvalResult(loss=loss, perplexity=perplexity(loss), tokens=int(tokens), nll_sum=nll, loss_stderr=stderr,
+                      bpb=bpb, windows=int(n), window_nll=window_nll)
 
 
 @contextlib.contextmanager

@@ -28,10 +28,11 @@ from ckpteval.checkpoint import (
     parse_step,
     save_dcp_atomic,
 )
-from ckpteval.data import load_eval_windows, load_train_windows
-from ckpteval.data.windows import check_token_ids, eval_batches, train_batches
+from ckpteval.data import load_eval_sets, load_train_windows
+from ckpteval.data.windows import check_token_ids, train_batches
 from ckpteval.errors import CkptEvalError
-from ckpteval.evaluation.loss import evaluating, run_eval
+from ckpteval.modes.loss import byte_table
+from ckpteval.evaluation.loss import evaluating
 from ckpteval.parallel import resolve_dtype
 from ckpteval.training.loop import (
     TrainState,
@@ -47,8 +48,8 @@ def run(cfg, job) -> dict[str, Any]:
     tokenizer = _tokenizer(cfg, job)
     model = new_model(cfg.model, cfg.train.seed, job.dist.device)
     train_windows = load_train_windows(cfg, tokenizer)
-    eval_windows = load_eval_windows(cfg, tokenizer) if cfg.eval.enabled else None
-    for windows in filter(None, (train_windows, eval_windows)):
+    eval_sets = load_eval_sets(cfg, tokenizer) if cfg.eval.enabled else None  # `data` + eval.sets, as mode=loss
+    for windows in [train_windows] + [s.windows for s in eval_sets or []]:
         check_token_ids(windows, model.config.vocab_size)
     model = _parallelize(model, cfg, job)
     optimizer = build_optimizer(model, cfg.train)
@@ -58,7 +59,7 @@ def run(cfg, job) -> dict[str, Any]:
     job.log("training %s params for %d steps (batch %d x %d tokens x accum %d x dp %d), checkpoints in %s",
             f"{sum(p.numel() for p in model.parameters()):,}", cfg.train.steps, cfg.train.batch_size,
             cfg.train.seq_len, cfg.train.grad_accum, job.dist.dp_size, ckpt_dir)
-    result = _train(cfg, job, model, tokenizer, optimizer, scheduler, state, train_windows, eval_windows, ckpt_dir)
+    result = _train(cfg, job, model, tokenizer, optimizer, scheduler, state, train_windows, eval_sets, ckpt_dir)
     if job.dist.is_main:
         _print_next_steps(cfg, ckpt_dir, state.step)
     return result
@@ -106,12 +107,13 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
-def _train(cfg, job, model, tokenizer, optimizer, scheduler, state, train_windows, eval_windows, ckpt_dir):
+def _train(cfg, job, model, tokenizer, optimizer, scheduler, state, train_windows, eval_sets, ckpt_dir):
     tcfg, d = cfg.train, job.dist
     per_micro = tcfg.batch_size * d.dp_size  # samples consumed per micro-batch across data-parallel ranks
     stream = train_batches(train_windows, tcfg.batch_size, tcfg.seed, state.data_position, d.dp_rank, d.dp_size)
     autocast = resolve_dtype(tcfg.dtype) if tcfg.dtype != "float32" else None
     last_eval: dict[str, float] = {}
+    table = byte_table(tokenizer, _unwrap(model).config.vocab_size, job) if eval_sets else None
     t0, tokens0, step0 = time.perf_counter(), state.tokens_seen, state.step
     model.train()
     while state.step < tcfg.steps:
@@ -131,12 +133,15 @@ def _train(cfg, job, model, tokenizer, optimizer, scheduler, state, train_window
                 print(f"[step {state.step}] train/loss={loss:.4f} | lr={metrics['train/lr']:.2e} | "
                       f"tokens/s={rate:,.0f} | eta {_eta(time.perf_counter() - t0, state.step - step0, tcfg.steps - state.step)}",
                       flush=True)
-        if eval_windows is not None and (state.step % cfg.eval.interval == 0 or last):
-            last_eval = evaluate(cfg, job, model, eval_windows)
+        if eval_sets is not None and (state.step % cfg.eval.interval == 0 or last):
+            last_eval = evaluate(cfg, job, model, eval_sets, table)
             job.run.log_metrics(last_eval, step=state.step)
             if d.is_main:
                 print(f"[step {state.step}] eval/loss={last_eval['eval/loss']:.4f} | "
                       f"eval/perplexity={last_eval['eval/perplexity']:.4f}", flush=True)
+                extra = [f"{k}={v:.4f}" for k, v in last_eval.items() if k.count("/") == 2 and k.endswith("/loss")]
+                if extra:  # eval.sets: one more line, the `data` line keeps its format
+                    print(f"[step {state.step}] " + " | ".join(extra), flush=True)
         interval = cfg.checkpoint.interval
         if last or (interval > 0 and state.step % interval == 0):
             save_checkpoint(cfg, job, model, optimizer, scheduler, state, tokenizer, ckpt_dir)
@@ -144,19 +149,18 @@ def _train(cfg, job, model, tokenizer, optimizer, scheduler, state, train_window
     return {"step": state.step, "tokens_seen": state.tokens_seen, **last_eval}
 
 
-def evaluate(cfg, job, model, eval_windows) -> dict[str, float]:
-    """The same evaluation `mode=loss` runs: same windows, same batches, same `run_eval`."""
+def evaluate(cfg, job, model, eval_sets, table=None) -> dict[str, float]:
+    """The same evaluation `mode=loss` runs: same sets, windows, batches, byte table and `run_eval`."""
     from ckpteval.evaluation.loss import document_sep_id
+    from ckpteval.modes.loss import evaluate_set, set_metrics
     from ckpteval.parallel import training_scorer
 
     core = _unwrap(model)
-    batches = eval_batches(eval_windows, cfg.eval.batch_size, cfg.eval.steps, job.dist.dp_rank, job.dist.dp_size)
     with evaluating(model):
         scorer = training_scorer(model, cfg.eval.logits_chunk, document_sep_id(cfg.eval, core.config))
-        result = run_eval(scorer, batches, device=job.dist.device,
-                          dtype=resolve_dtype(cfg.eval.dtype), model_dtype=next(core.parameters()).dtype,
-                          group=job.dist.dp_group)
-    return result.metrics()
+        results = {s.name: evaluate_set(cfg, job, scorer, s, model_dtype=next(core.parameters()).dtype, table=table,
+                                        progress=False) for s in eval_sets}
+    return set_metrics(eval_sets, results)
 
 
 def _mean_across(value: float, d) -> float:

@@ -84,7 +84,8 @@ def build_stage(lm: nn.Module, pp_rank: int, pp_size: int, doc_sep: int | None =
 
 def pipeline_scorer(stage_module: DecoderStage, parallel_cfg, eval_cfg, dims, mesh, device: torch.device,
                     dtype: torch.dtype) -> Scorer:
-    """A scorer that runs one batch through the pipeline; every rank returns the last stage's (nll, count)."""
+    """A scorer that runs one batch through the pipeline; every rank returns the last stage's per-token
+    (nll, mask)."""
     from torch.distributed.pipelining import PipelineStage
 
     check_microbatches(eval_cfg.batch_size, parallel_cfg.microbatches)
@@ -111,7 +112,7 @@ def pipeline_scorer(stage_module: DecoderStage, parallel_cfg, eval_cfg, dims, me
             nll, count = chunked_nll(out, head, targets, chunk)
             both = torch.stack([nll, count])
         else:
-            both = torch.zeros(2, dtype=torch.float64, device=device)
+            both = torch.zeros(2, *targets.shape, dtype=torch.float64, device=device)  # per-token (nll, mask)
         dist.broadcast(both, group=pp_group, group_src=dims.pp - 1)
         return both[0], both[1]
 

@@ -26,6 +26,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from ckpteval.errors import CkptEvalError, TrackingError
+from ckpteval.tracking.naming import watch_run_name, watcher_run_name
 from ckpteval.tracking import flatten, mlflow_run
 from ckpteval.watch.discovery import READY, UNSTABLE, Candidate, Discovery
 from ckpteval.watch.ledger import DONE, FAILED, SKIPPED, STARTED, Ledger, MlflowView, lock_for, pair_key
@@ -144,7 +145,7 @@ class Watcher:
         it ended, it waits in the outbox like any run (sent by the next replay) and the watcher still exits 0;
         the evaluations' own outages are handled per pair (`_tracking_failed`)."""
         try:
-            with mlflow_run(self.cfg.tracking, enabled=True, run_name=f"watch/{Path(self.watch_dir).name}",
+            with mlflow_run(self.cfg.tracking, enabled=True, run_name=watcher_run_name(self.watch_dir),
                             tags={"mode": "watch", "evaluation": "watcher", "watch_dir": self.watch_dir,
                                   "ckpt": self.watch_dir},
                             params=flatten(self.resolved)) as summary_run:
@@ -432,11 +433,11 @@ class Watcher:
                for e in plan_evaluations(cand.step, self.w)):
             self._pending.pop(cand.name, None)
         self.latest_step = max(self.latest_step or 0, cand.step or 0)
+        self._log_curve(metrics, cand.step)
         log.info("done %s in %.1fs: %s", what, time.monotonic() - t0, _key_metrics(result))
 
     def _run_one(self, cand: Candidate, ev: Evaluation, attempt: int) -> tuple[dict[str, Any], Any]:
         """One evaluation through the job runner (ckpteval.job.run_tracked): its run, results.json, outbox."""
-        from ckpteval.app import run_name
         from ckpteval.job import Job, run_tracked
 
         hcfg = None
@@ -461,7 +462,7 @@ class Watcher:
 
         try:
             with self.discovery.local_copy(cand, self.downloads) as path:
-                result = run_tracked(self.cfg, evaluate, job, run_name=run_name(ev.name, path, cand.step),
+                result = run_tracked(self.cfg, evaluate, job, run_name=watch_run_name(ev.name, path, cand.step),
                                      tags=tags, params=flatten(resolved), title=f"watch {ev.name} {cand.name}")
         except Exception as exc:
             exc._watch_run = job.run if job.run.active else None  # so the failure is tagged on its run
@@ -566,6 +567,16 @@ class Watcher:
             self.summary_run.set_tags({"heartbeat": time.strftime("%Y-%m-%dT%H:%M:%S")})
         except Exception as exc:  # noqa: BLE001 - the summary run is best effort; evaluations carry the results
             log.warning("could not update the watcher run: %s", exc)
+
+    def _log_curve(self, metrics: dict[str, float], step: int | None) -> None:
+        """The watcher's summary run carries the eval curves: each evaluation's metrics at its checkpoint step."""
+        if step is None or not hasattr(self, "summary_run"):
+            return
+        try:
+            self.summary_run.log_metrics({k: v for k, v in metrics.items() if k not in ("step", "tokens_seen")},
+                                         step=step)
+        except Exception as exc:  # noqa: BLE001 - best effort, as the heartbeat
+            log.warning("could not log the curve to the watcher run: %s", exc)
 
     def _summary(self) -> dict[str, Any]:
         counts = self._counts() if hasattr(self, "ledger") else {}
