@@ -109,7 +109,7 @@ def scan(tmp: Path, args, env: dict) -> None:
           f"{t_stock:.1f} s, speedup {t_stock / t_ours:.2f}x; jobs found {len(jobs)}")
     print(f"  per-checkpoint overhead beyond loading and model forwards: first {over[0]:.2f} s, others "
           f"{min(rest):.2f}..{max(rest):.2f} s (mean {sum(rest) / len(rest):.2f} s); per-job runtime "
-          f"{' '.join(f'{j['harness/runtime_s']:.1f}' for j in jobs)} s")
+          f"{' '.join(format(j['harness/runtime_s'], '.1f') for j in jobs)} s")
 
 
 def timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, subprocess.CompletedProcess]:
