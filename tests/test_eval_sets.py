@@ -173,7 +173,7 @@ def test_in_loop_eval_equals_mode_loss_on_every_set(tmp_path, monkeypatch, tiny_
 
 
 @pytest.mark.parametrize("override, match", [
-    ("+eval.sets.x={kind: s3, dataset_path: /nowhere}", "eval.sets.x.kind='s3' is unknown"),
+    ("+eval.sets.x={kind: s3, dataset_path: /nowhere}", "Invalid value 's3', expected one of [local, hf]"),
     ("+eval.sets.x={kind: local, dataset_path: /no/such/dir}", "eval.sets.x.dataset_path=/no/such/dir does not"),
     ("+eval.sets.x={kind: local}", "eval.sets.x has no dataset_path"),
     ("+eval.sets.x={kind: hf}", "eval.sets.x has no name"),
