@@ -107,9 +107,9 @@ def scan(tmp: Path, args, env: dict) -> None:
     rest = over[1:] or over
     print(f"scan of {args.scan} checkpoints: ours (one run.py -m) {t_ours:.1f} s, stock ({args.scan} lm_eval runs) "
           f"{t_stock:.1f} s, speedup {t_stock / t_ours:.2f}x; jobs found {len(jobs)}")
+    runtimes = " ".join(f"{j['harness/runtime_s']:.1f}" for j in jobs)
     print(f"  per-checkpoint overhead beyond loading and model forwards: first {over[0]:.2f} s, others "
-          f"{min(rest):.2f}..{max(rest):.2f} s (mean {sum(rest) / len(rest):.2f} s); per-job runtime "
-          f"{' '.join(format(j['harness/runtime_s'], '.1f') for j in jobs)} s")
+          f"{min(rest):.2f}..{max(rest):.2f} s (mean {sum(rest) / len(rest):.2f} s); per-job runtime {runtimes} s")
 
 
 def timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, subprocess.CompletedProcess]:

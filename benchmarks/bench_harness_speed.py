@@ -142,6 +142,7 @@ def main() -> None:
     ap.add_argument("--cases", default="a,b,c,d")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--docs", type=int, default=4, help="documents per group; (a) and (d) use twice as many")
+    ap.add_argument("--groups", type=int, default=2, help="(b), (c): groups of documents, each its own preamble")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
@@ -182,14 +183,14 @@ def main() -> None:
         fast, hf = pair()
         run_case("a", fast, hf, "loglikelihood", reqs, ll_tokens(reqs, fast), args, params, peak)
     if "b" in cases:
-        groups, shots, shot_len = 2, 5, (30 if args.small else 100)
+        groups, shots, shot_len = args.groups, 5, (30 if args.small else 100)
         reqs = fewshot_requests(rng, vocab, groups, docs, shots, shot_len)
         fast, hf = pair()
         pre = shots * shot_len
         run_case("b", fast, hf, "loglikelihood", reqs, ll_tokens(reqs, fast, groups * (docs - 1) * pre), args, params,
                  peak)
     if "c" in cases:
-        prompts = gen_prompts(rng, vocab, 2, docs)
+        prompts = gen_prompts(rng, vocab, args.groups, docs)
         max_gen = 16
         until = stop_words(model, tok, prompts, max_gen)
         reqs = [Instance("generate_until", {}, (p, {"until": until, "max_gen_toks": max_gen, "do_sample": False}), i)
@@ -197,7 +198,7 @@ def main() -> None:
         fast, hf = pair()
         n_prompt = sum(len(p.split()) for p in prompts)
         run_case("c", fast, hf, "generate_until", reqs,
-                 {"fast": n_prompt - 300 * (len(prompts) - 2), "hf": n_prompt + max_gen * len(prompts)},
+                 {"fast": n_prompt - 300 * (len(prompts) - args.groups), "hf": n_prompt + max_gen * len(prompts)},
                  args, params, peak)
         print(f"    stop strings {until}")
     if "d" in cases:

@@ -286,6 +286,19 @@ def _two_preamble_requests() -> list[tuple[str, str]]:
     return reqs
 
 
+def test_shared_prefix_plan():
+    from ckpteval.evaluation.prefix_cache import plan_shared_prefixes
+
+    a, b = tuple(range(100)), tuple(range(500, 600))
+    seqs = [a + (1000 + i, 7) for i in range(5)] + [b + (2000 + i,) for i in range(3)] + [(9, 9, 9), a[:50]]
+    plan = {tuple(sorted(m)): s for s, m in plan_shared_prefixes(seqs, max_tokens=8192)}
+    assert plan == {(0, 1, 2, 3, 4): 100, (5, 6, 7): 100, (8, 9): 0}  # a[:50] gains less with the a-group
+    capped = {tuple(sorted(m)): s for s, m in plan_shared_prefixes(seqs, max_tokens=99)}
+    assert capped == {(0, 1, 2, 3, 4, 9): 49, (5, 6, 7, 8): 0}  # a shorter prefix that fits; b's does not
+    for s, members in plan_shared_prefixes(seqs, max_tokens=8192):
+        assert all(len(seqs[m]) > s and seqs[m][:s] == seqs[members[0]][:s] for m in members)
+
+
 def test_prefix_cache_cap_evicts_and_results_stay_identical(setup):
     model, tok, _ = setup
     reqs = _two_preamble_requests()

@@ -410,10 +410,6 @@ class FastLM(TemplateLM):
         mask = (causal & visible)[:, None]
         if S:
             mask = torch.cat([torch.ones(len(batch), 1, T, S, dtype=torch.bool), mask], dim=-1)
-        elif all(len(g.conts) == 1 for g in batch):
-            # plain causal rows, right-padded: every real token sees only real tokens before it, so no mask at
-            # all (sdpa's causal kernel skips the masked half; an explicit T x T mask costs it all, e.g. rolling)
-            mask = None
         logp = torch.log_softmax(self.forward(ids, pos, mask, keep, self.new_cache(shared, len(batch))).float(),
                                  dim=-1)
         flat_t, targets_t, owner_t = (torch.tensor(x, device=logp.device) for x in (flat, targets, owner))

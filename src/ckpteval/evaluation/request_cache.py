@@ -69,8 +69,13 @@ def _stable(obj) -> str:
     return type(obj).__name__
 
 
+_doc_hashes: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # task object -> docs hash (scans reuse tasks)
+
+
 def _docs_hash(task) -> str:
     """The documents a build reads: the evaluation split and the few-shot source, as JSON."""
+    with contextlib.suppress(KeyError, TypeError):
+        return _doc_hashes[task]
     h = hashlib.sha256()
     for get in (lambda: task.eval_docs, task.fewshot_docs):
         try:
@@ -80,6 +85,8 @@ def _docs_hash(task) -> str:
         for doc in docs or ():
             h.update(json.dumps(doc, sort_keys=True, default=_stable).encode())
         h.update(b"|")
+    with contextlib.suppress(TypeError):
+        _doc_hashes[task] = h.hexdigest()
     return h.hexdigest()
 
 
