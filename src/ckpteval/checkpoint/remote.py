@@ -35,7 +35,7 @@ PARENT_FILES = re.compile(r"^(config\.json|generation_config\.json|tokenizer[^/]
 # Files a trainer saves beside the model that evaluation never reads (optimizer state is often bigger than the
 # model); inside DCP .distcp files optimizer state cannot be separated and is downloaded with the model.
 SKIP = re.compile(r"(^|/)(optim[^/]*|optimizer[^/]*|scheduler[^/]*|rng_state[^/]*|training_args\.bin|"
-                  r"global_step\d+/[^/]*optim_states[^/]*)$|(^|/)(optim|optimizer|optimizer_state)/", re.I)
+                  r"global_step\d+/[^/]*optim_states[^/]*)$|(^|/)(optim|optimizer|optimizer_state)/", re.IGNORECASE)
 VERSION_KEYS = ("ETag", "etag", "md5Hash", "mtime", "LastModified", "last_modified", "updated")
 
 _made: list[Path] = []
