@@ -30,6 +30,24 @@ def _rank_overrides(argv: list[str]) -> list[str]:
     return [f"{key}={value}" for key, value in wanted.items() if key not in given]
 
 
+def _quote_paths(argv: list[str]) -> list[str]:
+    """`ckpt=/x/epoch=0-step=10.ckpt` (Lightning's default name) has an `=` Hydra's override grammar refuses
+    unquoted: pass such a path value on as Hydra's quoted form, `ckpt='/x/epoch=0-step=10.ckpt'`."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") in ("ckpt", "tokenizer") and "=" in value and value[:1] not in "'\"":
+            if "," in value:  # a list of paths (a sweep): only the user knows where each one ends
+                print(f"hint: Hydra reads '=' in {key}= values as syntax: quote each path, e.g. "
+                      f"{key}='\"/x/epoch=0-step=10.ckpt\"'", file=sys.stderr)
+            else:
+                from ckpteval.sweep import quote_value
+
+                arg = f"{key}={quote_value(value)}"
+        out.append(arg)
+    return out
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> dict | None:
     from ckpteval.app import main as app_main
@@ -41,5 +59,6 @@ if __name__ == "__main__":
     from ckpteval import cli_errors
 
     cli_errors.install()  # composition errors: one `error:` line, exit 2, like every other bad input
+    sys.argv[1:] = _quote_paths(sys.argv[1:])
     sys.argv += _rank_overrides(sys.argv[1:])
     main()

@@ -10,6 +10,14 @@ run offline. "ours" is one process: resolve tasks (include path only, no built-i
 weights in memory, evaluate. "stock" is what one does without ckpteval: `run.py mode=convert` (DCP -> HF, written
 and verified) and then `lm_eval --model hf --model_args pretrained=DIR ... --include_path tests/tasks`. Every
 metric of every run is checked equal to the stock run's (exactly for hf; FastLM within 1e-4 relative).
+
+    python benchmarks/bench_harness.py --scan 10             # + a 10-checkpoint scan: one `run.py -m` vs 10 stock runs
+
+`--scan N` writes N HF checkpoints (step_1 .. step_N, different random weights, one tokenizer) and times one
+`python run.py -m mode=harness ckpt='glob:.../step_*'` (jobs one after another in one process: tasks resolved,
+requests built and tokenized once) against N runs of the stock `lm_eval` CLI, one per checkpoint. Printed: both
+wall clocks, the ratio, and per checkpoint our `harness/overhead_s` (run time minus weight loading minus model
+forwards: task work and glue), first checkpoint and the rest.
 """
 
 from __future__ import annotations
@@ -57,6 +65,53 @@ def make_checkpoint(root: Path, size: str) -> Path:
     return ckpt
 
 
+def make_hf_checkpoints(root: Path, size: str, n: int) -> list[Path]:
+    """`n` random-weight Llamas as HF dirs step_1..step_n sharing one BPE tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tests.factories import make_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(make_tokenizer(root / "tokenizer",
+                                                       vocab_size=min(SIZES[size]["vocab_size"], 2048)))
+    out = []
+    for k in range(1, n + 1):
+        torch.manual_seed(k)
+        model = LlamaForCausalLM(LlamaConfig(**SIZES[size], tie_word_embeddings=False, bos_token_id=0,
+                                             eos_token_id=0))
+        path = root / "scan" / f"step_{k}"
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        out.append(path)
+    return out
+
+
+def scan(tmp: Path, args, env: dict) -> None:
+    ckpts = make_hf_checkpoints(tmp, args.size, args.scan)
+    sweep = tmp / "multirun"
+    t_ours, _ = timed([sys.executable, str(ROOT / "run.py"), "-m", "mode=harness",
+                       f"ckpt=glob:{tmp / 'scan' / 'step_*'}", "harness=offline",
+                       f"harness.include_path={TASKS_DIR}", f"harness.batch_size={args.batch_size}",
+                       f"eval.device={args.device}", "tracking.enabled=false", f"paths.outputs={tmp / 'out'}",
+                       f"hydra.sweep.dir={sweep}"], tmp, env)
+    jobs = sorted((json.loads(p.read_text()) for p in sweep.rglob("results.json") if p.parent.parent == sweep),
+                  key=lambda r: r["step"])
+    t_stock = 0.0
+    for k, ckpt in enumerate(ckpts):
+        t, _ = timed([sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args",
+                      f"pretrained={ckpt},dtype=float32", "--tasks", ",".join(TASKS), "--include_path",
+                      str(TASKS_DIR), "--batch_size", str(args.batch_size), "--device", args.device,
+                      "--output_path", str(tmp / "stock_scan" / str(k)), "--seed", "1234,1234,1234,1234"], tmp, env)
+        t_stock += t
+    over = [j.get("harness/overhead_s", float("nan")) for j in jobs]
+    rest = over[1:] or over
+    print(f"scan of {args.scan} checkpoints: ours (one run.py -m) {t_ours:.1f} s, stock ({args.scan} lm_eval runs) "
+          f"{t_stock:.1f} s, speedup {t_stock / t_ours:.2f}x; jobs found {len(jobs)}")
+    print(f"  per-checkpoint overhead beyond loading and model forwards: first {over[0]:.2f} s, others "
+          f"{min(rest):.2f}..{max(rest):.2f} s (mean {sum(rest) / len(rest):.2f} s); per-job runtime "
+          f"{' '.join(f'{j['harness/runtime_s']:.1f}' for j in jobs)} s")
+
+
 def timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, subprocess.CompletedProcess]:
     start = time.perf_counter()
     proc = subprocess.run(cmd, check=False, cwd=cwd, env=env, capture_output=True, text=True)
@@ -86,11 +141,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if shutil.which("nvidia-smi") else "cpu")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir")
+    parser.add_argument("--scan", type=int, default=0, help="also time an N-checkpoint scan vs N stock runs")
+    parser.add_argument("--only-scan", action="store_true", help="skip the single-checkpoint comparison")
     args = parser.parse_args()
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     tmp = Path(tempfile.mkdtemp(prefix="bench_harness_"))
     try:
+        if args.scan:
+            scan(tmp, args, env)
+        if args.only_scan:
+            return
         ckpt = make_checkpoint(tmp, args.size)
         common = ["harness=offline", f"harness.include_path={TASKS_DIR}", f"harness.batch_size={args.batch_size}",
                   f"eval.device={args.device}", "tracking.enabled=false"]

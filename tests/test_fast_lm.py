@@ -3,8 +3,10 @@
 Per request: loglikelihoods within 1e-4 (float32) and identical is_greedy on shared contexts with 4 choices,
 empty contexts, trailing spaces, duplicates and contexts longer than max_length; rolling loglikelihoods and
 generation; task metrics from `lm_eval.simple_evaluate` on a small offline multiple-choice task and a
-perplexity task written here; and under `torchrun --nproc_per_node=2` (this module run as a script) the same
-results on both ranks as in one process.
+perplexity task written here; few-shot tasks whose documents share a preamble (tests/tasks: ckpteval_fewshot,
+ckpteval_gen) run with the shared prefix computed once; greedy generation with stop strings hit and not hit and
+max_gen_toks cuts; the prefix cache cap (evictions, same numbers); and under `torchrun --nproc_per_node=2`
+(this module run as a script) the same results on both ranks as in one process.
 """
 
 from __future__ import annotations
@@ -232,6 +234,123 @@ def test_task_metrics_identical_to_hflm(setup, task_dir):
     _assert_same_metrics(ours, ref)
 
 
+# ------------------------------------------------------------------------------------------ shared prefixes
+REPO_TASKS = factories.REPO / "tests" / "tasks"
+FEWSHOT_TASKS = ["ckpteval_fewshot", "ckpteval_gen"]  # 3-shot MC and 2-shot generation, first_n preambles
+
+
+def evaluate_fewshot(lm) -> dict | None:
+    import lm_eval
+
+    out = lm_eval.simple_evaluate(model=lm, tasks=FEWSHOT_TASKS, log_samples=True, bootstrap_iters=0,
+                                  task_manager=_task_manager(str(REPO_TASKS)))
+    if out is None:
+        return None
+    return {"results": {t: {k: v for k, v in r.items() if isinstance(v, (int, float, str))}
+                        for t, r in out["results"].items()},
+            "resps": {t: [s["resps"] for s in out["samples"][t]] for t in out["samples"]}}
+
+
+@pytest.fixture(scope="module")
+def fewshot_reference(setup):
+    model, tok, _ = setup
+    return evaluate_fewshot(_hflm(model, tok, batch_size=4))
+
+
+def _assert_same_fewshot(ours: dict, ref: dict) -> None:
+    for task in FEWSHOT_TASKS:
+        assert ours["results"][task] == ref["results"][task], task  # identical metrics
+    assert len(ref["resps"]["ckpteval_fewshot"]) == 40
+    for doc, ref_doc in zip(ours["resps"]["ckpteval_fewshot"], ref["resps"]["ckpteval_fewshot"], strict=True):
+        for (got,), (want,) in zip(doc, ref_doc, strict=True):
+            assert abs(got[0] - want[0]) <= 1e-4 and got[1] == want[1]
+    assert ours["resps"]["ckpteval_gen"] == ref["resps"]["ckpteval_gen"]  # identical generated text
+
+
+def test_fewshot_shared_prefix_matches_hflm(setup, fewshot_reference):
+    model, tok, _ = setup
+    lm = FastLM(model, tok, batch_size=4)
+    ours = evaluate_fewshot(lm)
+    _assert_same_fewshot(ours, fewshot_reference)
+    store = lm.prefix_store
+    assert store.hits >= 4 and max(len(p) for p in store.entries) >= 100, "the few-shot preamble was not shared"
+
+
+def _two_preamble_requests() -> list[tuple[str, str]]:
+    """Documents under two different few-shot preambles of similar length, interleaved."""
+    pre = {k: " ".join(factories.TEXT[k * 4:k * 4 + 4]) + "\n\n" for k in (0, 1)}
+    reqs = []
+    for d in range(8):
+        ctx = pre[d % 2] + f"Question {d}: {TEXT[d % 6]}\nAnswer:"
+        reqs += [(ctx, " yes"), (ctx, " no"), (ctx, " the next token")]
+    return reqs
+
+
+def test_prefix_cache_cap_evicts_and_results_stay_identical(setup):
+    model, tok, _ = setup
+    reqs = _two_preamble_requests()
+    ref = _hflm(model, tok).loglikelihood(_instances(reqs))
+    roomy = FastLM(model, tok, batch_size=2)
+    results = {"roomy": roomy.loglikelihood(_instances(reqs))}
+    sizes = sorted(len(p) for p in roomy.prefix_store.entries)
+    assert len(sizes) == 2 and roomy.prefix_store.evictions == 0
+    capped = FastLM(model, tok, batch_size=2, prefix_cache_tokens=sizes[-1])  # room for one preamble at a time
+    results["capped"] = capped.loglikelihood(_instances(reqs))
+    results["again"] = capped.loglikelihood(_instances(reqs))  # the evicted preamble is computed again
+    assert capped.prefix_store.evictions >= 2 and capped.prefix_store.tokens <= sizes[-1]
+    assert capped.prefix_store.misses >= 3
+    off = FastLM(model, tok, batch_size=2, prefix_cache_tokens=0)  # nothing shared beyond identical contexts
+    results["off"] = off.loglikelihood(_instances(reqs))
+    assert off.prefix_store.misses == 0
+    for name, got in results.items():
+        for (want_ll, want_greedy), (ll, greedy) in zip(ref, got, strict=True):
+            assert abs(ll - want_ll) <= 1e-4 and greedy == want_greedy, name
+
+
+def _gen(prompts, kwargs) -> list:
+    return _instances([(p, dict(kwargs)) for p in prompts], "generate_until")
+
+
+def test_generate_until_matches_hflm(setup):
+    model, tok, _ = setup
+    pre = "Answer the questions.\n\n" + "".join(f"Question: {TEXT[i]}\nAnswer: yes\n\n" for i in range(2))
+    prompts = [pre + f"Question: {TEXT[i]} ({i})\nAnswer:" for i in range(6)]
+    prompts += [TEXT[0], " ".join(factories.TEXT[:40])]  # no preamble; longer than max_length: left-truncated
+    ref_lm, lm = _hflm(model, tok, batch_size=3), FastLM(model, tok, batch_size=3)
+    free = ref_lm.generate_until(_gen(prompts, {"until": [], "max_gen_toks": 10}))
+    assert lm.generate_until(_gen(prompts, {"until": [], "max_gen_toks": 10})) == free
+    hit = next(t[3:5] for t in free if len(t) >= 6 and t[3:5].strip())  # a stop string the model produces
+    cases = [{"until": [hit, "zzqq"], "max_gen_toks": 10, "do_sample": False},  # hit in some rows, not others
+             {"until": "zzqq", "max_gen_toks": 3},  # never hit: cut at max_gen_toks
+             {"until": ["\n"], "max_gen_toks": 6, "temperature": 0.0}]
+    for kwargs in cases:
+        want = ref_lm.generate_until(_gen(prompts, kwargs))
+        assert lm.generate_until(_gen(prompts, kwargs)) == want, kwargs
+    cut = ref_lm.generate_until(_gen(prompts, cases[0]))
+    assert any(c != f for c, f in zip(cut, free)) and any(c == f for c, f in zip(cut, free))
+    assert lm.prefix_store.hits >= 1, "the shared preamble was not reused"
+
+
+def test_sampling_goes_to_hflm(setup, monkeypatch, caplog):
+    model, tok, _ = setup
+    lm = FastLM(model, tok)
+    calls = []
+    monkeypatch.setattr(type(lm.hflm), "generate_until",
+                        lambda self, reqs, disable_tqdm=False: calls.append(len(reqs)) or ["s"] * len(reqs))
+    reqs = _gen(TEXT[:2], {"until": ["\n"], "do_sample": True, "temperature": 0.7})
+    reqs += _gen(TEXT[2:3], {"until": ["\n"], "max_gen_toks": 2})
+    with caplog.at_level("INFO", logger="ckpteval.evaluation.generate"):
+        out = lm.generate_until(reqs)
+    assert calls == [2] and out[:2] == ["s", "s"] and out[2] != "s"
+    assert "sampling" in caplog.text and "HFLM" in caplog.text
+
+
+def test_generation_room_error(setup):
+    model, tok, _ = setup
+    with pytest.raises(CkptEvalError, match="max_gen_toks"):
+        FastLM(model, tok, max_length=16).generate_until(_gen(TEXT[:1], {"until": [], "max_gen_toks": 16}))
+
+
 # ------------------------------------------------------------------------------------------ data parallel
 def _driver(spec_path: str) -> None:
     """Under torchrun: FastLM sharded over 2 ranks; each rank writes what it got back."""
@@ -243,11 +362,12 @@ def _driver(spec_path: str) -> None:
     lm = FastLM(model, tok, batch_size=2, rank=rank, world_size=world)
     reqs = _requests(model, tok)
     rows, score_batch = [], lm._score_batch
-    lm._score_batch = lambda batch: rows.append(len(batch)) or score_batch(batch)  # count this rank's share
+    lm._score_batch = lambda batch, *a: rows.append(len(batch)) or score_batch(batch, *a)  # this rank's share
     gen = _instances([(t, {"until": ["\n"], "max_gen_toks": 4}) for t in TEXT[:3]], "generate_until")
     out = {"ll": lm.loglikelihood(_instances(reqs))}
     out["rows"] = sum(rows)
-    out |= {"gen": lm.generate_until(gen), "evaluate": evaluate(lm, Path(spec["tasks"]))}
+    out |= {"gen": lm.generate_until(gen), "evaluate": evaluate(lm, Path(spec["tasks"])),
+            "fewshot": evaluate_fewshot(lm)}
     Path(spec["out"], f"rank{rank}.json").write_text(json.dumps(out))
     torch.distributed.destroy_process_group()
 
@@ -260,7 +380,7 @@ def _free_port() -> int:
 
 @pytest.mark.dist
 @pytest.mark.slow
-def test_data_parallel_matches_single_process(setup, task_dir, tiny_tokenizer_dir, tmp_path):
+def test_data_parallel_matches_single_process(setup, task_dir, tiny_tokenizer_dir, tmp_path, fewshot_reference):
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"tok": str(tiny_tokenizer_dir), "tasks": str(task_dir), "out": str(tmp_path)}))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(factories.REPO), os.environ.get("PYTHONPATH", "")]),
@@ -285,6 +405,10 @@ def test_data_parallel_matches_single_process(setup, task_dir, tiny_tokenizer_di
     # simple_evaluate returns results where LOCAL_RANK == 0 only, identical to one process
     assert ranks[1]["evaluate"] is None
     _assert_same_metrics(ranks[0]["evaluate"], evaluate(single, task_dir))
+    # (b) few-shot shared-prefix MC and (c) generation: the same as HFLM in one process, on rank 0
+    assert ranks[1]["fewshot"] is None
+    _assert_same_fewshot(json.loads(json.dumps(evaluate_fewshot(single))), ranks[0]["fewshot"])
+    _assert_same_fewshot(ranks[0]["fewshot"], json.loads(json.dumps(fewshot_reference)))
 
 
 if __name__ == "__main__":

@@ -247,3 +247,41 @@ def test_include_path_tasks_that_import_python_are_named_once(caplog):
     assert len(notices) == 2, notices
     assert any("ckpteval_mc.yaml" in n and "ckpteval_offline_data.load_mc" in n for n in notices)
     assert any("ckpteval_rolling.yaml" in n and "ckpteval_offline_data.load_rolling" in n for n in notices)
+
+
+# ---- once per scan: requests built once for checkpoints sharing tasks and tokenizer ------------------------
+
+def test_request_cache_reused_across_checkpoints(evaluated, tiny_hf_ckpt, tmp_path, monkeypatch):
+    """Two checkpoints, same tasks and tokenizer: lm-eval builds the requests for the first only; a new process
+    (memory cleared) reads them from harness.request_cache_dir; metrics equal a run without any cache."""
+    from lm_eval.api.task import ConfigurableTask
+
+    from ckpteval.evaluation import harness as glue
+    from ckpteval.evaluation import request_cache
+
+    built: list[str] = []  # one entry per document lm-eval turns into requests
+    original = ConfigurableTask.construct_requests
+    monkeypatch.setattr(ConfigurableTask, "construct_requests",
+                        lambda self, *a, **k: built.append(self.config.task) or original(self, *a, **k))
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "requests"
+    common = ["tracking.enabled=false", f"harness.request_cache_dir={cache}"]
+    glue._RESOLVED.clear()
+    request_cache._built.clear()
+    app.main(_harness_cfg(tmp_path, evaluated["ckpt"], *common))
+    n_built = len(built)
+    assert n_built == 48 and len(list(cache.glob("*.json"))) == 2  # 40 MC + 8 rolling documents
+    second = app.main(_harness_cfg(tmp_path, tiny_hf_ckpt, *common))
+    assert len(built) == n_built, "requests were rebuilt for the second checkpoint"
+    assert "harness/overhead_s" in second
+
+    glue._RESOLVED.clear()  # as in a new process
+    request_cache._built.clear()
+    disk_before = request_cache.stats["reused_disk"]
+    from_disk = app.main(_harness_cfg(tmp_path, tiny_hf_ckpt, *common))
+    assert len(built) == n_built and request_cache.stats["reused_disk"] == disk_before + 2
+
+    fresh = app.main(_harness_cfg(tmp_path, tiny_hf_ckpt, "tracking.enabled=false", "harness.request_cache=false"))
+    assert len(built) == 2 * n_built
+    keys = [k for k in fresh if k.startswith("harness/ckpteval") or k == "harness/mean_primary"]
+    assert keys and {k: second[k] for k in keys} == {k: fresh[k] for k in keys} == {k: from_disk[k] for k in keys}

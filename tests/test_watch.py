@@ -25,8 +25,8 @@ import pytest
 from ckpteval import app
 from ckpteval.checkpoint import checkpoint_identity
 from ckpteval.errors import CkptEvalError
-from ckpteval.watch.discovery import INCOMPLETE, READY, UNSTABLE, Discovery
-from ckpteval.watch.ledger import DONE, Ledger, WatchLock
+from ckpteval.watch.discovery import INCOMPLETE, NO_FALLBACK, READY, UNSTABLE, Discovery
+from ckpteval.watch.ledger import DONE, SKIPPED, Ledger, WatchLock
 from ckpteval.watch.plan import harness_config, plan_evaluations, validate_plan
 from tests import factories
 
@@ -230,7 +230,7 @@ def test_discovery_of_a_remote_fsspec_store(templates):
     fs.pipe(f"{base}/step_200/model.safetensors.index.json",
             json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
                                        "b": "model-00002-of-00002.safetensors"}}).encode())
-    fs.pipe(f"{base}/step_200/model-00001-of-00002.safetensors", b"x")
+    fs.pipe(f"{base}/step_200/model-00001-of-00002.safetensors", (templates[1] / "model.safetensors").read_bytes())
 
     clock = Clock()
     disc = Discovery(f"memory://{base}", stable_s=1.0, clock=clock)
@@ -238,7 +238,7 @@ def test_discovery_of_a_remote_fsspec_store(templates):
     clock.t += 1.5
     looked = {c.name: c for c in disc.look()}
     assert looked["step_100"].state == READY and looked["step_100"].url == f"memory://{base}/step_100"
-    assert looked["step_200"].state == INCOMPLETE and "missing shards" in looked["step_200"].reason
+    assert looked["step_200"].state == INCOMPLETE and "model-00002-of-00002.safetensors" in looked["step_200"].reason
 
     downloads = Path(os.environ.get("TMPDIR", "/tmp")) / f"ckpteval_watch_dl_{os.getpid()}"
     with disc.local_copy(looked["step_100"], downloads) as path:
@@ -246,6 +246,128 @@ def test_discovery_of_a_remote_fsspec_store(templates):
         assert (Path(path) / "model.safetensors").read_bytes() == (templates[1] / "model.safetensors").read_bytes()
     assert not (downloads / "step_100").exists()  # temporary downloads are removed
     fs.rm(base, recursive=True)
+
+
+def _dcp_dir(dst: Path, seed: int) -> Path:
+    import torch.distributed.checkpoint as dcp
+
+    model = factories.make_model(seed=seed)
+    dcp.save({"model": model.state_dict()}, storage_writer=dcp.FileSystemWriter(str(dst)))
+    return dst
+
+
+@pytest.mark.parametrize("store", ["memory", "file"])
+def test_local_and_remote_listings_judge_completeness_the_same(tmp_path, templates, monkeypatch, store):
+    """One definition of complete: the remote check (fsspec, headers only) agrees with check_complete on every
+    half-written state: truncated safetensors, a shard short of what DCP .metadata names, a cut GGUF."""
+    import fsspec
+
+    from ckpteval.checkpoint import check_complete, listing
+
+    local = tmp_path / "local"
+    local.mkdir()
+    weights = (templates[1] / "model.safetensors").read_bytes()
+    cases = {}
+    cases["step_1"] = _copy(templates[1], local / "step_1")
+    cut = _copy(templates[1], local / "step_2")
+    (cut / "model.safetensors").write_bytes(weights[: len(weights) - 100])
+    dcp_dir = _dcp_dir(local / "step_3", seed=1)
+    short = _copy(dcp_dir, local / "step_4")
+    distcp = min(short.glob("*.distcp"))
+    distcp.write_bytes(distcp.read_bytes()[:-10])
+    missing = _copy(dcp_dir, local / "step_5")
+    for f in missing.glob("*.distcp"):
+        f.unlink()
+    gguf_bytes = factories.write_llama_gguf(factories.make_model(seed=2), tmp_path / "g.gguf").read_bytes()
+    (local / "step_6.gguf").write_bytes(gguf_bytes)
+    (local / "step_7.gguf").write_bytes(gguf_bytes[: len(gguf_bytes) // 2])
+    (local / "step_8.gguf").write_bytes(gguf_bytes[:100])
+    expected = {e.name: check_complete(e.path)[0] for e in listing.list_checkpoints(str(local / "*"))}
+    assert expected == {"step_1": True, "step_2": False, "step_3": True, "step_4": False, "step_5": False,
+                        "step_6.gguf": True, "step_7.gguf": False, "step_8.gguf": False}
+
+    if store == "memory":
+        fs = fsspec.filesystem("memory")
+        base = f"/listing_{os.getpid()}"
+        fs.rm(base, recursive=True) if fs.exists(base) else None
+        for f in local.rglob("*"):
+            if f.is_file():
+                fs.pipe(f"{base}/{f.relative_to(local).as_posix()}", f.read_bytes())
+        pattern = f"memory://{base}/*"
+    else:
+        pattern = f"file://{local}/*"
+    monkeypatch.setattr(listing, "SMALL_BYTES", 512)  # even the tiny weights go through the header-only path
+    read = []
+    real_cat = fsspec.AbstractFileSystem.cat_file
+
+    def counting_cat(self, path, start=None, end=None, **kw):
+        data = real_cat(self, path, start=start, end=end, **kw)
+        read.append((path, len(data)))
+        return data
+
+    monkeypatch.setattr(fsspec.AbstractFileSystem, "cat_file", counting_cat)
+    if store == "memory":
+        monkeypatch.setattr(fsspec.implementations.memory.MemoryFileSystem, "cat_file", counting_cat)
+    entries = listing.list_checkpoints(pattern)
+    judged = {}
+    for e in entries:
+        judged[e.name] = listing.entry_complete(e)[0] if store == "memory" else \
+            listing.entry_complete(listing.Entry(e.name, e.path, e.resolved, e.is_dir, e.files, local=False))[0]
+    assert judged == expected
+    if store == "memory":  # headers only: the safetensors weights themselves were never read
+        st = [n for p, n in read if p.endswith("step_1/model.safetensors")]
+        assert st and sum(st) < len(weights) // 2, st
+        fs.rm(base, recursive=True)
+
+
+def test_dcp_waits_for_its_config_json_and_symlinks_count_once(tmp_path, templates, caplog):
+    """(b) no `model`-group fallback: a complete DCP dir without config.json waits with one line saying so;
+    a top-level symlink is followed (like glob: scans) and two names of one target are one checkpoint."""
+    from ckpteval.sweep import expand_pattern
+
+    root = tmp_path / "ckpts"
+    root.mkdir()
+    dcp_dir = _dcp_dir(root / "step_10", seed=1)
+    elsewhere = _copy(templates[2], tmp_path / "elsewhere" / "step_20")
+    (root / "step_20").symlink_to(elsewhere)
+    (root / "step_21").symlink_to(elsewhere)
+    clock = Clock()
+    disc = Discovery(str(root), stable_s=1.0, clock=clock)
+    with caplog.at_level("INFO", logger="ckpteval.watch"):
+        disc.look()
+        clock.t += 2
+        looked = {c.name: c for c in disc.look()}
+    assert looked["step_10"].state == INCOMPLETE and NO_FALLBACK in looked["step_10"].reason
+    assert looked["step_20"].state == READY and "step_21" not in looked
+    assert looked["step_20"].identity == checkpoint_identity(elsewhere)
+    assert caplog.text.count("the same checkpoint as") == 1
+    # a glob: scan sees the same two symlinks (it follows them too) and the DCP dir
+    assert [Path(p).name for p in expand_pattern(str(root / "step_*"))] == ["step_10", "step_20", "step_21"]
+
+    shutil.copy(templates[1] / "config.json", dcp_dir / "config.json")
+    assert {c.name: c.state for c in disc.look()}["step_10"] == UNSTABLE
+    clock.t += 2
+    assert {c.name: c.state for c in disc.look()}["step_10"] == READY
+
+
+def test_a_poisoned_checkpoint_does_not_stop_the_good_one_beside_it(tmp_path, templates, caplog):
+    """A safetensors header whose length field overflows: that candidate waits (logged once, with the
+    traceback), the listing goes on and the good checkpoint beside it becomes ready."""
+    import struct
+
+    root = tmp_path / "ckpts"
+    root.mkdir()
+    _copy(templates[1], root / "step_100")
+    bad = _copy(templates[2], root / "step_200")
+    (bad / "model.safetensors").write_bytes(struct.pack("<Q", 2**63 + 5) + b"{}" * 8)
+    clock = Clock()
+    disc = Discovery(str(root), stable_s=1.0, clock=clock)
+    with caplog.at_level("WARNING", logger="ckpteval.watch"):
+        for _ in range(5):
+            looked = {c.name: c for c in disc.look()}
+            clock.t += 1.5
+    assert looked["step_100"].state == READY and looked["step_200"].state == INCOMPLETE
+    assert len([r for r in caplog.records if "step_200" in r.getMessage()]) <= 1  # once per snapshot, not per look
 
 
 def test_filesystem_events_wake_the_loop(tmp_path, monkeypatch):
@@ -321,6 +443,7 @@ def test_checkpoint_deleted_before_its_turn_is_skipped_with_a_warning(tmp_path, 
     cfg = factories.compose(["mode=watch", f"watch.dir={root}", "tracking.enabled=false", "watch.stable_s=0",
                              "data=local", f"data.dataset_path={val_shards}"])
     watcher = Watcher(cfg, DistContext(), tmp_path / "out")
+    (tmp_path / "state").mkdir()
     watcher.ledger = Ledger(tmp_path / "state")
     work = watcher._work(watcher.discovery.look())
     assert [(w.cand.step, w.evaluation.name) for w in work] == [(100, "loss"), (200, "loss")]
@@ -328,7 +451,84 @@ def test_checkpoint_deleted_before_its_turn_is_skipped_with_a_warning(tmp_path, 
     with caplog.at_level("WARNING", logger="ckpteval.watch"):
         work = watcher._work(watcher.discovery.look())
     assert [w.cand.step for w in work] == [200]
-    assert "skipped" in caplog.text and "step_100: deleted before it was evaluated" in caplog.text
+    assert "skipped" in caplog.text and "step_100 (step 100): deleted before it was evaluated" in caplog.text
+    assert [e["status"] for e in watcher.ledger.entries.values() if e["step"] == 100] == [SKIPPED]
+
+
+def test_one_log_line_per_state_change_over_many_polls(tmp_path, templates, val_shards, caplog):
+    """A copy growing poll after poll ("truncated (N bytes)" with N changing) is one line, not one per poll."""
+    from ckpteval.parallel.dist import DistContext
+    from ckpteval.watch.service import Watcher
+
+    root = tmp_path / "ckpts"
+    root.mkdir()
+    slow = root / "step_100"
+    slow.mkdir()
+    shutil.copy(templates[1] / "config.json", slow)
+    weights = (templates[1] / "model.safetensors").read_bytes()
+    cfg = factories.compose(["mode=watch", f"watch.dir={root}", "tracking.enabled=false", "watch.stable_s=0",
+                             "data=local", f"data.dataset_path={val_shards}"])
+    watcher = Watcher(cfg, DistContext(), tmp_path / "out")
+    (tmp_path / "state").mkdir()
+    watcher.ledger = Ledger(tmp_path / "state")
+    polls = 40
+    with caplog.at_level("INFO", logger="ckpteval.watch"):
+        for i in range(1, polls + 1):
+            (slow / "model.safetensors").write_bytes(weights[: len(weights) * i // (polls + 1)])
+            assert watcher._work(watcher.discovery.look()) == []
+        waiting = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting for")]
+        assert len(waiting) == 1 and "truncated" in waiting[0], waiting
+        (slow / "model.safetensors").write_bytes(weights)
+        for _ in range(polls):
+            work = watcher._work(watcher.discovery.look())
+    assert [(w.cand.step, w.evaluation.name) for w in work] == [(100, "loss")]
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if m.startswith("waiting for")]) == 1
+    assert len([m for m in messages if m.startswith("found")]) == 1, messages
+
+
+def test_the_lock_covers_the_watched_dir_not_the_state_dir(tmp_path, monkeypatch):
+    """Two watchers of one dir with different watch.state_dir share one lock; a URL's lock lives in the store."""
+    import fsspec
+
+    from ckpteval.watch import ledger as ledger_mod
+    from ckpteval.watch.ledger import lock_for
+
+    root = tmp_path / "ckpts"
+    root.mkdir()
+    (tmp_path / "alias").symlink_to(root)
+    a = lock_for(str(root), True, stale_s=30, heartbeat_s=0.05)
+    b = lock_for(str(tmp_path / "alias"), True, stale_s=30, heartbeat_s=0.05)  # the same dir by another name
+    assert a.path == b.path == root / ".ckpteval_watch" / "lock.json"
+    assert a.acquire() and not b.acquire()
+    a.release()
+    assert b.acquire()
+    b.release()
+
+    # a read-only watched dir (simulated: the tests may run as root, who can write anything)
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    monkeypatch.setattr(ledger_mod.os, "access", lambda p, mode: Path(p).parent != readonly)
+    c, d = (lock_for(str(readonly), True, stale_s=30, heartbeat_s=0.05) for _ in range(2))
+    assert c.path == d.path and c.path.parent.parent.name == "ckpteval-watch-locks"
+    assert c.acquire() and not d.acquire()
+    c.release()
+    monkeypatch.undo()
+
+    fs = fsspec.filesystem("memory")
+    url = f"memory:///locktest_{os.getpid()}"
+    e, f = (lock_for(url, False, stale_s=30, heartbeat_s=0.05) for _ in range(2))
+    assert e.acquire() and not f.acquire()
+    assert json.loads(fs.cat_file(f"/locktest_{os.getpid()}/.ckpteval_watch/lock.json"))["token"] == e.token
+    e.release()
+    assert not fs.exists(f"/locktest_{os.getpid()}/.ckpteval_watch/lock.json")
+    assert f.acquire()
+    g = lock_for(url, False, stale_s=30, heartbeat_s=0.05)
+    g.token = "thief"
+    g._write()  # another watcher judged us stale and took over: the next heartbeat notices
+    f.heartbeat()
+    assert f.lost
+    f.release()
 
 
 def test_bad_watch_settings_fail_with_one_line(tmp_path, monkeypatch):

@@ -188,6 +188,9 @@ class HarnessConfig:
     allow_code_execution: bool = False  # tasks that execute model-written code stay refused unless true
     trust_remote_code: bool = False
     cache_dir: Optional[str] = None  # conversion cache for backend=subprocess; default <paths.outputs>/converted
+    prefix_cache_tokens: int = 8192  # fast backend: cap on shared-prefix tokens whose KV is kept (0: no sharing)
+    request_cache: bool = True  # build tasks' requests once per scan/watcher (memory + request_cache_dir)
+    request_cache_dir: Optional[str] = None  # built requests as JSON across processes; default <paths.outputs>/harness_requests
 
 
 @dataclass
@@ -243,6 +246,23 @@ class PathsConfig:
     demo_data: str = "${paths.outputs}/demo_corpus"  # prepared demo corpus (train/, validation/, tokenizer.json)
 
 
+class CkptFormat(str, Enum):
+    """`ckpt_format=`: auto-detect, or force one family of `checkpoint.formats.REGISTRY` (the source of truth;
+    tests check the two agree). A str Enum, so resolved configs stay JSON- and MLflow-param-friendly."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    auto = "auto"
+    hf = "hf"
+    dcp = "dcp"
+    gguf = "gguf"
+    nanogpt = "nanogpt"
+    lightning = "lightning"
+    torchtitan = "torchtitan"
+    megatron = "megatron"
+
+
 @dataclass
 class Config:
     mode: ModeConfig = field(default_factory=ModeConfig)
@@ -258,7 +278,8 @@ class Config:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
-    ckpt: Optional[str] = None  # checkpoint to evaluate: HF dir, DCP dir, .gguf file (glob:PATTERN with -m)
+    ckpt: Optional[str] = None  # checkpoint to evaluate: HF dir, DCP dir, .gguf, nanoGPT ckpt.pt, Lightning .ckpt, ... (glob:PATTERN with -m)
+    ckpt_format: CkptFormat = CkptFormat.auto  # auto = detect from the path; a family name forces that family
     tokenizer: Optional[str] = None  # tokenizer override (dir or tokenizer.json); default: from the checkpoint
     seed: int = 1234
 

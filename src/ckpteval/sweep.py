@@ -104,18 +104,18 @@ def expand_pattern(pattern: str, *, cwd: str | Path | None = None, every: int = 
         return _expand_remote(pattern, every, skip_incomplete)
     if not pattern:
         raise CkptEvalError("ckpt=glob: has no pattern: write ckpt='glob:DIR/step_*'")
-    matches = sorted({os.path.normpath(m) for m in glob.glob(_absolute_pattern(pattern, cwd), recursive=True)},
-                     key=step_order_key)
+    from ckpteval.checkpoint.listing import entry_complete, list_checkpoints
+
+    entries = {e.path: e for e in list_checkpoints(_absolute_pattern(pattern, cwd))}  # symlinks followed
+    matches = sorted(entries, key=step_order_key)
     if not matches:
         raise CkptEvalError(f"glob:{pattern} matches nothing (relative paths are searched from {cwd}): check the "
                             f"pattern, and quote it (ckpt='glob:{pattern}') so the shell passes it unexpanded")
     if not skip_incomplete:
         return every_nth(matches, every)
-    from ckpteval.checkpoint import check_complete
-
     complete, reasons = [], []
     for path in matches:
-        ok, reason = check_complete(path)
+        ok, reason = entry_complete(entries[path])
         if ok:
             complete.append(path)
         else:

@@ -1,4 +1,4 @@
-"""Any checkpoint (DCP, GGUF, HF) -> a verified Hugging Face model dir, written once.
+"""Any checkpoint the format registry reads (HF, DCP, GGUF, nanoGPT, Lightning, ...) -> a verified HF dir, once.
 
     convert_to_hf(inspect_checkpoint("outputs/.../step_300"), "exports/step_300", model_cfg, "float32", 1e-5)
 

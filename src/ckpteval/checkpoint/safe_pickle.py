@@ -29,6 +29,8 @@ DCP_METADATA_CLASSES = {
                                                "StorageMeta", "_MEM_FORMAT_ENCODING"},
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch.distributed.checkpoint._extension": {"ExtensionRegistry"},
+    # Megatron-Core's torch_dist saver keeps its save plans in `.metadata` (planner_data): plain dataclasses/enum
+    "torch.distributed.checkpoint.planner": {"SavePlan", "WriteItem", "WriteItemType", "TensorWriteData"},
     "torch.serialization": {"_get_layout"},
     "torch": {"Size"},
     "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"},

@@ -13,8 +13,17 @@ A 4-D attention mask lets each continuation see the prefix and itself, nothing e
 sees exactly the keys and positions it sees in HFLM's separate sequence: the results agree to float
 rounding. The vocabulary projection runs only at scored positions (``logits_to_keep``) and log-softmax is
 float32 (HFLM's is in the model dtype). Rows are sorted by length and run ``batch_size`` at a time, so
-padding is small. ``loglikelihood_rolling`` uses the same engine on HFLM's rolling windows;
-``generate_until`` delegates to an ``HFLM`` built on the same model object.
+padding is small.
+
+Across documents, prefixes shared by several groups (a few-shot preamble: MMLU's dev examples, a ``first_n``
+sampler) are found with a radix-tree plan (``prefix_cache.plan_shared_prefixes``), run once, and their keys and
+values kept (``PrefixStore``, at most ``prefix_cache_tokens`` tokens, least recently used evicted); each batch of
+documents under such a prefix runs on top of it, the prefix cache expanded (not copied) to the batch::
+
+    [ shared prefix KV, positions 0..S-1 ]  +  row: doc remainder | cont a | cont b ...  positions S, S+1, ...
+
+``loglikelihood_rolling`` uses the same engine on HFLM's rolling windows, windows of different documents
+batched together; ``generate_until`` decodes greedily on the same engine (``generate``), giving HFLM's text.
 
 Data parallel (``world_size > 1``, ``torch.distributed`` initialised): every rank receives all requests,
 context groups are split across ranks by token count, and every rank gets all results back in the original
@@ -33,6 +42,7 @@ import contextlib
 import heapq
 import inspect
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -42,12 +52,24 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from ckpteval.errors import CkptEvalError
+from ckpteval.evaluation import generate as gen
 from ckpteval.evaluation.loss import additive_mask
+from ckpteval.evaluation.prefix_cache import PrefixStore, cache_tensors, expanded_cache, plan_shared_prefixes
+from ckpteval.evaluation.request_cache import token_memo
 
 log = logging.getLogger(__name__)
 
 _DEFAULT_MAX_LENGTH = 2048  # HFLM._DEFAULT_MAX_LENGTH: used when neither config nor tokenizer name one
 _MASKABLE_ATTENTION = {"sdpa", "eager"}  # implementations that take an arbitrary 4-D mask tensor
+
+
+@dataclass
+class _Unit:
+    """One batch: items that all continue the same shared prefix (empty: nothing shared)."""
+
+    shared: tuple[int, ...]
+    items: list  # _Group (loglikelihood) or (request index, prompt suffix) (generation)
+    cost: int  # tokens run for it, for the data-parallel split
 
 
 @dataclass
@@ -87,10 +109,13 @@ class FastLM(TemplateLM):
             when world_size > 1). Requests are sharded internally; see the module docstring.
         max_length: as HFLM's ``max_length`` (default: from the model config / tokenizer, else 2048).
         group: the process group for the data-parallel gather (default: the world).
+        prefix_cache_tokens: cap on the tokens of shared prefixes whose keys/values are kept (0: no sharing
+            beyond identical contexts).
     """
 
     def __init__(self, model, tokenizer, batch_size: int = 8, device=None, dtype=None, rank: int = 0,
-                 world_size: int = 1, max_length: int | None = None, group=None) -> None:
+                 world_size: int = 1, max_length: int | None = None, group=None,
+                 prefix_cache_tokens: int = 8192) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -118,6 +143,8 @@ class FastLM(TemplateLM):
         self._attn_impl = getattr(model.config, "_attn_implementation", None) or "eager"
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._hflm = None
+        self.prefix_store = PrefixStore(max_tokens=int(prefix_cache_tokens))
+        self.forward_seconds = 0.0  # time inside model forwards (what is not overhead)
         if self._attn_impl not in _MASKABLE_ATTENTION:
             log.warning("FastLM: attention implementation %r takes no custom mask; loglikelihood requests go "
                         "through HFLM (exact, not faster)", self._attn_impl)
@@ -194,8 +221,12 @@ class FastLM(TemplateLM):
         for s in dict.fromkeys(strings):
             by_kwargs.setdefault(tuple(self._special_kwargs(s, add_special_tokens).items()), []).append(s)
         out = {}
+        memo = token_memo(self.tokenizer)  # shared by every FastLM on an identical tokenizer (a scan)
         for kwargs, batch in by_kwargs.items():
-            out.update(zip(batch, self.tokenizer(batch, **dict(kwargs))["input_ids"]))
+            todo = [s for s in batch if (s, kwargs) not in memo]
+            if todo:
+                memo.update(zip(((s, kwargs) for s in todo), self.tokenizer(todo, **dict(kwargs))["input_ids"]))
+            out.update((s, memo[(s, kwargs)]) for s in batch)
         return out
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -250,10 +281,36 @@ class FastLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """No shared-prefix gain in generation: HFLM's loop, requests split across data-parallel ranks."""
-        mine = list(range(self.dp_rank, len(requests), self.dp_size))
-        outs = self.hflm.generate_until([requests[i] for i in mine], disable_tqdm=disable_tqdm)
-        return self._gather_ordered(list(zip(mine, outs)), len(requests))
+        """Greedy generation on this engine (see `generate`); other settings through HFLM. Requests are split
+        across data-parallel ranks by batches; every rank gets every result."""
+        if not requests:
+            return []
+        local: list[tuple[int, str]] = []
+        delegated: list[int] = []
+        usable = self._attn_impl in _MASKABLE_ATTENTION
+        pbar = tqdm(total=len(requests), desc="generate_until (fast)", disable=disable_tqdm or self.dp_rank != 0)
+        for idxs in gen.group_by_kwargs(requests).values():
+            prepared = gen.prepare_group(self, requests, idxs) if usable else None
+            if prepared is None:
+                delegated += idxs
+                continue
+            prompts, until, max_gen = prepared
+            units = self._plan([prompts[i] for i in idxs], idxs, lambda i: len(prompts[i]))
+            stop_ids = gen.eos_ids(self.model)
+            for unit in _shard(units, self.dp_rank, self.dp_size):
+                rows = [prompts[i][len(unit.shared):] for i in unit.items]
+                texts = gen.greedy_batch(self, unit.shared, rows, max_gen, until, stop_ids)
+                local += list(zip(unit.items, texts))
+                pbar.update(len(unit.items) * self.dp_size)
+        pbar.close()
+        if delegated:
+            mine = delegated[self.dp_rank::self.dp_size]
+            outs = self.hflm.generate_until([requests[i] for i in mine], disable_tqdm=disable_tqdm)
+            local += list(zip(mine, outs))
+        results = self._gather_ordered(local, len(requests))
+        for req, text in zip(requests, results):
+            self.cache_hook.add_partial("generate_until", req.args, text)
+        return results
 
     # ---- the engine ----------------------------------------------------------------------------------------
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kw) -> list[tuple[float, bool]]:
@@ -263,14 +320,13 @@ class FastLM(TemplateLM):
         if self._attn_impl not in _MASKABLE_ATTENTION:
             return self.hflm._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm)
         groups = self._group(requests)
-        mine = _shard(groups, self.dp_rank, self.dp_size)
-        mine.sort(key=lambda g: -g.length)  # longest first: a too-large batch fails at once; similar lengths pad little
-        pbar = tqdm(total=sum(len(m) for g in mine for m in g.members), desc="loglikelihood (fast)",
+        units = self._plan([g.prefix for g in groups], groups, lambda g: g.length)
+        mine = _shard(units, self.dp_rank, self.dp_size)
+        pbar = tqdm(total=sum(len(m) for u in mine for g in u.items for m in g.members), desc="loglikelihood (fast)",
                     disable=disable_tqdm or self.dp_rank != 0)
         local = []
-        for start in range(0, len(mine), self.batch_size):
-            batch = mine[start:start + self.batch_size]
-            for g, scores in zip(batch, self._score_batch(batch)):
+        for unit in mine:
+            for g, scores in zip(unit.items, self._score_batch(unit.items, unit.shared)):
                 for members, score in zip(g.members, scores):
                     local += [(i, score) for i in members]
                     pbar.update(len(members))
@@ -304,8 +360,25 @@ class FastLM(TemplateLM):
             g.members[slot].append(i)
         return list(groups.values())
 
-    def _score_batch(self, batch: list[_Group]) -> list[list[tuple[float, bool]]]:
-        """One forward over packed rows; per group, (loglikelihood, is_greedy) for each continuation."""
+    def _plan(self, seqs: list[tuple[int, ...]], items: list, length) -> list[_Unit]:
+        """Batches of `items` (whose token sequences are `seqs`), those sharing a long prefix together, that
+        prefix split off; longest first within a prefix (a too-large batch fails at once; similar lengths pad
+        little). Units of one prefix stay adjacent so its cache is reused while it is needed."""
+        units = []
+        for shared_len, members in plan_shared_prefixes(seqs, self.prefix_store.max_tokens):
+            members.sort(key=lambda m: -length(items[m]))
+            shared = seqs[members[0]][:shared_len]
+            for start in range(0, len(members), self.batch_size):
+                chunk = [items[m] for m in members[start:start + self.batch_size]]
+                cost = sum(length(x) - shared_len for x in chunk) + shared_len
+                units.append(_Unit(shared, chunk, cost))
+        return units
+
+    def _score_batch(self, batch: list[_Group], shared: tuple[int, ...] = ()) -> list[list[tuple[float, bool]]]:
+        """One forward over packed rows (after `shared`, whose KV comes from the prefix store); per group,
+        (loglikelihood, is_greedy) for each continuation."""
+        S = len(shared)
+        batch = [_Group(g.prefix[S:], g.conts, g.members) for g in batch]
         T = max(g.length for g in batch)
         ids = torch.zeros(len(batch), T, dtype=torch.long)
         pos = torch.zeros(len(batch), T, dtype=torch.long)
@@ -315,7 +388,7 @@ class FastLM(TemplateLM):
         base = n_conts = 0
         for b, g in enumerate(batch):
             P = len(g.prefix)
-            tokens, positions, segs = list(g.prefix), list(range(P)), [0] * P
+            tokens, positions, segs = list(g.prefix), list(range(S, S + P)), [0] * P
             for j, c in enumerate(g.conts):
                 # kept rows are positions P-1 .. n-1 of this row, in order: P-1 predicts c[0], then c[:-1]'s
                 # positions predict c[1:]
@@ -323,7 +396,7 @@ class FastLM(TemplateLM):
                 targets += c
                 owner += [n_conts + j] * len(c)
                 tokens += c[:-1]
-                positions += range(P, P + len(c) - 1)
+                positions += range(S + P, S + P + len(c) - 1)
                 segs += [j + 1] * (len(c) - 1)
             n = len(tokens)
             ids[b, :n] = torch.tensor(tokens)
@@ -335,7 +408,14 @@ class FastLM(TemplateLM):
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         visible = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])  # [b, query, key]
         mask = (causal & visible)[:, None]
-        logp = torch.log_softmax(self._forward(ids, pos, mask, keep).float(), dim=-1)
+        if S:
+            mask = torch.cat([torch.ones(len(batch), 1, T, S, dtype=torch.bool), mask], dim=-1)
+        elif all(len(g.conts) == 1 for g in batch):
+            # plain causal rows, right-padded: every real token sees only real tokens before it, so no mask at
+            # all (sdpa's causal kernel skips the masked half; an explicit T x T mask costs it all, e.g. rolling)
+            mask = None
+        logp = torch.log_softmax(self.forward(ids, pos, mask, keep, self.new_cache(shared, len(batch))).float(),
+                                 dim=-1)
         flat_t, targets_t, owner_t = (torch.tensor(x, device=logp.device) for x in (flat, targets, owner))
         token_lp = logp[flat_t, targets_t]
         misses = (logp.argmax(dim=-1)[flat_t] != targets_t).float()
@@ -347,20 +427,45 @@ class FastLM(TemplateLM):
             k += len(g.conts)
         return out
 
-    def _forward(self, ids, pos, mask, keep) -> torch.Tensor:
-        """Logits (n_kept, vocab) at the kept positions, in row-major order."""
+    def new_cache(self, shared: tuple[int, ...], batch: int):
+        """A KV cache holding `shared` for `batch` rows (from the prefix store), or None when nothing is shared."""
+        if not shared:
+            return None
+        return expanded_cache(self.prefix_store.get(tuple(shared), self._prefix_kv), batch)
+
+    def _prefix_kv(self, prefix: tuple[int, ...]):
+        from transformers import DynamicCache
+
+        ids = torch.tensor([prefix])
+        cache = DynamicCache()
+        self.forward(ids, torch.arange(len(prefix))[None], None, torch.zeros(1, len(prefix), dtype=torch.bool),
+                     cache, project=False)  # one row, no padding: plain causal attention
+        return cache_tensors(cache)
+
+    def forward(self, ids, pos, mask, keep, cache=None, project: bool = True) -> torch.Tensor:
+        """Logits (n_kept, vocab) at the kept positions, in row-major order; `cache` (a DynamicCache) holds
+        earlier keys/values the mask's first columns refer to, and is extended in place."""
         dev = self._device
-        if self._attn_impl == "eager":  # eager attention adds the mask to the scores
+        if self._attn_impl == "eager" and mask is not None:  # eager attention adds the mask to the scores
             mask = additive_mask(mask, self._autocast or self.compute_dtype)
-        kwargs = {"input_ids": ids.to(dev), "position_ids": pos.to(dev), "attention_mask": mask.to(dev),
-                  "use_cache": False}
+        kwargs = {"input_ids": ids.to(dev), "position_ids": pos.to(dev), "use_cache": cache is not None,
+                  "attention_mask": mask.to(dev) if mask is not None else None}
+        if cache is not None:
+            kwargs["past_key_values"] = cache
         autocast = (torch.autocast(device_type=dev.type, dtype=self._autocast) if self._autocast
                     else contextlib.nullcontext())
+        start = time.perf_counter()
         with torch.inference_mode(), autocast:
-            if self._keep_arg:
+            if not project:  # only the keys/values are wanted
+                self.model.get_decoder()(**kwargs)
+                logits = None
+            elif self._keep_arg:
                 logits = self.model(**kwargs, logits_to_keep=keep.to(dev)).logits
-                return logits.reshape(-1, logits.shape[-1])
-            return self.model(**kwargs).logits[keep.to(dev)]
+                logits = logits.reshape(-1, logits.shape[-1])
+            else:
+                logits = self.model(**kwargs).logits[keep.to(dev)]
+        self.forward_seconds += time.perf_counter() - start
+        return logits
 
     # ---- data parallel --------------------------------------------------------------------------------------
     def _gather_ordered(self, local: list[tuple[int, object]], n: int) -> list:
@@ -375,18 +480,19 @@ class FastLM(TemplateLM):
         return out
 
 
-def _shard(groups: list[_Group], rank: int, world: int) -> list[_Group]:
-    """Longest-processing-time split by packed tokens; identical on every rank (same requests, same order)."""
+def _shard(units: list[_Unit], rank: int, world: int) -> list[_Unit]:
+    """Longest-processing-time split of batches by tokens run; identical on every rank (same requests, same
+    plan). A rank's batches keep their planned order, so batches of one shared prefix stay adjacent."""
     if world <= 1:
-        return list(groups)
+        return list(units)
     load = [(0, r) for r in range(world)]
     mine = []
-    for g in sorted(groups, key=lambda g: -g.length):
+    for k in sorted(range(len(units)), key=lambda k: -units[k].cost):
         tokens, r = heapq.heappop(load)
         if r == rank:
-            mine.append(g)
-        heapq.heappush(load, (tokens + g.length, r))
-    return mine
+            mine.append(k)
+        heapq.heappush(load, (tokens + units[k].cost, r))
+    return [units[k] for k in sorted(mine)]
 
 
 def _parse_batch_size(batch_size) -> int:

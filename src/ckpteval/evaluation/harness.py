@@ -19,6 +19,7 @@ per process (the watcher evaluates many checkpoints with one).
 from __future__ import annotations
 
 import collections
+import contextlib
 import difflib
 import fnmatch
 import functools
@@ -211,8 +212,30 @@ def _top_level(loaded: dict) -> list:
     return groups + tasks
 
 
+_RESOLVED: "collections.OrderedDict[tuple, ResolvedTasks]" = collections.OrderedDict()
+_RESOLVED_KEEP = 4  # task sets kept per process (a watcher has a light and a heavy suite)
+
+
 def resolve_tasks(hcfg) -> ResolvedTasks:
-    """Find, check and build every task of `hcfg.tasks`; raises CkptEvalError before any model is loaded."""
+    """Find, check and build every task of `hcfg.tasks`; raises CkptEvalError before any model is loaded.
+
+    Kept per process for the same tasks and settings (`harness.request_cache`): a scan or the watcher loads
+    each task's documents once, not once per checkpoint."""
+    key = (tuple(str(t) for t in (hcfg.tasks or [])), _include_path(hcfg), bool(hcfg.allow_code_execution),
+           hcfg.num_fewshot, hcfg.gen_kwargs, hcfg.limit, bool(hcfg.apply_chat_template), int(hcfg.seed))
+    reuse = bool(getattr(hcfg, "request_cache", True))
+    if reuse and key in _RESOLVED:
+        _RESOLVED.move_to_end(key)
+        return _RESOLVED[key]
+    resolved = _resolve_tasks(hcfg)
+    if reuse:
+        _RESOLVED[key] = resolved
+        while len(_RESOLVED) > _RESOLVED_KEEP:
+            _RESOLVED.popitem(last=False)
+    return resolved
+
+
+def _resolve_tasks(hcfg) -> ResolvedTasks:
     require_lm_eval()
     specs = [str(t) for t in (hcfg.tasks or [])]
     if not specs:
@@ -254,6 +277,7 @@ def build_lm(backend: str, model, tokenizer, harness_cfg, dist):
         kwargs = {}
         if dist is not None and dist.dp_size > 1:
             kwargs = {"rank": dist.dp_rank, "world_size": dist.dp_size, "group": dist.dp_group}
+        kwargs["prefix_cache_tokens"] = int(getattr(harness_cfg, "prefix_cache_tokens", 8192))
         return FastLM(model, tokenizer, batch_size=int(harness_cfg.batch_size), device=dist.device if dist else None,
                       dtype=harness_cfg.dtype, **kwargs)
     from lm_eval.models.huggingface import HFLM
@@ -270,11 +294,29 @@ def _limit(value):
     return int(value) if value >= 1 and value.is_integer() else value
 
 
-def run_simple_evaluate(lm, resolved: ResolvedTasks, hcfg) -> dict | None:
-    """lm_eval.simple_evaluate on the built tasks; None on ranks that do not aggregate."""
+def run_simple_evaluate(lm, resolved: ResolvedTasks, hcfg, request_cache_dir: Path | None = None) -> dict | None:
+    """lm_eval.simple_evaluate on the built tasks; None on ranks that do not aggregate. With
+    `harness.request_cache`, each task's requests are built once per process and tokenizer (and read from
+    `request_cache_dir` in later processes): see `request_cache`."""
     from lm_eval import simple_evaluate
 
     seed = int(hcfg.seed)
+    reuse = contextlib.nullcontext()
+    if getattr(hcfg, "request_cache", False):
+        from lm_eval import __version__ as lm_eval_version
+
+        from ckpteval.evaluation.request_cache import reuse_built_requests, tokenizer_fingerprint
+
+        tokenizer = getattr(lm, "tokenizer", None)
+        base = {"lm_eval": lm_eval_version, "seed": seed, "num_fewshot": hcfg.num_fewshot, "limit": _limit(hcfg.limit),
+                "gen_kwargs": hcfg.gen_kwargs, "chat": bool(hcfg.apply_chat_template),
+                "tokenizer": tokenizer_fingerprint(tokenizer) if tokenizer is not None else None}
+        reuse = reuse_built_requests(resolved.leaf_tasks, base, request_cache_dir)
+    with reuse:
+        return _simple_evaluate(simple_evaluate, lm, resolved, hcfg, seed)
+
+
+def _simple_evaluate(simple_evaluate, lm, resolved: ResolvedTasks, hcfg, seed: int) -> dict | None:
     return simple_evaluate(
         model=lm, tasks=list(resolved.objects), task_manager=resolved.manager, num_fewshot=hcfg.num_fewshot,
         batch_size=int(hcfg.batch_size), limit=_limit(hcfg.limit), log_samples=bool(hcfg.log_samples),

@@ -1,7 +1,8 @@
-"""`mode=convert`: a checkpoint (DCP, GGUF or HF) -> a verified Hugging Face model dir, once.
+"""`mode=convert`: a checkpoint of any family (HF, DCP, GGUF, nanoGPT, Lightning, ...) -> a verified HF dir, once.
 
     python run.py mode=convert ckpt=outputs/.../checkpoints/step_300                          # -> outputs/converted/step_300-<hash>
     python run.py mode=convert ckpt=outputs/.../step_300 convert.out=exports/step_300 convert.dtype=bfloat16
+    python run.py mode=convert ckpt=out-shakespeare/ckpt.pt convert.out=exports/nanogpt      # -> GPT2LMHeadModel
 
 The dir holds config.json, model.safetensors and the tokenizer; it appears only after the converted model
 reproduced the source's logits within `convert.tolerance` (max abs difference printed). Running it again on
@@ -21,7 +22,7 @@ from ckpteval.errors import CkptEvalError
 def run(cfg, job) -> dict[str, Any]:
     if job.dist.world_size > 1:
         raise CkptEvalError("mode=convert runs in one process: python run.py mode=convert ckpt=... (no torchrun)")
-    info = inspect_checkpoint(cfg.ckpt, cfg.tokenizer)
+    info = inspect_checkpoint(cfg.ckpt, cfg.tokenizer, cfg.get("ckpt_format"))
     job.step = info.step
     out = cfg.convert.out or default_output(info, cfg.paths.outputs)
     start = time.perf_counter()

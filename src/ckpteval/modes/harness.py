@@ -55,17 +55,23 @@ def evaluate_checkpoint_harness(cfg, job, ckpt: str, harness_cfg=None) -> dict[s
     """
     hcfg = harness_cfg if harness_cfg is not None else cfg.harness
     start = time.perf_counter()
-    info = inspect_checkpoint(ckpt, cfg.tokenizer)
+    info = inspect_checkpoint(ckpt, cfg.tokenizer, cfg.get("ckpt_format"))
     job.step = info.step
     _check_setup(cfg, hcfg, job.dist)
     resolved = resolve_tasks(hcfg)  # unknown names, refused code tasks, missing data: fail before loading
     job.log("harness: %d task(s) %s on %s (step %s), backend=%s", len(resolved.leaf_tasks),
             ", ".join(resolved.names), ckpt, info.step, hcfg.backend)
+    timing: dict[str, float] = {}
     if hcfg.backend == "subprocess":
         results = _evaluate_subprocess(cfg, hcfg, info, job)
     else:
-        results = _evaluate_in_memory(cfg, hcfg, info, job, resolved)
+        results = _evaluate_in_memory(cfg, hcfg, info, job, resolved, timing)
     elapsed = time.perf_counter() - start
+    extra = {"harness/runtime_s": elapsed}
+    if "forward_s" in timing:  # what is neither loading the weights nor running the model: task work, glue
+        extra["harness/overhead_s"] = elapsed - timing["load_s"] - timing["forward_s"]
+        job.log("harness: %.2f s = load %.2f s + model forward %.2f s + overhead %.2f s", elapsed,
+                timing["load_s"], timing["forward_s"], extra["harness/overhead_s"])
     if not job.dist.is_main or results is None:
         return {"step": info.step, "tokens_seen": info.tokens_seen}
     print(results_table(results), flush=True)
@@ -74,7 +80,7 @@ def evaluate_checkpoint_harness(cfg, job, ckpt: str, harness_cfg=None) -> dict[s
     art_dir = save_results(results, Path(job.out_dir) / "lm_eval" / _ckpt_label(info) / label)
     job.run.log_artifact(art_dir, f"lm_eval/{label}")
     job.run.set_tags({f"harness.primary.{task}": metric for task, metric in primaries.items()})
-    return {"step": info.step, "tokens_seen": info.tokens_seen, **metrics, "harness/runtime_s": elapsed}
+    return {"step": info.step, "tokens_seen": info.tokens_seen, **metrics, **extra}
 
 
 def _check_setup(cfg, hcfg, dist) -> None:
@@ -91,12 +97,19 @@ def _check_setup(cfg, hcfg, dist) -> None:
                     "split them)")
 
 
-def _evaluate_in_memory(cfg, hcfg, info, job, resolved) -> dict | None:
+def _evaluate_in_memory(cfg, hcfg, info, job, resolved, timing: dict) -> dict | None:
+    start = time.perf_counter()
     tokenizer = load_tokenizer(info, required=True)
     model = load_model(info, cfg.model, device=job.dist.device, dtype=resolve_dtype(hcfg.dtype))
+    timing["load_s"] = time.perf_counter() - start
     try:
         lm = build_lm(hcfg.backend, model, tokenizer, hcfg, job.dist)
-        return run_simple_evaluate(lm, resolved, hcfg)
+        cache_dir = Path(getattr(hcfg, "request_cache_dir", None) or Path(cfg.paths.outputs) / "harness_requests")
+        cache_dir = cache_dir.expanduser()
+        results = run_simple_evaluate(lm, resolved, hcfg, request_cache_dir=cache_dir)
+        if hasattr(lm, "forward_seconds"):
+            timing["forward_s"] = lm.forward_seconds
+        return results
     finally:
         del model
         gc.collect()

@@ -23,7 +23,7 @@ def run(cfg, job) -> dict[str, Any]:
 
 def evaluate_checkpoint_loss(cfg, job, ckpt: str) -> dict[str, Any]:
     """The per-checkpoint loss evaluation shared by `mode=loss` and `mode=watch`."""
-    info = inspect_checkpoint(ckpt, cfg.tokenizer)
+    info = inspect_checkpoint(ckpt, cfg.tokenizer, cfg.get("ckpt_format"))
     job.step = info.step
     tokenizer = load_tokenizer(info)
     windows = load_eval_windows(cfg, tokenizer)

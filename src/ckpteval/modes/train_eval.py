@@ -24,7 +24,6 @@ import torch.distributed as dist
 
 from ckpteval.checkpoint import (
     build_model,
-    check_complete,
     config_from_model_cfg,
     parse_step,
     save_dcp_atomic,
@@ -186,7 +185,12 @@ def save_checkpoint(cfg, job, model, optimizer, scheduler, state: TrainState, to
 
 
 def _complete_steps(ckpt_dir: Path) -> list[Path]:
-    found = [p for p in ckpt_dir.glob("step_*") if p.is_dir() and check_complete(p)[0]]
+    from glob import escape
+
+    from ckpteval.checkpoint.listing import entry_complete, list_checkpoints
+
+    found = [Path(e.path) for e in list_checkpoints(escape(str(ckpt_dir)) + "/step_*")
+             if e.is_dir and entry_complete(e)[0]]
     return sorted(found, key=lambda p: parse_step(p.name) or -1)
 
 

@@ -5,8 +5,10 @@ over the data-parallel ranks (fsdp.py); `tp` splits each decoder layer over the 
 the rest (tp.py); `pp` gives each "pp" rank a slice of the layers (pp.py). Modes never branch on the layout:
 they get a model and a scorer and call the same `run_eval`.
 
-Weights: HF and GGUF checkpoints are read whole on every rank and then distributed; DCP checkpoints are read
-straight into the sharded model, each rank reading only its own shards (and never the optimizer state).
+Weights: families whose checkpoint is a DCP dir with HF names (`sharded_dcp_prefix`) are read straight into the
+sharded model, each rank reading only its own shards (and never the optimizer state); every other family (HF,
+GGUF, nanoGPT, Lightning, ...) is read whole (model tensors only) on every rank and then laid out. Either way the
+architecture is checked against the checkpoint's tensor metadata on the `meta` device before allocating.
 """
 
 from __future__ import annotations
@@ -78,18 +80,23 @@ def load_eval_model(cfg, info, dist: DistContext) -> tuple[nn.Module, Scorer]:
     return stage.lm, scorer
 
 
-def _unsharded_model(cfg, info, dtype: torch.dtype) -> nn.Module:
-    """HF/GGUF: the whole model with its weights (on CPU). DCP: the architecture only; weights come after
-    sharding, straight from the checkpoint's shards."""
-    from ckpteval.checkpoint import build_config, build_model, load_model
+def _reads_sharded(info) -> bool:
+    return info.dcp_prefix is not None
 
-    if info.format == "dcp":
-        return build_model(build_config(info, cfg.model), device="cpu", dtype=dtype)
+
+def _unsharded_model(cfg, info, dtype: torch.dtype) -> nn.Module:
+    """Sharded-DCP families: the validated architecture only; weights come after sharding, straight from the
+    checkpoint's shards. Every other family: the whole model with its weights (on CPU)."""
+    from ckpteval.checkpoint import load_model
+    from ckpteval.checkpoint.load import validated_model
+
+    if _reads_sharded(info):
+        return validated_model(info, cfg.model, device="cpu", dtype=dtype)
     return load_model(info, cfg.model, device="cpu", dtype=dtype)
 
 
 def _load_weights(model: nn.Module, info, dist: DistContext, no_dist: bool) -> None:
-    if info.format == "dcp":
+    if _reads_sharded(info):
         load_dcp_into(model, info, no_dist=no_dist)
 
 
@@ -107,7 +114,7 @@ def load_dcp_into(model: nn.Module, info, no_dist: bool = False) -> None:
         set_model_state_dict,
     )
 
-    from ckpteval.checkpoint.load import match_dcp_keys
+    from ckpteval.checkpoint.formats.dcp import match_dcp_keys
     from ckpteval.checkpoint.safe_pickle import safe_filesystem_reader
 
     state = get_model_state_dict(model)

@@ -67,4 +67,6 @@ def shard(layers, root: nn.Module, dp_mesh, parallel_cfg) -> nn.Module:
 def apply_fsdp(model: nn.Module, dp_mesh, parallel_cfg, logits_chunk: int = 0,
                doc_sep: int | None = None) -> ShardedCausalLM:
     """Shard each decoder layer, then the root wrapper (what is left: embeddings, norm, head)."""
-    return shard(model.get_decoder().layers, ShardedCausalLM(model, logits_chunk, doc_sep), dp_mesh, parallel_cfg)
+    decoder = model.get_decoder()
+    layers = decoder.layers if hasattr(decoder, "layers") else decoder.h  # Llama-likes; GPT-2 (nanoGPT checkpoints)
+    return shard(layers, ShardedCausalLM(model, logits_chunk, doc_sep), dp_mesh, parallel_cfg)

@@ -1,20 +1,24 @@
-"""Find the checkpoints under `watch.dir` that are complete and no longer changing.
+"""Find the checkpoints under `watch.dir` that are ready: complete, with their architecture, and still.
 
-One recursive listing per look (fsspec: a local dir, `file://`, `s3://`, `gs://`, ...). Every top-level entry
+One listing per look through `checkpoint.listing.list_checkpoints(DIR/*)` (the function `glob:` scans and
+train_eval's resume use too; fsspec: a local dir, `file://`, `s3://`, `gs://`, ...). Every top-level entry
 whose name carries a step (`step_1200`, `global_step1200`, `iter_0001200`, `step_1200.gguf`) is a candidate;
-hidden entries (`.step_1200.partial` of an atomic saver, our own `.ckpteval_watch`) are not. A candidate is
-ready when
-  1. it is complete: `checkpoint.check_complete` (DCP `.metadata` and the files it names, HF index shards all
-     present, safetensors not truncated, GGUF parses) for local dirs; for remote URLs the same markers are
-     read from the listing and the full check runs on the downloaded copy;
-  2. it is stable: every file's size (and mtime/etag where the store has one) is unchanged across two looks at
+hidden entries (`.step_1200.partial` of an atomic saver, our own `.ckpteval_watch`) are not. Symlinked entries
+are followed like `glob:` scans follow them; two names for one target are one checkpoint (evaluated once). A
+candidate is ready when
+  1. it is complete: `checkpoint.check_complete` (DCP `.metadata` and every file it names at full size, HF index
+     shards all present, safetensors not truncated, GGUF parses) through `listing.entry_complete`, which runs
+     the same check on remote stores reading only headers and small files;
+  2. its architecture source is there: config.json in or beside an HF/DCP dir (`inspect_checkpoint`'s
+     `config_dir`); GGUF carries its own. There is no `model`-group fallback here: a DCP dir whose config.json
+     has not arrived yet waits;
+  3. it is stable: every file's size (and mtime/etag where the store has one) is unchanged across two looks at
      least `watch.stable_s` apart, so a trainer still writing (or a slow copy) is never picked up half-way.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 import threading
@@ -24,25 +28,30 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ckpteval.checkpoint import check_complete, checkpoint_identity, parse_step
+from ckpteval.checkpoint import check_complete, checkpoint_identity, inspect_checkpoint, parse_step
+from ckpteval.checkpoint.detect import file_step
+from ckpteval.checkpoint.listing import Entry, entry_complete, header_mirror, list_checkpoints
 from ckpteval.errors import CkptEvalError
 
 log = logging.getLogger("ckpteval.watch")
 
 READY, UNSTABLE, INCOMPLETE = "ready", "unstable", "incomplete"
-VERSION_KEYS = ("mtime", "LastModified", "last_modified", "updated", "ETag", "etag", "md5Hash")
 Snapshot = tuple  # ((relative name, size, version), ...) sorted
+NO_FALLBACK = "the watcher takes no architecture from the `model` group, it waits for the file"
+SINGLE_FILE = (".gguf", ".ckpt", ".pt")  # top-level files that can be checkpoints; other loose files are not
 
 
 @dataclass
 class Candidate:
     name: str  # entry name under watch.dir (step_1200, model_step_1200.gguf)
-    url: str  # local path, or the fsspec URL for remote stores
+    url: str  # local path (a symlink stays as named), or the fsspec URL for remote stores
     step: int | None
     snapshot: Snapshot = ()
     state: str = INCOMPLETE  # ready | unstable | incomplete
     reason: str = ""  # why incomplete/unstable
     identity: str | None = None  # set when ready
+    resolved: str = ""  # symlink-free target (local) or the URL: one checkpoint however many names reach it
+    entry: Entry | None = None
 
     @property
     def files(self) -> list[str]:
@@ -67,6 +76,7 @@ class Discovery:
     clock: Callable[[], float] = time.monotonic
     _seen: dict[str, _Seen] = field(default_factory=dict)
     _ignored: set[str] = field(default_factory=set)
+    _aliases: dict[str, str] = field(default_factory=dict)  # second name -> first name of the same target
 
     def __post_init__(self) -> None:
         import fsspec
@@ -92,48 +102,47 @@ class Discovery:
         path = f"{self.root_path.rstrip('/')}/{name}"
         return path if self.local else f"{self.protocol}://{path}"
 
-    def _listing(self) -> dict[str, list[tuple[str, int, str]]]:
-        """{top-level entry: [(path relative to the entry, size, version), ...]} from one recursive listing."""
-        try:
-            found = self.fs.find(self.root_path, withdirs=False, detail=True)
-        except FileNotFoundError:
-            return {}
-        prefix = self.root_path.rstrip("/") + "/"
-        groups: dict[str, list[tuple[str, int, str]]] = {}
-        for path, info in found.items():
-            path = path if self.local else self.fs._strip_protocol(path)
-            if not path.startswith(prefix):
-                continue
-            rel = path[len(prefix):]
-            top, _, inner = rel.partition("/")
-            if top.startswith("."):
-                continue
-            if not inner and not top.endswith(".gguf"):
-                continue  # loose files at the top (a run's config.json, logs) are not checkpoints
-            version = next((str(info[k]) for k in VERSION_KEYS if info.get(k) is not None), "")
-            groups.setdefault(top, []).append((inner or top, int(info.get("size") or 0), version))
-        return groups
+    def _listing(self) -> dict[str, Entry]:
+        """{top-level entry name: Entry}; loose top-level files (a run's config.json, logs) are not checkpoints."""
+        import glob as globlib
 
-    # ------------------------------------------------------------------------------------------ looking
+        pattern = self.url_of("").rstrip("/")
+        pattern = globlib.escape(pattern) + "/*" if self.local else self.url_of("*")
+        # Lightning's epoch=0-step=10.ckpt and nanoGPT's ckpt.pt are single-file checkpoints too
+        return {e.name: e for e in list_checkpoints(pattern) if e.is_dir or e.name.endswith(SINGLE_FILE)}
+
+# ------------------------------------------------------------------------------------------ looking
 
     def look(self) -> list[Candidate]:
-        """Every candidate with its state; a snapshot unchanged for stable_s and complete is READY."""
+        """Every candidate with its state; a snapshot unchanged for stable_s, complete and with its
+        architecture source is READY."""
         now = self.clock()
         out = []
         groups = self._listing()
-        for name, files in sorted(groups.items()):
+        first_name: dict[str, str] = {}
+        for name, entry in sorted(groups.items()):
             step = parse_step(name)
+            if step is None and self.local:
+                step = file_step(self.url_of(name))
             if step is None:
                 if name not in self._ignored:
                     self._ignored.add(name)
                     log.info("ignoring %s: no step in its name (step_N, global_stepN, iter_N)", self.url_of(name))
                 continue
-            cand = Candidate(name=name, url=self.url_of(name), step=step, snapshot=tuple(sorted(files)))
+            if entry.resolved in first_name:  # a symlink to a checkpoint already listed: the same checkpoint
+                if self._aliases.get(name) != first_name[entry.resolved]:
+                    self._aliases[name] = first_name[entry.resolved]
+                    log.info("ignoring %s: the same checkpoint as %s (%s)", self.url_of(name),
+                             self.url_of(first_name[entry.resolved]), entry.resolved)
+                continue
+            first_name[entry.resolved] = name
+            cand = Candidate(name=name, url=self.url_of(name), step=step, snapshot=entry.files,
+                             resolved=entry.resolved, entry=entry)
             seen = self._seen.get(name)
             if seen is None or seen.snapshot != cand.snapshot:
                 seen = self._seen[name] = _Seen(cand.snapshot, now)
             if seen.complete is None:  # once per snapshot: completeness cannot change while files do not
-                seen.complete, seen.reason = self._complete(cand)
+                seen.complete, seen.reason = self._ready(cand)
             if not seen.complete:
                 cand.state, cand.reason = INCOMPLETE, seen.reason
             elif now - seen.since < self.stable_s:
@@ -144,8 +153,10 @@ class Discovery:
                     seen.identity = self._identity(cand)
                 cand.state, cand.identity = READY, seen.identity
             out.append(cand)
-        for gone in set(self._seen) - set(groups):
+        for gone in set(self._seen) - set(first_name.values()):
             del self._seen[gone]
+        for gone in set(self._aliases) - set(groups):
+            del self._aliases[gone]
         return out
 
     def next_stable_in(self) -> float | None:
@@ -154,14 +165,25 @@ class Discovery:
         waits = [s.since + self.stable_s - now for s in self._seen.values() if s.complete and s.identity is None]
         return max(0.0, min(waits)) if waits else None
 
-    def _complete(self, cand: Candidate) -> tuple[bool, str]:
-        if self.local:
-            return check_complete(cand.url)
-        return remote_complete(self.fs, cand)
+    def _ready(self, cand: Candidate) -> tuple[bool, str]:
+        """Complete by its format's rules, and its architecture source present (no `model`-group fallback)."""
+        try:
+            ok, reason = entry_complete(cand.entry)
+            if not ok:
+                return False, reason
+            if self.local:
+                return _architecture(cand.url, cand.url)
+            with header_mirror(cand.entry, with_parent_config=True) as mirror:
+                return _architecture(mirror, cand.url)
+        except FileNotFoundError as exc:  # files went away between the listing and the check
+            return False, f"checkpoint {cand.url} changed while it was checked ({exc})"
+        except Exception as exc:
+            log.warning("checking %s failed; it waits until its files change", cand.url, exc_info=exc)
+            return False, f"checking {cand.url} failed ({type(exc).__name__}: {exc})"
 
     def _identity(self, cand: Candidate) -> str:
         if self.local:
-            return checkpoint_identity(cand.url)
+            return checkpoint_identity(cand.resolved)
         h = hashlib.sha256(cand.url.encode())
         for rel, size, version in cand.snapshot:
             h.update(f"\0{rel}\0{size}\0{version}".encode())
@@ -171,7 +193,9 @@ class Discovery:
 
     def still_there(self, cand: Candidate) -> bool:
         try:
-            return self.fs.exists(cand.url if self.local else self.fs._strip_protocol(cand.url))
+            if self.local:  # through the symlink, if it is one: a dangling link is a deleted checkpoint
+                return Path(cand.url).exists()
+            return self.fs.exists(self.fs._strip_protocol(cand.url))
         except Exception:  # noqa: BLE001
             return False
 
@@ -228,25 +252,22 @@ class Discovery:
         return observer
 
 
-def remote_complete(fs, cand: Candidate) -> tuple[bool, str]:
-    """Completeness from a remote listing: the markers `check_complete` looks for, without downloading."""
-    names = set(cand.files)
-    if cand.name.endswith(".gguf") or any(n.endswith(".gguf") for n in names):
+def _architecture(path, shown: str) -> tuple[bool, str]:
+    """(present?, what it waits for): the architecture by the family's own rules with no `model` group to fall
+    back on (config.json in or beside an HF/DCP dir; GGUF and self-describing files carry their own)."""
+    try:
+        info = inspect_checkpoint(path)
+    except CkptEvalError as exc:
+        return False, str(exc).replace(str(path), shown)
+    family = getattr(info, "family", None)
+    if family is not None:  # per-family rules (checkpoint/formats): ask the family, with the model group withheld
+        try:
+            family.architecture(info.path, model_cfg=None)
+        except CkptEvalError as exc:
+            return False, (f"checkpoint {shown} is complete but its architecture is not there yet "
+                           f"({str(exc).replace(str(path), shown)}): {NO_FALLBACK}")
         return True, ""
-    if ".metadata" in names:
+    if info.format == "gguf" or info.config_dir is not None:
         return True, ""
-    if any(n.endswith(".distcp") for n in names):
-        return False, f"checkpoint {cand.url} is incomplete: no .metadata (still being written?)"
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if index in names:
-            try:
-                weight_map = json.loads(fs.cat(f"{fs._strip_protocol(cand.url)}/{index}")).get("weight_map") or {}
-            except (OSError, ValueError) as exc:
-                return False, f"checkpoint {cand.url} is incomplete: {index} unreadable ({exc})"
-            missing = sorted(set(weight_map.values()) - names)
-            if not weight_map or missing:
-                return False, f"checkpoint {cand.url} is incomplete: {index} names missing shards {missing[:3]}"
-            return True, ""
-    if names & {"model.safetensors", "pytorch_model.bin"}:
-        return True, ""
-    return False, f"checkpoint {cand.url} has no weights yet ({', '.join(sorted(names)[:6])})"
+    return False, (f"checkpoint {shown} is complete but has no config.json yet (in the {info.format.upper()} dir or "
+                   "beside it): " + NO_FALLBACK)

@@ -8,20 +8,28 @@ next look at MLflow finds the run and the pair is not evaluated again. A pair is
 `watch.max_attempts` attempts; attempts are counted when an evaluation starts, so a checkpoint that kills
 the process (out of memory) is not retried forever either.
 
-The lock (`lock.json` beside the ledger) is created with O_EXCL and its heartbeat refreshed by a thread;
-a lock whose owner is dead (same host) or whose heartbeat is older than `watch.lock_stale_s` is taken over.
+The lock covers the watched dir, not the state dir, so two watchers of one `watch.dir` with different
+`watch.state_dir`s never both evaluate (`lock_for`): for a local dir it is `<watch.dir>/.ckpteval_watch/lock.json`
+whatever `watch.state_dir` says (or, when the watched dir is read-only, a file keyed by its resolved path in
+the host's temp dir); for a URL it is a lock object `<URL>/.ckpteval_watch/lock.json` in the store itself,
+written then read back (stores have no exclusive create, so two watchers starting within the same instant
+could both believe they won for one heartbeat: the loser sees the other token at its first heartbeat and
+stops, and the MLflow check before every evaluation skips pairs already FINISHED).
+A local lock is created with O_EXCL and its heartbeat refreshed by a thread; a lock whose owner is dead (same
+host) or whose heartbeat is older than `watch.lock_stale_s` is taken over.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import socket
+import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +38,7 @@ from ckpteval.tracking.view import MlflowView  # noqa: F401 - re-exported: the w
 
 log = logging.getLogger("ckpteval.watch")
 
-DONE, FAILED, STARTED = "done", "failed", "started"
+DONE, FAILED, STARTED, SKIPPED = "done", "failed", "started", "skipped"  # skipped: deleted before done
 
 
 def pair_key(identity: str, evaluation: str) -> str:
@@ -254,3 +262,103 @@ class WatchLock:
         current = self.read()
         if current and current.get("token") == self.token:
             self.path.unlink(missing_ok=True)
+
+
+class RemoteWatchLock(WatchLock):
+    """The same lock as a JSON object in an fsspec store (`s3://bucket/run/.ckpteval_watch/lock.json`)."""
+
+    def __init__(self, url_dir: str, stale_s: float, heartbeat_s: float):
+        import fsspec
+
+        super().__init__(Path("/nonexistent"), stale_s, heartbeat_s)
+        self.fs, root = fsspec.core.url_to_fs(url_dir)
+        self.key = f"{root.rstrip('/')}/lock.json"
+        self.path = url_dir.rstrip("/") + "/lock.json"  # shown in messages
+
+    def read(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.fs.cat_file(self.key))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+
+    def _write(self) -> None:
+        self.fs.pipe_file(self.key, json.dumps(self._content()).encode())
+
+    def _create(self) -> bool:
+        self._started_at = time.strftime("%Y-%m-%dT%H:%M:%S")
+        if self.read() is not None:
+            return False
+        self._write()
+        return (self.read() or {}).get("token") == self.token  # read back: the last writer wins
+
+    def stale_reason(self, holder: dict[str, Any] | None) -> str | None:
+        if holder is None:
+            return "no lock"
+        if holder.get("host") == self.host and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
+            return f"holder pid {holder['pid']} on {self.host} is dead"
+        try:
+            age = time.time() - float(holder.get("heartbeat"))
+        except (TypeError, ValueError):
+            return "unreadable lock"
+        return f"heartbeat {age:.0f}s old (> watch.lock_stale_s={self.stale_s:g})" if age > self.stale_s else None
+
+    def acquire(self) -> bool:
+        if self._create():
+            self._start_heartbeat()
+            return True
+        holder = self.read()
+        reason = self.stale_reason(holder)
+        if reason is None:
+            return False
+        log.warning("taking over the watch lock %s from %s: %s", self.path, self.describe(holder), reason)
+        self._write()
+        if (self.read() or {}).get("token") != self.token:
+            return False
+        self._start_heartbeat()
+        return True
+
+    def heartbeat(self) -> None:
+        current = self.read()
+        if current is None or (current != {} and current.get("token") != self.token):
+            if not self.lost:
+                log.error("lost the watch lock %s to %s: stopping after the current step", self.path,
+                          self.describe(current))
+            self.lost = True
+            return
+        try:
+            self._write()
+        except OSError as exc:
+            log.warning("could not refresh the watch lock heartbeat: %s", exc)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        current = self.read()
+        if current and current.get("token") == self.token:
+            try:
+                self.fs.rm_file(self.key)
+            except FileNotFoundError:
+                pass
+
+
+def lock_for(watch_dir: str, local: bool, stale_s: float, heartbeat_s: float) -> WatchLock:
+    """The lock of a watched dir (see the module docstring): shared by every watcher of that dir."""
+    if not local:
+        return RemoteWatchLock(watch_dir.rstrip("/") + "/.ckpteval_watch", stale_s, heartbeat_s)
+    resolved = Path(watch_dir.removeprefix("file://")).expanduser().resolve()
+    in_dir = resolved / ".ckpteval_watch"
+    try:
+        in_dir.mkdir(parents=True, exist_ok=True)
+        if os.access(in_dir, os.W_OK):
+            return WatchLock(in_dir, stale_s, heartbeat_s)
+    except OSError:
+        pass
+    digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:16]
+    shared = Path(tempfile.gettempdir()) / "ckpteval-watch-locks" / digest
+    log.warning("%s is not writable: the watch lock is %s/lock.json, which excludes other watchers of this dir on "
+                "this host only", resolved, shared)
+    return WatchLock(shared, stale_s, heartbeat_s)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+import re
 import shutil
 import signal
 import threading
@@ -24,10 +25,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from ckpteval.errors import CkptEvalError
+from ckpteval.errors import CkptEvalError, TrackingError
 from ckpteval.tracking import flatten, mlflow_run
 from ckpteval.watch.discovery import READY, UNSTABLE, Candidate, Discovery
-from ckpteval.watch.ledger import DONE, FAILED, STARTED, Ledger, MlflowView, WatchLock, pair_key
+from ckpteval.watch.ledger import DONE, FAILED, SKIPPED, STARTED, Ledger, MlflowView, lock_for, pair_key
 from ckpteval.watch.plan import Evaluation, harness_config, plan_evaluations, validate_plan
 
 log = logging.getLogger("ckpteval.watch")
@@ -104,8 +105,10 @@ class Watcher:
         self.latest_step: int | None = None
         self.current: str | None = None
         self._known: dict[str, tuple[str, str]] = {}  # candidate name -> (state, reason) last logged
-        self._pending_names: set[str] = set()
+        self._pending: dict[str, tuple[Candidate, list[Evaluation]]] = {}  # name -> ready, not yet done
         self._last_beat = 0.0
+        self._store_down = False  # MLflow unreachable at the last check (logged once per outage)
+        self._outbox_down = False  # the outbox replay found the store still away (logged once)
         self.view: MlflowView | None = None
         self.resolved = OmegaConf.to_container(cfg, resolve=True)
 
@@ -118,7 +121,8 @@ class Watcher:
             raise CkptEvalError(f"cannot create the watch state dir {self.state_dir} ({exc}): set "
                                 "watch.state_dir=DIR to a writable place") from None
         self.ledger = Ledger(self.state_dir)
-        self.lock = WatchLock(self.state_dir, self.w.lock_stale_s, self.w.heartbeat_s)
+        # the lock belongs to the watched dir, not to this state dir: one watcher per watch.dir (ledger.lock_for)
+        self.lock = lock_for(self.watch_dir, self.discovery.local, self.w.lock_stale_s, self.w.heartbeat_s)
         with self._signals():
             if not self._acquire_lock():
                 return self._summary()
@@ -126,14 +130,7 @@ class Watcher:
             try:
                 self._startup()
                 observer = self.discovery.start_events(self.wake) if self.w.events else None
-                with mlflow_run(self.cfg.tracking, enabled=True, run_name=f"watch/{Path(self.watch_dir).name}",
-                                tags={"mode": "watch", "evaluation": "watcher", "watch_dir": self.watch_dir,
-                                      "ckpt": self.watch_dir},
-                                params=flatten(self.resolved)) as summary_run:
-                    self.summary_run = summary_run
-                    self._loop()
-                    summary_run.set_tags({"stopped_by": self.stop_reason or "done"})
-                    self._publish(force=True)
+                self._summary_run_and_loop()
             finally:
                 if observer is not None:
                     observer.stop()
@@ -141,6 +138,23 @@ class Watcher:
                 shutil.rmtree(self.downloads, ignore_errors=True)
                 shutil.rmtree(self.scratch, ignore_errors=True)
         return self._summary()
+
+    def _summary_run_and_loop(self) -> None:
+        """The loop inside the watcher's own summary run. That run is progress only: if the store was away when
+        it ended, it waits in the outbox like any run (sent by the next replay) and the watcher still exits 0;
+        the evaluations' own outages are handled per pair (`_tracking_failed`)."""
+        try:
+            with mlflow_run(self.cfg.tracking, enabled=True, run_name=f"watch/{Path(self.watch_dir).name}",
+                            tags={"mode": "watch", "evaluation": "watcher", "watch_dir": self.watch_dir,
+                                  "ckpt": self.watch_dir},
+                            params=flatten(self.resolved)) as summary_run:
+                self.summary_run = summary_run
+                self._loop()
+                summary_run.set_tags({"stopped_by": self.stop_reason or "done"})
+                self._publish(force=True)
+        except TrackingError as exc:
+            log.warning("the watcher's summary run could not be ended on the tracking store (%s): it waits in the "
+                        "outbox for the next replay", str(exc)[:300])
 
     def _acquire_lock(self) -> bool:
         waiting_logged = False
@@ -251,6 +265,7 @@ class Watcher:
                 self._sleep(self.w.interval)
                 continue
             dir_missing_logged = False
+            self._replay_outbox()
             try:
                 candidates = self.discovery.look()
             except Exception as exc:
@@ -288,9 +303,9 @@ class Watcher:
     def _work(self, candidates: list[Candidate]) -> list[Work]:
         """Pending pairs of ready candidates in watch.order; logs each candidate's state when it changes."""
         names = {c.name for c in candidates}
-        for gone in sorted(self._pending_names - names):
-            log.warning("skipped %s: deleted before it was evaluated", self.discovery.url_of(gone))
-        self._pending_names &= names
+        for gone in sorted(set(self._pending) - names):
+            cand, evals = self._pending.pop(gone)
+            self._skip_deleted(cand, evals, "deleted before it was evaluated")
         for gone in set(self._known) - names:
             del self._known[gone]
         work: list[Work] = []
@@ -301,19 +316,29 @@ class Watcher:
             if cand.step is not None and cand.step < self.w.from_step:
                 continue
             todo = [ev for ev in plan_evaluations(cand.step, self.w)
-                    if self.ledger.status(cand.identity, ev.name) not in (DONE, FAILED)]
+                    if self.ledger.status(cand.identity, ev.name) not in (DONE, FAILED, SKIPPED)]
             if todo:
-                self._pending_names.add(cand.name)
+                self._pending[cand.name] = (cand, todo)
             else:
-                self._pending_names.discard(cand.name)
+                self._pending.pop(cand.name, None)
             work += [Work(cand, ev) for ev in todo]
         newest = self.w.order == "newest"
         work.sort(key=lambda item: (-(item.cand.step or 0) if newest else (item.cand.step or 0), item.cand.name))
         return work
 
+    def _skip_deleted(self, cand: Candidate, evals: list[Evaluation], how: str) -> None:
+        """A checkpoint that went away: its open pairs are recorded skipped (final; a new copy is a new identity)."""
+        for ev in evals:
+            if self.ledger.status(cand.identity, ev.name) not in (DONE, FAILED, SKIPPED):
+                self.ledger.record(cand.identity, ev.name, SKIPPED, ckpt=cand.url, step=cand.step, error=how)
+            self.deferred.pop(pair_key(cand.identity, ev.name), None)
+        log.warning("skipped %s (step %s): %s", cand.url, cand.step, how)
+
     def _log_state(self, cand: Candidate) -> None:
+        """One line per change of state: reasons are compared with their numbers blanked, so "truncated (N
+        bytes)" growing poll after poll is still the same state."""
         before = self._known.get(cand.name)
-        reason = cand.reason if cand.state != UNSTABLE else ""  # "changed 0.3s ago" changes every look
+        reason = re.sub(r"\d+(\.\d+)?", "#", cand.reason) if cand.state != UNSTABLE else ""
         now = (cand.state, reason)
         if before == now:
             return
@@ -348,16 +373,21 @@ class Watcher:
             try:
                 run_id = self.view.finished_run(cand.identity, ev.name)
             except Exception as exc:  # noqa: BLE001 - store down: wait, do not burn an attempt
-                log.warning("MLflow store unreachable (%s: %s): retrying %s in %gs", type(exc).__name__,
-                            str(exc)[:200], what, self.w.interval)
+                if not self._store_down:  # once per outage, not once per poll
+                    log.warning("MLflow store unreachable (%s: %s): evaluations wait for it (checked every %gs)",
+                                type(exc).__name__, str(exc)[:200], self.w.interval)
+                self._store_down = True
                 self.deferred[item.key] = time.monotonic() + self.w.interval
                 return
+            if self._store_down:
+                log.info("MLflow store reachable again: resuming")
+                self._store_down = False
             if run_id:
                 log.info("skipped %s: already done (MLflow run %s)", what, run_id)
                 self.ledger.record(cand.identity, ev.name, DONE, run_id=run_id, ckpt=cand.url, step=cand.step)
                 return
         if not self.discovery.still_there(cand):
-            log.warning("skipped %s: deleted before its turn", what)
+            self._skip_deleted(cand, self._pending.pop(cand.name, (cand, [ev]))[1], "deleted before its turn")
             return
         previous = self.ledger.get(cand.identity, ev.name) or {}
         attempt = int(previous.get("attempts", 0)) + 1
@@ -376,8 +406,16 @@ class Watcher:
             log.warning("aborted %s: not marked done; it runs again on the next start", what)
             self.ledger.restore(cand.identity, ev.name, previous)
             return
+        except TrackingError as exc:  # the store went away: not the checkpoint's fault, not an attempt
+            self._tracking_failed(item, previous, exc)
+            return
         except Exception as exc:  # noqa: BLE001 - any failure of one checkpoint: record, retry, move on
             run = getattr(exc, "_watch_run", None)
+            if not self.discovery.still_there(cand):  # deleted under us: the error is a symptom, not a failure
+                _tag(run, {"watch_result": "skipped: checkpoint deleted during the evaluation"})
+                self._skip_deleted(cand, self._pending.pop(cand.name, (cand, [ev]))[1],
+                                   f"deleted during its {ev.name} evaluation")
+                return
             self._failed(item, attempt, exc, run)
             return
         finally:
@@ -390,6 +428,9 @@ class Watcher:
         self.ledger.record(cand.identity, ev.name, DONE, run_id=run.run_id if run else None, metrics=metrics,
                            error=None)
         self.session["evaluated"] += 1
+        if all(self.ledger.status(cand.identity, e.name) in (DONE, FAILED, SKIPPED)
+               for e in plan_evaluations(cand.step, self.w)):
+            self._pending.pop(cand.name, None)
         self.latest_step = max(self.latest_step or 0, cand.step or 0)
         log.info("done %s in %.1fs: %s", what, time.monotonic() - t0, _key_metrics(result))
 
@@ -436,6 +477,44 @@ class Watcher:
 
         return evaluation_fn(ev.kind)(self.cfg, job, path, **({"harness_cfg": hcfg} if ev.kind == "harness" else {}))
 
+    def _tracking_failed(self, item: Work, previous: dict[str, Any], exc: TrackingError) -> None:
+        """The store went away during the pair's run: never a failed attempt of the checkpoint.
+
+        If the evaluation finished, the job runner ended its run FINISHED in the outbox with its results: the
+        pair is done (ledger), and `tracking.replay_outbox` (every poll) delivers it once the store answers, so
+        it is neither lost nor evaluated again. Otherwise (the store was gone before the evaluation ended) the
+        attempt is given back and the pair waits for the store."""
+        cand, ev = item.cand, item.evaluation
+        run = getattr(exc, "_watch_run", None)
+        if _finished_in_outbox(run):
+            self.deferred.pop(item.key, None)
+            self.ledger.record(cand.identity, ev.name, DONE, run_id=run.run_id, tracking="outbox", error=None)
+            self.session["evaluated"] += 1
+            log.warning("done %s on %s (step %s), but the tracking store went away: run %s and its results wait in "
+                        "the outbox and are sent when it answers again", ev.name, cand.url, cand.step, run.run_id)
+            return
+        self.ledger.restore(cand.identity, ev.name, previous)
+        self.deferred[item.key] = time.monotonic() + self.w.interval
+        log.warning("tracking store failed during %s on %s (step %s): %s; not counted as an attempt, it runs again "
+                    "when the store answers", ev.name, cand.url, cand.step, str(exc)[:300])
+
+    def _replay_outbox(self) -> None:
+        """Results of evaluations whose tracking failed, sent to the store now that it may be back."""
+        from ckpteval import tracking
+
+        if not self.cfg.tracking.enabled:
+            return
+        try:
+            sent = tracking.replay_outbox(self.cfg.tracking)
+        except TrackingError as exc:
+            if not self._outbox_down:
+                log.warning("tracking store still unreachable, outbox kept: %s", str(exc)[:300])
+            self._outbox_down = True
+            return
+        self._outbox_down = False
+        if sent:
+            log.info("outbox: %d run(s) sent to the tracking store", sent)
+
     def _failed(self, item: Work, attempt: int, exc: BaseException, run) -> None:
         cand, ev = item.cand, item.evaluation
         error = f"{type(exc).__name__}: {exc}"
@@ -467,7 +546,7 @@ class Watcher:
 
     def _counts(self) -> dict[str, float]:
         return {"watch/done": self.ledger.count(DONE), "watch/failed": self.ledger.count(FAILED),
-                "watch/pending": sum(1 for n in self._pending_names),
+                "watch/pending": len(self._pending),
                 "watch/evaluated": self.session["evaluated"], "watch/retries": self.session["retried"],
                 "watch/polls": self.polls,
                 **({"watch/latest_step": self.latest_step} if self.latest_step is not None else {})}
@@ -491,6 +570,19 @@ class Watcher:
     def _summary(self) -> dict[str, Any]:
         counts = self._counts() if hasattr(self, "ledger") else {}
         return {**counts, "watch/stopped_by": self.stop_reason or "done"}
+
+
+def _finished_in_outbox(run) -> bool:
+    """True when `run` was ended FINISHED into the tracking outbox (the store was away at its end)."""
+    import json
+
+    if run is None or not getattr(run, "ended", False) or getattr(run, "outbox", None) is None:
+        return False
+    try:
+        entry = json.loads(run.outbox.entry_path(run.run_id).read_text())
+    except (OSError, ValueError):
+        return False
+    return (entry.get("end") or {}).get("status") == "FINISHED"
 
 
 def _tag(run, tags: dict[str, Any]) -> None:

@@ -15,7 +15,17 @@ from ckpteval.checkpoint.formats.base import Architecture, CheckpointFormat
 from ckpteval.errors import CkptEvalError
 
 # name -> "module:Class", in detection order. Families add one line here.
-REGISTRY: dict[str, str] = {}
+REGISTRY: dict[str, str] = {
+    # torchtitan and megatron first: their dirs are DCP dirs too, so they must be asked before `dcp`; torchtitan's
+    # HF export (safetensors, no config.json) must be asked before `hf`.
+    "torchtitan": "ckpteval.checkpoint.formats.torchtitan:TorchTitanFormat",
+    "megatron": "ckpteval.checkpoint.formats.megatron:MegatronFormat",
+    "dcp": "ckpteval.checkpoint.formats.dcp:DCPFormat",
+    "hf": "ckpteval.checkpoint.formats.hf:HFFormat",
+    "gguf": "ckpteval.checkpoint.formats.gguf:GGUFFormat",
+    "lightning": "ckpteval.checkpoint.formats.lightning:LightningFormat",
+    "nanogpt": "ckpteval.checkpoint.formats.nanogpt:NanoGPTFormat",
+}
 
 _instances: dict[str, CheckpointFormat] = {}
 

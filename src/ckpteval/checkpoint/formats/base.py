@@ -39,6 +39,11 @@ class CheckpointFormat:
     def looks_like(self, path: Path) -> bool:
         raise NotImplementedError
 
+    def resolve(self, path: Path) -> Path:
+        """The checkpoint proper when the user pointed at its container (a dir holding one .gguf, a nanoGPT
+        out_dir holding ckpt.pt); the path itself by default. Every other method gets the resolved path."""
+        return path
+
     def check_complete(self, path: Path) -> None:
         raise NotImplementedError
 
@@ -48,8 +53,9 @@ class CheckpointFormat:
     def architecture(self, path: Path, model_cfg=None) -> Architecture:
         raise NotImplementedError
 
-    def tensor_specs(self, path: Path, config) -> dict[str, tuple[int, ...]]:
-        """{HF name: shape} of every tensor `read_state` will return, from metadata only."""
+    def tensor_specs(self, path: Path, config) -> dict[str, tuple[int, ...]] | None:
+        """{HF name: shape} of every tensor `read_state` will return, from metadata only (None: the family's own
+        reader checks names and shapes against the architecture it read from the same file, e.g. GGUF)."""
         raise NotImplementedError
 
     def read_state(self, path: Path, config) -> dict[str, torch.Tensor]:

@@ -1,0 +1,212 @@
+"""FastLM vs lm-eval's HFLM on four request shapes, same model, same requests, same batch size, one process.
+
+    python benchmarks/bench_harness_speed.py                 # ~134M Llama (random weights), float32
+    python benchmarks/bench_harness_speed.py --docs 3 --cases b   # one case, fewer documents (a loaded machine)
+    python benchmarks/bench_harness_speed.py --small         # tiny Llama, a smoke run in seconds
+    python benchmarks/bench_harness_speed.py --cases b,c     # some of: a b c d
+
+Cases (text over a word-level tokenizer whose words are token ids, "w17 w4 ..."):
+  (a) 0-shot multiple choice: ~100-token context, 4 choices of 4..20 tokens.
+  (b) 5-shot multiple choice: documents in groups, each group under its own 5-example preamble (~500 tokens,
+      MMLU-style per-subject dev examples), then the document (~100 tokens) and 4 choices.
+  (c) generate_until, short answers: a 3-shot preamble (~300 tokens) per group, a ~50-token question,
+      max_gen_toks=16 and stop strings taken from the model's own greedy output (rows stop at different points,
+      as real short answers do); identical text is checked.
+  (d) loglikelihood_rolling: documents of 50..1500 tokens, max_length 1024 (several windows for long ones).
+
+Per case: requests/s of both, the ratio, peak memory of each loop (CPU: RSS high-water mark above the start of
+the loop, /proc/self/clear_refs), max |dLL| (a, b, d), identical is_greedy / accuracy / generations, and the
+share of this machine's measured float32 matmul peak reached counting 2 * params * tokens each backend actually
+ran. Each backend runs `--repeats` times, the fastest counts (other processes on a shared machine only slow a
+run down); all timings are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _measure import matmul_peak, peak_since, reset_peak  # noqa: E402
+from bench_fast_lm import build, word_tokenizer  # noqa: E402
+
+
+def _words(rng: random.Random, vocab: int, n: int) -> str:
+    return " ".join(f"w{rng.randrange(2, vocab)}" for _ in range(n))
+
+
+def mc_requests(rng, vocab: int, docs: int, preamble: str = "") -> list:
+    from lm_eval.api.instance import Instance
+
+    out = []
+    for _ in range(docs):
+        ctx = (preamble + " " if preamble else "") + _words(rng, vocab, rng.randint(90, 110))
+        out += [Instance("loglikelihood", {}, (ctx, " " + _words(rng, vocab, rng.randint(4, 20))), c)
+                for c in range(4)]
+    return out
+
+
+def fewshot_requests(rng, vocab: int, groups: int, docs: int, shots: int, shot_len: int) -> list:
+    out = []
+    for _ in range(groups):
+        preamble = " ".join(_words(rng, vocab, rng.randint(shot_len - 10, shot_len + 10)) for _ in range(shots))
+        out += mc_requests(rng, vocab, docs, preamble)
+    return out
+
+
+def gen_prompts(rng, vocab: int, groups: int, docs: int) -> list[str]:
+    out = []
+    for _ in range(groups):
+        preamble = " ".join(_words(rng, vocab, 100) for _ in range(3))
+        out += [preamble + " " + _words(rng, vocab, rng.randint(40, 60)) for _ in range(docs)]
+    return out
+
+
+def rolling_requests(rng, vocab: int, docs: int, lo: int, hi: int) -> list:
+    from lm_eval.api.instance import Instance
+
+    return [Instance("loglikelihood_rolling", {}, (_words(rng, vocab, rng.randint(lo, hi)),), i) for i in range(docs)]
+
+
+def stop_words(model, tok, prompts: list[str], max_gen: int) -> list[str]:
+    """Two words the model's greedy continuations contain early, as stop strings (" wN "), found with a plain
+    transformers greedy loop before anything is timed."""
+    counts: dict[str, int] = {}
+    for p in prompts:
+        ids = torch.tensor([tok.encode(p)])
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=max_gen, do_sample=False, pad_token_id=0)
+        words = tok.decode(out[0, ids.shape[1]:]).split()
+        for w in set(words[1:max_gen // 2]):
+            counts[w] = counts.get(w, 0) + 1
+    best = sorted(counts, key=lambda w: -counts[w])[:2]
+    return [f" {w} " for w in best]
+
+
+def timed(fn, warm, repeats: int, device: str) -> tuple[list[float], int, object]:
+    warm()  # warm-up on a few requests: allocator, kernel selection, lazy imports
+    base = reset_peak(device)
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return times, peak_since(device, base), out
+
+
+def run_case(name: str, fast, hf, method: str, reqs: list, tokens: dict, args, params: int, peak: float) -> dict:
+    """Time `method` of both backends on `reqs` (after a warm-up on the first two)."""
+    n = len(reqs)
+    runs = {}
+    for key, lm in (("fast", fast), ("hf", hf)):
+        call = getattr(lm, method)
+        runs[key] = timed(lambda: call(reqs, disable_tqdm=True), lambda: call(reqs[:2], disable_tqdm=True),
+                          args.repeats, args.device)
+    (t_fast, m_fast, r_fast), (t_hf, m_hf, r_hf) = runs["fast"], runs["hf"]
+    rps_fast, rps_hf = n / min(t_fast), n / min(t_hf)
+    if name == "c":
+        same = sum(a == b for a, b in zip(r_fast, r_hf))
+        diff, check = float("nan"), f"{same}/{n} identical text"
+    else:
+        fl = [x if isinstance(x, float) else x[0] for x in r_fast]
+        hl = [x if isinstance(x, float) else x[0] for x in r_hf]
+        diff = max(abs(a - b) for a, b in zip(fl, hl))
+        check = ""
+        if name in ("a", "b"):
+            greedy = sum(a[1] == b[1] for a, b in zip(r_fast, r_hf))
+            acc = [[max(range(4), key=lambda c: r[k + c][0]) for k in range(0, n, 4)] for r in (r_fast, r_hf)]
+            check = f"greedy= {greedy}/{n}, argmax choice identical {acc[0] == acc[1]}"
+    frac = {k: 2 * params * tokens[k] / min(t) / peak for k, t in (("fast", t_fast), ("hf", t_hf))}
+    print(f"({name}) {n:4d} req  fast {rps_fast:8.2f} req/s  HFLM {rps_hf:8.2f} req/s  ratio {rps_fast / rps_hf:6.2f}x  "
+          f"peak MB fast {m_fast / 2**20:7.1f} HFLM {m_hf / 2**20:7.1f}  max|dLL| {diff:.1e}  {check}")
+    print(f"    %matmul peak (2*params*tokens run): fast {100 * frac['fast']:.1f}% HFLM {100 * frac['hf']:.1f}%; "
+          f"tokens run fast {tokens['fast']} HFLM {tokens['hf']}; seconds fast {_fmt(t_fast)} HFLM {_fmt(t_hf)}")
+    return {"ratio": rps_fast / rps_hf}
+
+
+def _fmt(times: list[float]) -> str:
+    return " ".join(f"{t:.2f}" for t in times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--small", action="store_true", help="tiny model, few requests: seconds")
+    ap.add_argument("--cases", default="a,b,c,d")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--docs", type=int, default=4, help="documents per group; (a) and (d) use twice as many")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    logging.disable(logging.WARNING)
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from ckpteval.evaluation.fast_lm import FastLM
+
+    size = "tiny" if args.small else "small"
+    model = build(size, torch.float32, args.device)
+    vocab = model.config.vocab_size
+    tok = word_tokenizer(vocab)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    params = sum(p.numel() for p in model.parameters())
+    peak = matmul_peak(torch.float32, args.device)
+    rng = random.Random(1)
+    docs = max(1, args.docs)
+    print(f"model={size} ({params / 1e6:.0f}M params) float32 batch={args.batch} device={args.device} "
+          f"threads={torch.get_num_threads()} matmul peak {peak / 1e9:.1f} GFLOP/s")
+
+    def pair(max_length=None):
+        return (FastLM(model, tok, batch_size=args.batch, max_length=max_length),
+                HFLM(pretrained=model, tokenizer=tok, batch_size=args.batch, max_length=max_length))
+
+    def ll_tokens(reqs, lm, shared_prefix_tokens=0):
+        """(fast, hf) tokens run: HFLM every context+continuation; FastLM contexts once per distinct context,
+        continuations minus one, and (b) the preamble once per group instead of once per document."""
+        ctx = {r.args[0]: len(lm.tok_encode(r.args[0])) for r in reqs}
+        cont = [len(r.args[1].split()) for r in reqs]
+        hf = sum(ctx[r.args[0]] + k - 1 for r, k in zip(reqs, cont))
+        fast = sum(ctx.values()) + sum(k - 1 for k in cont) - shared_prefix_tokens
+        return {"fast": fast, "hf": hf}
+
+    cases = args.cases.split(",")
+    if "a" in cases:
+        reqs = mc_requests(rng, vocab, 2 * docs)
+        fast, hf = pair()
+        run_case("a", fast, hf, "loglikelihood", reqs, ll_tokens(reqs, fast), args, params, peak)
+    if "b" in cases:
+        groups, shots, shot_len = 2, 5, (30 if args.small else 100)
+        reqs = fewshot_requests(rng, vocab, groups, docs, shots, shot_len)
+        fast, hf = pair()
+        pre = shots * shot_len
+        run_case("b", fast, hf, "loglikelihood", reqs, ll_tokens(reqs, fast, groups * (docs - 1) * pre), args, params,
+                 peak)
+    if "c" in cases:
+        prompts = gen_prompts(rng, vocab, 2, docs)
+        max_gen = 16
+        until = stop_words(model, tok, prompts, max_gen)
+        reqs = [Instance("generate_until", {}, (p, {"until": until, "max_gen_toks": max_gen, "do_sample": False}), i)
+                for i, p in enumerate(prompts)]
+        fast, hf = pair()
+        n_prompt = sum(len(p.split()) for p in prompts)
+        run_case("c", fast, hf, "generate_until", reqs,
+                 {"fast": n_prompt - 300 * (len(prompts) - 2), "hf": n_prompt + max_gen * len(prompts)},
+                 args, params, peak)
+        print(f"    stop strings {until}")
+    if "d" in cases:
+        max_length = 256 if args.small else 1024
+        reqs = rolling_requests(rng, vocab, 2 * docs, 50, int(max_length * 1.5))
+        fast, hf = pair(max_length)
+        n_tok = sum(len(r.args[0].split()) + 1 for r in reqs)
+        run_case("d", fast, hf, "loglikelihood_rolling", reqs, {"fast": n_tok, "hf": n_tok}, args, params, peak)
+
+
+if __name__ == "__main__":
+    main()

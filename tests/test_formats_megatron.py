@@ -1,0 +1,307 @@
+"""Megatron-Core checkpoints written by Megatron's own code (a `GPTModel` from its local layer spec, saved with
+`dist_checkpointing.save`, torch_dist backend; tests/framework_ckpts.py), read by the megatron family and scored
+against Megatron's OWN forward on the same windows (float32, 1e-5).
+
+On this CPU-only torch, Megatron-Core needs three CUDA calls answered (see `framework_ckpts._megatron_cpu_shims`:
+`torch.cuda.current_device` for RoPE's inv_freq, `torch.cuda.synchronize` in the saver, the CUDA RNG tracker's
+fork around attention dropout); the model, its forward and its saver are otherwise Megatron's own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ckpteval.checkpoint.formats import detect_format, get_format
+from ckpteval.checkpoint.formats import megatron as mg_fmt
+from ckpteval.errors import CkptEvalError
+from tests import factories, framework_ckpts
+
+pytest.importorskip("megatron.core", reason="needs the megatron extra: pip install 'ckpteval[megatron]' (CI installs it)")
+
+SEQ = 64
+
+
+@pytest.fixture(scope="module")
+def mg_run(tmp_path_factory, tiny_token_shards):
+    """run/iter_0000010 (common.pt with args) and run/latest_checkpointed_iteration.txt."""
+    out = tmp_path_factory.mktemp("megatron") / "run"
+    ref = framework_ckpts.run("megatron", out, tiny_token_shards, SEQ)
+    return out, ref
+
+
+def _files(shards: Path) -> list[np.ndarray]:
+    return [np.fromfile(f, dtype=np.uint16) for f in sorted(Path(shards).glob("*.bin"))]
+
+
+def _our_loss(path: Path, shards: Path, model_cfg=None) -> tuple[float, str]:
+    from transformers import AutoModelForCausalLM
+
+    fmt = detect_format(path)
+    arch = fmt.architecture(path, model_cfg)
+    model = AutoModelForCausalLM.from_config(arch.config)
+    model.load_state_dict(fmt.read_state(path, arch.config), strict=not arch.config.tie_word_embeddings)
+    return factories.reference_loss(model.eval(), _files(shards), SEQ), arch.source
+
+
+def test_megatron_detected_complete_with_step(mg_run):
+    run, _ = mg_run
+    ckpt = run / "iter_0000010"
+    fmt = detect_format(ckpt)
+    assert fmt is not None and fmt.name == "megatron"
+    fmt.check_complete(ckpt)
+    assert fmt.step_tokens(ckpt) == (10, None)
+
+
+def test_megatron_loss_equals_megatron_forward(mg_run, tiny_token_shards):
+    run, ref = mg_run
+    loss, source = _our_loss(run / "iter_0000010", tiny_token_shards)
+    assert "Megatron args" in source
+    assert abs(loss - ref["loss"]) < 1e-5, (loss, ref)
+
+
+def test_megatron_specs_match_state_and_only_model_tensors_are_read(mg_run, monkeypatch):
+    run, _ = mg_run
+    ckpt = run / "iter_0000010"
+    fmt = get_format("megatron")
+    config = fmt.architecture(ckpt).config
+    asked: list[str] = []
+    real = mg_fmt.read_dcp_tensors
+    monkeypatch.setattr(mg_fmt, "read_dcp_tensors", lambda p, wanted: (asked.extend(wanted), real(p, wanted))[1])
+    state = fmt.read_state(ckpt, config)
+    assert {k: tuple(v.shape) for k, v in state.items()} == fmt.tensor_specs(ckpt, config)
+    assert "decoder.layers.self_attention.linear_qkv.weight" in asked  # stacked [L, ...]
+    assert not any("_extra_state" in k for k in asked)
+    # the fused fc1 split: gate is the first half, as Megatron's SwiGLU (silu(x[:ffn]) * x[ffn:]) reads it
+    fc1 = real(ckpt, {k: m for k, m in mg_fmt.dcp_metadata(ckpt).state_dict_metadata.items()
+                      if k == "decoder.layers.mlp.linear_fc1.weight"})["decoder.layers.mlp.linear_fc1.weight"]
+    assert torch.equal(state["model.layers.1.mlp.gate_proj.weight"], fc1[1, :160])
+    assert torch.equal(state["model.layers.1.mlp.up_proj.weight"], fc1[1, 160:])
+
+
+def test_megatron_tied_embeddings(tmp_path, tiny_token_shards):
+    """share_embeddings_and_output_weights=True (args: untie_embeddings_and_output_weights=False)."""
+    ref = framework_ckpts.run("megatron", tmp_path / "run", tiny_token_shards, SEQ, "--tie")
+    loss, source = _our_loss(tmp_path / "run" / "iter_0000010", tiny_token_shards)
+    assert "Megatron args" in source and abs(loss - ref["loss"]) < 1e-5, (loss, ref)
+    assert get_format("megatron").architecture(tmp_path / "run" / "iter_0000010").config.tie_word_embeddings
+
+def _copy(run: Path, dest: Path, name: str = "iter_0000010") -> Path:
+    shutil.copytree(run / "iter_0000010", dest / name)
+    return dest / name
+
+
+def _write_common(ckpt: Path, **changes) -> None:
+    args = framework_ckpts.megatron_args(tie=False)
+    for k, v in changes.items():
+        setattr(args, k, v)
+    torch.save({"args": args, "iteration": 10, "checkpoint_version": 3.0}, ckpt / "common.pt")
+
+
+def test_megatron_args_contradicting_tensors_name_both(mg_run, tmp_path):
+    run, _ = mg_run
+    ckpt = _copy(run, tmp_path)
+    _write_common(ckpt, num_query_groups=4)
+    with pytest.raises(CkptEvalError, match=r"linear_qkv has 128 rows.*4 query groups"):
+        get_format("megatron").architecture(ckpt)
+    _write_common(ckpt, ffn_hidden_size=128)
+    with pytest.raises(CkptEvalError, match=r"contradicts .*Megatron args.*in the checkpoint but .* there: fix or "
+                                            r"remove that config"):
+        get_format("megatron").architecture(ckpt)
+    _write_common(ckpt, normalization="LayerNorm", swiglu=False)
+    with pytest.raises(CkptEvalError, match=r"swiglu=False, normalization=LayerNorm.*Llama-style"):
+        get_format("megatron").architecture(ckpt)
+
+
+def test_megatron_without_args_uses_config_json_then_model_group(mg_run, tmp_path, tiny_token_shards):
+    from omegaconf import OmegaConf
+
+    run, ref = mg_run
+    ckpt = _copy(run, tmp_path, "release")  # no iteration in the name: the step comes from common.pt
+    torch.save({"iteration": 10, "checkpoint_version": 3.0}, ckpt / "common.pt")
+    assert get_format("megatron").step_tokens(ckpt) == (10, None)
+    with pytest.raises(CkptEvalError, match=r"no architecture source.*model="):
+        get_format("megatron").architecture(ckpt, None)
+    group = OmegaConf.create({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 512,
+                              "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+                              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+                              "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "extra": {}})
+    loss, source = _our_loss(ckpt, tiny_token_shards, group)
+    assert "model` group" in source and abs(loss - ref["loss"]) < 1e-5
+    from ckpteval.checkpoint.load import config_from_model_cfg
+
+    config_from_model_cfg(group).save_pretrained(tmp_path)  # config.json beside the dir wins over the group
+    loss, source = _our_loss(ckpt, tiny_token_shards, None)
+    assert source.startswith("config.json in") and abs(loss - ref["loss"]) < 1e-5
+
+
+def test_megatron_step_from_latest_file(mg_run, tmp_path):
+    run, _ = mg_run
+    ckpt = _copy(run, tmp_path, "release")
+    torch.save({"checkpoint_version": 3.0}, ckpt / "common.pt")
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("10\n")
+    assert get_format("megatron").step_tokens(ckpt) == (10, None)
+
+
+def test_megatron_incomplete_dirs_are_refused(mg_run, tmp_path):
+    run, _ = mg_run
+    ckpt = _copy(run, tmp_path)
+    shard = max(ckpt.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CkptEvalError, match="truncated"):
+        get_format("megatron").check_complete(ckpt)
+    (ckpt / "common.pt").unlink()
+    with pytest.raises(CkptEvalError, match="common.pt is missing"):
+        get_format("megatron").check_complete(ckpt)
+    (ckpt / "metadata.json").write_text(json.dumps({"sharded_backend": "zarr"}))
+    with pytest.raises(CkptEvalError, match="zarr.*torch_dist"):
+        get_format("megatron").check_complete(ckpt)
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_megatron_crafted_common_pt_runs_nothing(mg_run, tmp_path):
+    run, _ = mg_run
+    marker = tmp_path / "PWNED"
+    ckpt = _copy(run, tmp_path)
+    torch.save({"args": argparse.Namespace(evil=_Payload(marker)), "iteration": 10}, ckpt / "common.pt")
+    fmt = detect_format(ckpt)
+    assert fmt is not None and fmt.name == "megatron"
+    for call in (lambda: fmt.architecture(ckpt), lambda: fmt.read_state(ckpt, None), lambda: fmt.step_tokens(ckpt)):
+        with pytest.raises(CkptEvalError, match=r"refusing to unpickle .*common.pt.*system"):
+            call()
+    assert not marker.exists()
+
+
+def test_megatron_crafted_metadata_runs_nothing(tmp_path):
+    import pickle
+
+    marker = tmp_path / "PWNED"
+    ckpt = tmp_path / "iter_0000010"
+    ckpt.mkdir()
+    (ckpt / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1}))
+    torch.save({"iteration": 10}, ckpt / "common.pt")
+    (ckpt / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    fmt = detect_format(ckpt)
+    assert fmt is not None and fmt.name == "megatron"
+    for call in (lambda: fmt.check_complete(ckpt), lambda: fmt.architecture(ckpt)):
+        with pytest.raises(CkptEvalError, match=r"refusing to unpickle .*\.metadata.*system"):
+            call()
+    assert not marker.exists()
+
+# ---------------------------------------------------------------------------------------------- through the app
+
+
+def _loss_cfg(tmp: Path, ckpt: Path, shards: Path, *extra: str):
+    return factories.compose(["mode=loss", f"ckpt={ckpt}", "data=local", f"data.dataset_path={shards}",
+                              f"eval.seq_len={SEQ}", "eval.batch_size=8", "eval.steps=-1",
+                              f"tracking.uri=sqlite:///{tmp}/mlflow.db", *extra])
+
+
+def test_megatron_mode_loss_equals_megatron_forward(mg_run, tmp_path, tiny_token_shards, monkeypatch):
+    from ckpteval import app
+
+    run, ref = mg_run
+    monkeypatch.chdir(tmp_path)
+    result = app.main(_loss_cfg(tmp_path, run / "iter_0000010", tiny_token_shards))
+    assert result["step"] == 10
+    assert abs(result["eval/loss"] - ref["loss"]) < 1e-5, (result, ref)
+
+
+def test_megatron_mode_convert_loads_in_stock_transformers(mg_run, tmp_path, tiny_token_shards, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from ckpteval import app
+
+    run, ref = mg_run
+    monkeypatch.chdir(tmp_path)
+    result = app.main(factories.compose(["mode=convert", f"ckpt={run / 'iter_0000010'}",
+                                         f"convert.out={tmp_path / 'hf'}", f"tracking.uri=sqlite:///{tmp_path}/m.db"]))
+    hf_dir = Path(result["convert/out"])
+    assert (hf_dir / "config.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    assert abs(factories.reference_loss(model, _files(tiny_token_shards), SEQ) - ref["loss"]) < 1e-5
+
+
+def test_megatron_watch_once(mg_run, tmp_path, tiny_token_shards, monkeypatch):
+    from ckpteval import app
+
+    run, ref = mg_run
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "run"
+    shutil.copytree(run, root)
+    db = tmp_path / "mlflow.db"
+    summary = app.main(factories.compose([
+        "mode=watch", f"watch.dir={root}", "watch.once=true", "watch.stable_s=0", "data=local",
+        f"data.dataset_path={tiny_token_shards}", f"eval.seq_len={SEQ}", "eval.batch_size=8", "eval.steps=-1",
+        f"tracking.uri=sqlite:///{db}"]))
+    assert summary["watch/evaluated"] == 1 and summary["watch/failed"] == 0, summary
+    _, runs = factories.mlflow_runs(db)
+    losses = {Path(r.data.tags["ckpt"]).name: r.data.metrics["eval/loss"] for r in runs if "eval/loss" in r.data.metrics}
+    assert set(losses) == {"iter_0000010"} and abs(losses["iter_0000010"] - ref["loss"]) < 1e-5, losses
+
+
+@pytest.mark.slow
+def test_megatron_glob_scan_cli(mg_run, tmp_path, tiny_token_shards):
+    run, ref = mg_run
+    shutil.copytree(run, tmp_path / "run")
+    shutil.copytree(run / "iter_0000010", tmp_path / "run" / "iter_0000020")  # a second step, same weights
+    db = tmp_path / "mlflow.db"
+    proc = factories.run_cli(["-m", "mode=loss", "ckpt=glob:run/iter_*", "data=local",
+                              f"data.dataset_path={tiny_token_shards}", f"eval.seq_len={SEQ}", "eval.batch_size=8",
+                              "eval.steps=-1", f"tracking.uri=sqlite:///{db}", "hydra.sweep.dir=sweep"],
+                             cwd=tmp_path, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    assert "sweep summary: 2 job(s), 2 completed" in proc.stdout
+    client, runs = factories.mlflow_runs(db)
+    children = {Path(r.data.tags["ckpt"]).name: r for r in runs if r.data.tags.get("mlflow.parentRunId")}
+    assert set(children) == {"iter_0000010", "iter_0000020"}
+    for name, r in children.items():
+        [point] = client.get_metric_history(r.info.run_id, "eval/loss")
+        assert point.step == int(name.split("_")[1]) and abs(point.value - ref["loss"]) < 1e-5, name
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("layout", ["fsdp", "tp"])
+def test_megatron_torchrun_layouts(mg_run, layout, tmp_path, tiny_token_shards):
+    run, ref = mg_run
+    proc = factories.run_cli(["mode=loss", f"ckpt={run / 'iter_0000010'}", "data=local",
+                              f"data.dataset_path={tiny_token_shards}", f"eval.seq_len={SEQ}", "eval.batch_size=4",
+                              "eval.steps=-1", "tracking.enabled=false", f"parallel={layout}"],
+                             cwd=tmp_path, timeout=500, launcher=framework_ckpts.torchrun(2))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = factories.last_json_line(proc.stdout)
+    assert abs(result["eval/loss"] - ref["loss"]) < 1e-5, (result, ref)
+
+
+def test_megatron_mode_harness_fast_equals_stock_lm_eval(mg_run, tmp_path, tiny_tokenizer_dir, tiny_token_shards,
+                                                   monkeypatch):
+    """mode=harness (fast backend) on the megatron checkpoint = stock lm-eval (HFLM) on its converted dir, which
+    has the framework's own loss; the tokenizer sits in the run dir, as the trainer's assets would."""
+    from transformers import AutoModelForCausalLM
+
+    run, ref = mg_run
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "run"
+    shutil.copytree(run, root)
+    for f in Path(tiny_tokenizer_dir).iterdir():
+        shutil.copy(f, root / f.name)
+    ours, stock, hf_dir = framework_ckpts.harness_vs_stock(root / 'iter_0000010', tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    assert abs(factories.reference_loss(model, _files(tiny_token_shards), SEQ) - ref["loss"]) < 1e-5
+    assert stock and ours["step"] == 10
+    for key, value in stock.items():
+        assert ours[key] == pytest.approx(value, rel=1e-6, abs=1e-5), key  # perplexities of a random model are ~1e7
