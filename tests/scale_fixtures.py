@@ -89,7 +89,7 @@ def s3_server(tmp_path_factory):
     finally:
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-        subprocess.run([script, "down", state], env=env, timeout=60)
+        subprocess.run([script, "down", state], env=env, timeout=60, check=False)
 
 
 def s3fs_client():
@@ -115,7 +115,7 @@ def mlflow_server(tmp_path, s3_server):
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
            "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow-server.db",
            "--artifacts-destination", f"s3://{prefix}", "--workers", "1"]
-    log = open(tmp_path / "mlflow-server.log", "w")
+    log = open(tmp_path / "mlflow-server.log", "w")  # noqa: SIM115 - closed in the finalizer
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_server["endpoint"]})
     url = f"http://127.0.0.1:{port}"
@@ -154,7 +154,7 @@ def slurm_cluster(tmp_path_factory):
         yield {"dir": state, "conf": state / "slurm.conf"}
     finally:
         os.environ.pop("SLURM_CONF") if saved is None else os.environ.__setitem__("SLURM_CONF", saved)
-        subprocess.run([script, "down", state], env=env, timeout=120)
+        subprocess.run([script, "down", state], env=env, timeout=120, check=False)
 
 
 def sacct_completed(job_ids: set[str] | None = None) -> dict[str, tuple[str, str, str]]:

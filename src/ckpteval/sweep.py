@@ -100,13 +100,12 @@ def expand_pattern(pattern: str, *, cwd: str | Path | None = None, every: int = 
     Incomplete matches (a save still running, a crashed copy; per ``checkpoint.check_complete``) are skipped
     with a warning; no match at all, or no complete one, is an error naming the pattern and the dir searched."""
     cwd = Path(cwd or os.getcwd())
-    if "://" in pattern:
-        return _expand_remote(pattern, every, skip_incomplete)
     if not pattern:
         raise CkptEvalError("ckpt=glob: has no pattern: write ckpt='glob:DIR/step_*'")
     from ckpteval.checkpoint.listing import entry_complete, list_checkpoints
 
-    entries = {e.path: e for e in list_checkpoints(_absolute_pattern(pattern, cwd))}  # symlinks followed
+    remote = "://" in pattern  # glob:s3://bucket/run/step_*: the store's listing (fsspec)
+    entries = {e.path: e for e in list_checkpoints(pattern if remote else _absolute_pattern(pattern, cwd))}
     matches = sorted(entries, key=step_order_key)
     if not matches:
         raise CkptEvalError(f"glob:{pattern} matches nothing (relative paths are searched from {cwd}): check the "
@@ -126,21 +125,6 @@ def expand_pattern(pattern: str, *, cwd: str | Path | None = None, every: int = 
                             f"(first: {reasons[0]}); point the pattern at checkpoint dirs (HF, DCP step_N) or "
                             f".gguf files")
     return every_nth(complete, every)
-
-
-def _expand_remote(pattern: str, every: int, skip_incomplete: bool) -> list[str]:
-    """expand_pattern for fsspec URLs (glob:s3://bucket/run/step_*): the listing decides completeness."""
-    from ckpteval.checkpoint.remote import expand_glob
-
-    found = sorted(expand_glob(pattern), key=lambda m: step_order_key(m[0]))
-    for url, ok, reason in found:
-        if not ok and skip_incomplete:
-            log.warning("skipping incomplete checkpoint %s: %s", url, reason)
-    urls = [url for url, ok, _ in found if ok or not skip_incomplete]
-    if not urls:
-        raise CkptEvalError(f"glob:{pattern} matches {len(found)} path(s) but no complete checkpoint: check the "
-                            f"URL and the store's credentials (AWS_* environment variables for s3://)")
-    return every_nth(urls, every)
 
 
 def _element_text(value: Any) -> str | None:

@@ -35,7 +35,7 @@ PARENT_FILES = re.compile(r"^(config\.json|generation_config\.json|tokenizer[^/]
 # Files a trainer saves beside the model that evaluation never reads (optimizer state is often bigger than the
 # model); inside DCP .distcp files optimizer state cannot be separated and is downloaded with the model.
 SKIP = re.compile(r"(^|/)(optim[^/]*|optimizer[^/]*|scheduler[^/]*|rng_state[^/]*|training_args\.bin|"
-                  r"global_step\d+/[^/]*optim_states[^/]*)$|(^|/)(optim|optimizer|optimizer_state)/", re.I)
+                  r"global_step\d+/[^/]*optim_states[^/]*)$|(^|/)(optim|optimizer|optimizer_state)/", re.IGNORECASE)
 VERSION_KEYS = ("ETag", "etag", "md5Hash", "mtime", "LastModified", "last_modified", "updated")
 
 _made: list[Path] = []
@@ -137,22 +137,3 @@ def cleanup() -> None:
         shutil.rmtree(key_dir, ignore_errors=True)
         Path(f"{key_dir}.lock").unlink(missing_ok=True)
 
-
-def expand_glob(pattern: str) -> list[tuple[str, bool, str]]:
-    """[(url, complete?, reason)] for each match of a remote glob (`s3://bucket/run/step_*`); completeness from
-    the listing (the markers the watcher reads: DCP .metadata, HF index shards, weights present)."""
-    import fsspec
-
-    from ckpteval.watch.discovery import Candidate, remote_complete
-
-    fs, path = fsspec.core.url_to_fs(pattern)
-    out = []
-    for match in fs.glob(path):
-        url = fs.unstrip_protocol(match)
-        found = fs.find(match, withdirs=False, detail=True)
-        name = match.rstrip("/").rsplit("/", 1)[-1]
-        snapshot = tuple(sorted((p[len(match.rstrip("/")) + 1:] or name, int(i.get("size") or 0), _version(i))
-                                for p, i in found.items()))
-        ok, reason = remote_complete(fs, Candidate(name=name, url=url, step=None, snapshot=snapshot))
-        out.append((url, ok, reason))
-    return out
