@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,12 @@ def _write_bin(path: Path, stream: np.ndarray) -> Path:
 def _decoded_bytes(tok, ids: list[int]) -> int:
     """UTF-8 bytes the tokenizer's decoder gives `ids` (special tokens skipped), after an ASCII anchor token so a
     leading `▁` decodes to the space it stands for. The text must decode cleanly (no partial characters)."""
+    pieces = tok.convert_ids_to_tokens(ids)
+    k = 0
+    while k < len(ids) and re.fullmatch(r"<0x[0-9A-F]{2}>", pieces[len(ids) - 1 - k]):
+        k += 1
+    if k:  # the targets end inside a character spelled in byte-fallback pieces: each piece is one byte
+        return _decoded_bytes(tok, ids[:len(ids) - k]) + k
     anchor = tok("x", add_special_tokens=False)["input_ids"][-1:]
     text = tok.decode(anchor + ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     base = tok.decode(anchor, skip_special_tokens=True, clean_up_tokenization_spaces=False)

@@ -53,6 +53,22 @@ class MlflowView:
                             "and attributes.status = 'FINISHED'")
         return runs[0].info.run_id if runs else None
 
+    def other_claims(self, identity: str, evaluation: str, own_run_id: str, stale_s: float) -> list[str]:
+        """Runs of the same (checkpoint, evaluation) other than `own_run_id` that own it: FINISHED, or RUNNING and
+        started less than `stale_s` ago (an older RUNNING one is a dead watcher's). Called after our own run
+        exists: of two watchers racing, the one that created its run later always sees the earlier one."""
+        import time
+
+        now_ms = time.time() * 1000
+        runs = self._search(f"tags.ckpt_identity = '{identity}' and tags.evaluation = {_literal(evaluation)}")
+        return [r.info.run_id for r in runs if r.info.run_id != own_run_id and
+                (r.info.status == "FINISHED" or
+                 (r.info.status == "RUNNING" and now_ms - (r.info.start_time or 0) < stale_s * 1000))]
+
+    def withdraw(self, run_id: str) -> None:
+        """Delete a claim run that lost (it did no work; the UI and searches no longer show it)."""
+        self.client.delete_run(run_id)
+
     def end_orphans(self, watch_dir: str) -> list[str]:
         """Runs of this watch dir still RUNNING when no other watcher holds the lock: their process died
         (SIGKILL, power loss). End them KILLED so the UI does not show them running forever."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+import random
 import re
 import shutil
 import signal
@@ -34,6 +35,11 @@ from ckpteval.watch.plan import Evaluation, harness_config, plan_evaluations, va
 
 log = logging.getLogger("ckpteval.watch")
 ORDERS = ("oldest", "newest")
+
+
+class ClaimedElsewhere(Exception):
+    """Another watcher's run owns this (checkpoint, evaluation) pair on the shared store (two watchers on one dir
+    whose lock could not exclude each other, e.g. an object store without atomic create): step back."""
 
 
 class StopRequested(KeyboardInterrupt):
@@ -410,6 +416,11 @@ class Watcher:
         except TrackingError as exc:  # the store went away: not the checkpoint's fault, not an attempt
             self._tracking_failed(item, previous, exc)
             return
+        except ClaimedElsewhere as exc:  # another watcher took it first: not an attempt; look again later
+            log.info("skipped %s for now: another watcher's run %s has it", what, exc)
+            self.ledger.restore(cand.identity, ev.name, previous)
+            self.deferred[item.key] = time.monotonic() + self.w.interval * (0.5 + random.random())
+            return
         except Exception as exc:  # noqa: BLE001 - any failure of one checkpoint: record, retry, move on
             run = getattr(exc, "_watch_run", None)
             if not self.discovery.still_there(cand):  # deleted under us: the error is a symptom, not a failure
@@ -454,6 +465,10 @@ class Watcher:
         job = Job(dist=self.dist, out_dir=out_dir, step=cand.step)
 
         def evaluate(j: Job) -> dict[str, Any]:
+            if self.view is not None and j.run.active:  # claim, then check: the server arbitrates
+                others = self.view.other_claims(cand.identity, ev.name, j.run.run_id, self.w.lock_stale_s)
+                if others:
+                    raise ClaimedElsewhere(others[0])
             with self._interruptible():
                 result = self._call(ev, j, path, hcfg)
             if j.step is None:
@@ -464,6 +479,10 @@ class Watcher:
             with self.discovery.local_copy(cand, self.downloads) as path:
                 result = run_tracked(self.cfg, evaluate, job, run_name=watch_run_name(ev.name, path, cand.step),
                                      tags=tags, params=flatten(resolved), title=f"watch {ev.name} {cand.name}")
+        except ClaimedElsewhere:
+            if job.run.active:
+                self.view.withdraw(job.run.run_id)
+            raise
         except Exception as exc:
             exc._watch_run = job.run if job.run.active else None  # so the failure is tagged on its run
             raise
