@@ -150,9 +150,9 @@ def test_s3_glob_scan(tmp_path, s3_run, tiny_tokenizer_dir, tiny_token_shards):
     assert "sweep summary: 2 job(s), 2 completed" in proc.stdout
     client, runs = factories.mlflow_runs(db)
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId")}
-    assert sorted(children) == ["loss/step_0000100", "loss/step_0000300"]
+    assert sorted(children) == ["loss@100", "loss@300"]
     for step, path in local.items():
-        run = children[f"loss/step_{step:07d}"]
+        run = children[f"loss@{step}"]
         assert run.info.status == "FINISHED"
         [point] = client.get_metric_history(run.info.run_id, "eval/loss")
         assert point.value == pytest.approx(_reference(path, tiny_token_shards), abs=1e-5)
@@ -195,12 +195,17 @@ def _watch(tmp_path: Path, url: str, shards: Path, tracking: str, state: Path, l
                             start_new_session=True)
 
 
-def _finished_losses(client, experiment: str = "ckpteval") -> dict[str, list]:
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], max_results=1000) if exp else []
+def _all_runs(client, max_results: int = 1000) -> list:
+    """Runs of every experiment of the store (one experiment per training run by default)."""
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(ids, max_results=max_results) if ids else []
+
+
+def _finished_losses(client) -> dict[str, list]:
+    """{watch:loss@N: [eval/loss of each FINISHED run]}: the watcher's evaluation runs."""
     out: dict[str, list] = {}
-    for r in runs:
-        if r.info.run_name.startswith("loss/step_") and r.info.status == "FINISHED":
+    for r in _all_runs(client):
+        if r.info.run_name.startswith("watch:loss@") and r.info.status == "FINISHED":
             out.setdefault(r.info.run_name, []).append(r.data.metrics.get("eval/loss"))
     return out
 
@@ -237,9 +242,9 @@ def test_s3_watcher_never_takes_a_half_uploaded_checkpoint(tmp_path, s3_run, tin
         kill_group(proc)
     text = log.read_text()
     losses = _finished_losses(client)
-    assert sorted(losses) == ["loss/step_0000010", "loss/step_0000020"], text[-3000:]
+    assert sorted(losses) == ["watch:loss@10", "watch:loss@20"], text[-3000:]
     for step, path in local.items():
-        [loss] = losses[f"loss/step_{step:07d}"]  # exactly once
+        [loss] = losses[f"watch:loss@{step}"]  # exactly once
         assert loss == pytest.approx(_reference(path, tiny_token_shards), abs=1e-5)
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
     assert not (tmp_path / "state" / "downloads").exists() or not any((tmp_path / "state" / "downloads").iterdir())
@@ -271,13 +276,13 @@ def test_slurm_scan_one_job_per_checkpoint_and_a_corrupt_one_fails_alone(tmp_pat
     jobs = {k: v for k, v in sacct_completed().items() if k not in before}
     assert len(jobs) == 3 and {name for name, _, _ in jobs.values()} == {"run"}, jobs  # one SLURM job each
     client, children = _children(db)
-    assert sorted(children) == ["loss/step_0000100", "loss/step_0000200", "loss/step_0000300"]
+    assert sorted(children) == ["loss@100", "loss@200", "loss@300"]
     for step, path in local.items():
-        run = children[f"loss/step_{step:07d}"]
+        run = children[f"loss@{step}"]
         assert run.info.status == "FINISHED"
         [point] = client.get_metric_history(run.info.run_id, "eval/loss")
         assert point.value == pytest.approx(_reference(path, tiny_token_shards), abs=1e-5)
-    failed = children["loss/step_0000300"]
+    failed = children["loss@300"]
     assert failed.info.status == "FAILED" and "does not match its architecture" in failed.data.tags["error"]
 
 
@@ -317,9 +322,8 @@ def test_scancel_ends_the_run_killed(tmp_path, slurm_cluster, tiny_hf_ckpt, tiny
         def running_child():
             if proc.poll() is not None:
                 raise AssertionError(log.read_text()[-3000:])
-            exp = db.exists() and client.get_experiment_by_name("ckpteval")
-            runs = client.search_runs([exp.experiment_id]) if exp else []
-            return next((r for r in runs if r.info.run_name.startswith("loss/") and r.info.status == "RUNNING"),
+            runs = _all_runs(client) if db.exists() else []
+            return next((r for r in runs if r.info.run_name.startswith("loss@") and r.info.status == "RUNNING"),
                         None)
 
         child = wait_for(running_child, 240, "the SLURM job's MLflow run to be RUNNING")
@@ -365,10 +369,9 @@ def test_mlflow_server_artifacts_land_in_the_bucket(tmp_path, mlflow_server, tin
     assert harness.returncode == 0, harness.stderr[-3000:]
 
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name("ckpteval")
-    runs = client.search_runs([exp.experiment_id], max_results=100)
+    runs = _all_runs(client)
     [parent] = [r for r in runs if r.data.tags.get("ckpteval.sweep") == "true"]
-    [h_run] = [r for r in runs if r.info.run_name.startswith("harness/")]
+    [h_run] = [r for r in runs if r.info.run_name.startswith("harness@")]
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "summary")} == {"summary/summary.csv",
                                                                                         "summary/summary.png"}
 
@@ -394,10 +397,9 @@ def _loss_runs(uri: str) -> dict[str, list[str]]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name("ckpteval")
     by_step: dict[str, list[str]] = {}
-    for r in client.search_runs([exp.experiment_id], max_results=1000) if exp else []:
-        if r.info.run_name.startswith("loss/step_"):
+    for r in _all_runs(client):
+        if r.info.run_name.startswith("watch:loss@"):
             by_step.setdefault(r.info.run_name, []).append(r.info.status)
     return by_step
 
@@ -427,10 +429,10 @@ def test_a_second_watcher_repeats_nothing_the_server_has(tmp_path, mlflow_server
         upload_dir(local[step], f"{s3_run}/step_{step}")
     uri = mlflow_server["uri"]
     _run_watchers(tmp_path, s3_run, tiny_token_shards, uri, ["a"])
-    assert _loss_runs(uri) == {"loss/step_0000010": ["FINISHED"], "loss/step_0000020": ["FINISHED"]}
+    assert _loss_runs(uri) == {"watch:loss@10": ["FINISHED"], "watch:loss@20": ["FINISHED"]}
     upload_dir(local[30], f"{s3_run}/step_30")
     [log_b] = _run_watchers(tmp_path, s3_run, tiny_token_shards, uri, ["b"])
-    assert _loss_runs(uri) == {f"loss/step_{s:07d}": ["FINISHED"] for s in local}, log_b[-3000:]
+    assert _loss_runs(uri) == {f"watch:loss@{s}": ["FINISHED"] for s in local}, log_b[-3000:]
     assert "already evaluated" in log_b
 
 
@@ -444,4 +446,4 @@ def test_two_watchers_share_the_work_through_the_server(tmp_path, mlflow_server,
     for step, path in local.items():
         upload_dir(path, f"{s3_run}/step_{step}")
     _run_watchers(tmp_path, s3_run, tiny_token_shards, mlflow_server["uri"], ["a", "b"])
-    assert _loss_runs(mlflow_server["uri"]) == {f"loss/step_{s:07d}": ["FINISHED"] for s in local}
+    assert _loss_runs(mlflow_server["uri"]) == {f"watch:loss@{s}": ["FINISHED"] for s in local}
