@@ -198,7 +198,7 @@ def hf_trainer_run(tmp_path_factory, tiny_tokenizer_dir):
 @pytest.fixture(scope="module")
 def lightning_run(tmp_path_factory, tiny_tokenizer_dir):
     """PyTorch Lightning, 4 steps, ModelCheckpoint every 2: checkpoints/epoch=0-step=2.ckpt and ...step=4.ckpt."""
-    pl = pytest.importorskip("pytorch_lightning", reason="pip install 'ckpteval[formats]'")
+    pl = factories.require("pytorch_lightning", "formats")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     class LitLM(pl.LightningModule):

@@ -23,7 +23,7 @@ from ckpteval.checkpoint.formats import megatron as mg_fmt
 from ckpteval.errors import CkptEvalError
 from tests import factories, framework_ckpts
 
-pytest.importorskip("megatron.core", reason="needs the megatron extra: pip install 'ckpteval[megatron]' (CI installs it)")
+factories.require("megatron.core", "megatron")
 
 SEQ = 64
 

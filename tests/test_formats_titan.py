@@ -19,7 +19,7 @@ from ckpteval.checkpoint.formats import torchtitan as titan_fmt
 from ckpteval.errors import CkptEvalError
 from tests import factories, framework_ckpts
 
-pytest.importorskip("torchtitan", reason="needs the titan extra: pip install 'ckpteval[titan]' (CI installs it)")
+factories.require("torchtitan", "titan")
 
 SEQ = 64
 
