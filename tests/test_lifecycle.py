@@ -249,3 +249,25 @@ def test_sigterm_mid_scan_ends_job_and_parent_killed(tmp_path, tiny_tokenizer_di
     assert by_kind == {"parent": "KILLED", "job": "KILLED"}, [(r.data.tags.get("mlflow.runName"), r.info.status)
                                                               for r in runs]
     assert len(runs) == 2  # the second checkpoint never started
+
+
+def test_stop_swallowed_in_a_weakref_callback_is_raised_again():
+    """SIGTERM while Python runs a weakref callback: Python swallows the JobStopped raised there; the runner sends
+    the signal again, so the stop still reaches the job's own code (and its run ends KILLED, not RUNNING)."""
+    import signal
+    import time
+    import weakref
+
+    from ckpteval.job import JobStopped, stop_signals
+
+    class Held:
+        pass
+
+    with pytest.raises(JobStopped, match="SIGTERM"):
+        with stop_signals():
+            obj = Held()
+            ref = weakref.ref(obj, lambda _: signal.raise_signal(signal.SIGTERM))  # noqa: F841 - keeps the callback
+            del obj  # the callback runs here; the JobStopped raised inside it is swallowed by Python
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # the job's own code: the re-sent signal must stop it
+                time.sleep(0.01)

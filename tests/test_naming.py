@@ -46,3 +46,16 @@ def test_config_resolves_the_experiment_and_an_override_wins(tmp_path):
 def test_run_names_are_short_and_say_what_they_are(fn, args, name):
     assert fn(*args) == name
     assert len(name) <= 20  # the runs table's name column shows about 20 characters
+
+
+def test_new_experiments_open_on_the_runs_view(tmp_path):
+    """Experiments we create carry MLflow's experiment-kind tag for model development, so the UI opens them on the
+    runs table and charts (MLflow 3 otherwise opens its empty GenAI overview)."""
+    from omegaconf import OmegaConf
+
+    from ckpteval.config import TrackingConfig
+    from ckpteval.tracking.store import open_client
+
+    cfg = OmegaConf.structured(TrackingConfig(uri=f"sqlite:///{tmp_path}/ml.db", experiment="run1"))
+    client, experiment_id, _ = open_client(cfg)
+    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"

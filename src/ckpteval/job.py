@@ -63,24 +63,45 @@ class Job:
 def stop_signals() -> Iterator[None]:
     """Turn SIGTERM (timeout, SLURM preemption, systemctl stop), SIGHUP (closed terminal) and SIGINT into
     `JobStopped` in the main thread, so every open run ends KILLED instead of staying RUNNING. A second signal
-    while the first unwinds is ignored (the first is already ending the job)."""
+    while the first unwinds is ignored (the first is already ending the job).
+
+    A signal that lands while Python runs a weakref callback or `__del__` (a library's cleanup during model
+    loading) raises `JobStopped` there, where Python swallows it ("Exception ignored in ...") and the job would
+    run on until SIGKILL. Swallowed exceptions reach `sys.unraisablehook`: ours sends the signal again, so the
+    stop is raised in the main thread's own code."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    import os
+    import sys
+
     stopping: list[str] = []
+    swallowed = threading.Event()
 
     def handler(signum, _frame):
         name = signal.Signals(signum).name
-        if stopping:
+        if stopping and not swallowed.is_set():
             return
-        stopping.append(name)
-        log.warning("%s: stopping the job (its MLflow run ends KILLED)", name)
+        if not stopping:
+            stopping.append(name)
+            log.warning("%s: stopping the job (its MLflow run ends KILLED)", name)
+        swallowed.clear()
         raise JobStopped(name)
 
+    def unraisable(info) -> None:
+        if isinstance(info.exc_value, JobStopped):
+            swallowed.set()
+            signum = signal.Signals[stopping[0]] if stopping else signal.SIGTERM
+            threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+            return
+        previous_hook(info)
+
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         for sig, old in previous.items():
             signal.signal(sig, old)
 

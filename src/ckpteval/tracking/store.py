@@ -156,12 +156,18 @@ def make_client(uri: str, timeout_s: float = 10.0):
     return MlflowClient(tracking_uri=uri)
 
 
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def _create_experiment(client, tracking_cfg, uri: str) -> str:
     """Create the experiment; another process (a second watcher, a parallel job) may create it first."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.create_experiment(tracking_cfg.experiment, _artifact_location(tracking_cfg, uri))
+        # The UI opens an experiment on the view its kind names; without the tag MLflow 3 shows its GenAI
+        # (traces) overview, which ckpteval never fills, instead of the runs table and the eval curves.
+        return client.create_experiment(tracking_cfg.experiment, _artifact_location(tracking_cfg, uri),
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except MlflowException as exc:
         exp = client.get_experiment_by_name(tracking_cfg.experiment)
         if exp is None or exc.error_code != "RESOURCE_ALREADY_EXISTS":

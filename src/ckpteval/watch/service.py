@@ -231,7 +231,7 @@ class Watcher:
 
         previous = {}
         try:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # SIGHUP: a closed terminal, a reload
                 previous[sig] = signal.signal(sig, handler)
         except ValueError:  # not the main thread (embedded use): no handlers, stop() still works
             pass
