@@ -164,8 +164,9 @@ def _create_experiment(client, tracking_cfg, uri: str) -> str:
     from mlflow.exceptions import MlflowException
 
     try:
-        # The UI opens an experiment on the view its kind names; without the tag MLflow 3 shows its GenAI
-        # (traces) overview, which ckpteval never fills, instead of the runs table and the eval curves.
+        # MLflow 3 UIs that choose an experiment's view from its kind open ours on the runs table and curves,
+        # not the GenAI (traces) overview. 3.17's global GenAI/Model-training toggle ignores the kind and starts
+        # on GenAI; the links a scan prints carry workflowType=machine_learning for that.
         return client.create_experiment(tracking_cfg.experiment, _artifact_location(tracking_cfg, uri),
                                         tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except MlflowException as exc:
