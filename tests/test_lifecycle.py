@@ -81,8 +81,8 @@ class MlflowServer:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=self.url)
-        exp = client.get_experiment_by_name("ckpteval")
-        return client, ([] if exp is None else client.search_runs([exp.experiment_id], max_results=100))
+        ids = [e.experiment_id for e in client.search_experiments()]  # one experiment per training run
+        return client, (client.search_runs(ids, max_results=100) if ids else [])
 
 
 @pytest.fixture()
@@ -114,8 +114,8 @@ def test_server_killed_mid_job_results_wait_in_outbox_and_are_replayed_once(in_t
 
     real = loss_mode.evaluate_checkpoint_loss
 
-    def evaluate_then_lose_the_server(cfg, job, ckpt):
-        result = real(cfg, job, ckpt)
+    def evaluate_then_lose_the_server(cfg, job, ckpt, **kwargs):
+        result = real(cfg, job, ckpt, **kwargs)
         server.kill()  # mid-job: the run is open, the evaluation done, nothing of it logged yet
         return result
 

@@ -56,10 +56,10 @@ def _runs(uri: str) -> list:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name("ckpteval")
-    if exp is None:
+    ids = [e.experiment_id for e in client.search_experiments()]  # one experiment per training run
+    if not ids:
         return []
-    runs = client.search_runs([exp.experiment_id], max_results=5000)
+    runs = client.search_runs(ids, max_results=5000)
     return [r for r in runs if r.data.tags.get("mode") == "watch" and r.data.tags.get("evaluation") != "watcher"]
 
 
