@@ -25,6 +25,9 @@ from tests import factories, framework_ckpts
 
 factories.require("megatron.core", "megatron")
 
+# The frameworks write their checkpoints in subprocesses (module fixtures): the end-to-end tier, not the fast one.
+pytestmark = pytest.mark.slow
+
 SEQ = 64
 
 
