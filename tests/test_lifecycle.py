@@ -251,6 +251,32 @@ def test_sigterm_mid_scan_ends_job_and_parent_killed(tmp_path, tiny_tokenizer_di
     assert len(runs) == 2  # the second checkpoint never started
 
 
+def test_sigkill_mid_scan_parent_and_job_are_ended_on_the_next_start(tmp_path, tiny_tokenizer_dir, tiny_token_shards,
+                                                                      monkeypatch):
+    """SIGKILL mid-scan: nothing in the process can end its runs, so the scan's parent and its job stay RUNNING
+    until the next start on the same store ends both KILLED."""
+    ckpts = tmp_path / "ckpts"
+    for step in (10, 20):
+        factories.make_hf_checkpoint(ckpts / f"step_{step}", tiny_tokenizer_dir, seed=step)
+    shards = factories.make_token_shards(tmp_path / "shards", lengths=(2_000_000,))
+    db = tmp_path / "mlflow.db"
+    outputs = f"paths.outputs={tmp_path}/outputs"
+    args = ["-m", *_loss_args(f"glob:{ckpts}/step_*", shards, "eval.steps=-1", f"tracking.uri=sqlite:///{db}",
+                              outputs, f"hydra.sweep.dir={tmp_path}/sweep")]
+    proc, lines = _start_cli(args, tmp_path)
+    _wait(lambda: any("evaluating" in line for line in lines), 240, "the first job's evaluation to start")
+    proc.kill()
+    proc.wait(timeout=60)
+    _, runs = factories.mlflow_runs(db)
+    assert sorted(r.info.status for r in runs) == ["RUNNING", "RUNNING"]  # parent + the job under way
+    monkeypatch.chdir(tmp_path)
+    app.main(factories.compose(_loss_args(ckpts / "step_10", tiny_token_shards, "eval.steps=1",
+                                          f"tracking.uri=sqlite:///{db}", outputs, f"hydra.run.dir={tmp_path}/next")))
+    _, runs = factories.mlflow_runs(db)
+    by_kind = sorted(("parent" if r.data.tags.get("ckpteval.sweep") else "job", r.info.status) for r in runs)
+    assert by_kind == [("job", "FINISHED"), ("job", "KILLED"), ("parent", "KILLED")], by_kind
+
+
 def test_stop_swallowed_in_a_weakref_callback_is_raised_again():
     """SIGTERM while Python runs a weakref callback: Python swallows the JobStopped raised there; the runner sends
     the signal again, so the stop still reaches the job's own code (and its run ends KILLED, not RUNNING)."""
