@@ -25,6 +25,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ckpteval.fsutil import pid_alive, write_json_atomic
+
 log = logging.getLogger("ckpteval.tracking")
 DEFAULT_DIR = "outputs/tracking_outbox"
 
@@ -34,37 +36,13 @@ def outbox_dir(tracking_cfg) -> Path:
     return Path(str(value)).expanduser().resolve()
 
 
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    """Atomic: a crash mid-write leaves the previous version, never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed child its parent has not reaped yet is a zombie: dead for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 class Outbox:
     def __init__(self, root: Path):
         self.root = Path(root)
 
     # -- running markers
     def mark_running(self, uri: str, run_id: str, name: str) -> None:
-        _write_json(self.root / "running" / f"{run_id}.json",
+        write_json_atomic(self.root / "running" / f"{run_id}.json",
                     {"uri": uri, "run_id": run_id, "name": name, "pid": os.getpid(),
                      "host": socket.gethostname(), "started": time.time()})
 
@@ -84,7 +62,7 @@ class Outbox:
 
     def save_entry(self, entry: dict[str, Any]) -> Path:
         path = self.entry_path(entry["run_id"])
-        _write_json(path, entry)
+        write_json_atomic(path, entry)
         return path
 
     def stash_file(self, run_id: str, src: Path) -> Path:
@@ -148,7 +126,7 @@ def _owner_alive(box: Outbox, run_id: str) -> bool:
         marker = json.loads((box.root / "running" / f"{run_id}.json").read_text())
     except (OSError, ValueError):
         return False
-    return marker.get("host") != socket.gethostname() or _pid_alive(int(marker.get("pid", 0)))
+    return marker.get("host") != socket.gethostname() or pid_alive(int(marker.get("pid", 0)))
 
 
 def _dead_markers(box: Outbox, uri: str) -> list[dict[str, Any]]:
@@ -159,7 +137,7 @@ def _dead_markers(box: Outbox, uri: str) -> list[dict[str, Any]]:
         except (OSError, ValueError):
             continue
         same_host = marker.get("host") == socket.gethostname()
-        if marker.get("uri") == uri and same_host and not _pid_alive(int(marker.get("pid", 0))):
+        if marker.get("uri") == uri and same_host and not pid_alive(int(marker.get("pid", 0))):
             out.append(marker)
     return out
 
@@ -206,7 +184,7 @@ def _deliver(client, box: Outbox, entry: dict[str, Any]) -> None:
         os.replace(dest.with_name(dest.name + ".tmp"), dest)
     box.clear_running(run_id)
     entry["replayed"] = time.time()
-    _write_json(box.root / "replayed" / f"{run_id}.json", entry)
+    write_json_atomic(box.root / "replayed" / f"{run_id}.json", entry)
     box.entry_path(run_id).unlink(missing_ok=True)
     shutil.rmtree(box.root / "pending" / run_id, ignore_errors=True)
     log.warning("replayed MLflow run %s: %d queued operation(s) delivered, ended %s%s", run_id, len(ops),

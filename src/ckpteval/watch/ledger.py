@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ckpteval.errors import CkptEvalError
+from ckpteval.fsutil import pid_alive, write_json_atomic  # noqa: F401 - write_json_atomic re-exported
 from ckpteval.tracking.view import MlflowView  # noqa: F401 - re-exported: the watcher's MLflow queries
 
 log = logging.getLogger("ckpteval.watch")
@@ -43,17 +44,6 @@ DONE, FAILED, STARTED, SKIPPED = "done", "failed", "started", "skipped"  # skipp
 
 def pair_key(identity: str, evaluation: str) -> str:
     return f"{identity}/{evaluation}"
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Readers see the old file or the new one, never a torn write (also across a power cut: fsync first)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1, sort_keys=True, default=str))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Ledger:
@@ -113,20 +103,6 @@ class Ledger:
 # ---------------------------------------------------------------------------------------------- lock
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed child its parent has not reaped yet is a zombie: dead for our purposes
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 class WatchLock:
     """One watcher per state dir. `acquire()` -> True when ours; `lost` turns True if another process took it."""
 
@@ -154,7 +130,7 @@ class WatchLock:
         """Why the current holder no longer counts (dead pid on this host, old heartbeat), or None if it does."""
         if holder is None:
             return "no lock"
-        if holder.get("host") == self.host and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
+        if holder.get("host") == self.host and isinstance(holder.get("pid"), int) and not pid_alive(holder["pid"]):
             return f"holder pid {holder['pid']} on {self.host} is dead"
         try:
             beat = float(holder.get("heartbeat") or self.path.stat().st_mtime)
@@ -296,7 +272,7 @@ class RemoteWatchLock(WatchLock):
     def stale_reason(self, holder: dict[str, Any] | None) -> str | None:
         if holder is None:
             return "no lock"
-        if holder.get("host") == self.host and isinstance(holder.get("pid"), int) and not _pid_alive(holder["pid"]):
+        if holder.get("host") == self.host and isinstance(holder.get("pid"), int) and not pid_alive(holder["pid"]):
             return f"holder pid {holder['pid']} on {self.host} is dead"
         try:
             age = time.time() - float(holder.get("heartbeat"))
