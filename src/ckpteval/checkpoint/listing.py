@@ -145,6 +145,9 @@ def _remote_entry(fs, proto: str, match: str, name: str) -> Entry | None:
 # ---------------------------------------------------------------------------------------------- completeness
 
 
+READ_RACE = "changed while it was read"  # a verdict about one read, not about the listed files: never cached
+
+
 def entry_complete(entry: Entry) -> tuple[bool, str]:
     """`check_complete` for a listed entry, local or remote (the remote one reads only headers/small files)."""
     from ckpteval.checkpoint import check_complete
@@ -156,7 +159,13 @@ def entry_complete(entry: Entry) -> tuple[bool, str]:
             ok, reason = check_complete(mirror)
             return ok, reason.replace(str(mirror), entry.path)
     except FileNotFoundError as exc:
-        return False, f"checkpoint {entry.path} changed while it was read ({exc}): still being written?"
+        try:  # the listing was older than the store (an upload finishing): list afresh next time
+            import fsspec
+
+            fsspec.core.url_to_fs(entry.url)[0].invalidate_cache()
+        except Exception:  # noqa: BLE001 - a cache that cannot be dropped only delays the next look
+            pass
+        return False, f"checkpoint {entry.path} {READ_RACE} ({exc}): still being written?"
 
 
 @contextmanager

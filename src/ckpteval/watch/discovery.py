@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ckpteval.checkpoint import check_complete, checkpoint_identity, inspect_checkpoint, parse_step
 from ckpteval.checkpoint.detect import file_step
-from ckpteval.checkpoint.listing import Entry, entry_complete, header_mirror, list_checkpoints
+from ckpteval.checkpoint.listing import READ_RACE, Entry, entry_complete, header_mirror, list_checkpoints
 from ckpteval.errors import CkptEvalError
 
 log = logging.getLogger("ckpteval.watch")
@@ -145,6 +145,8 @@ class Discovery:
                 seen.complete, seen.reason = self._ready(cand)
             if not seen.complete:
                 cand.state, cand.reason = INCOMPLETE, seen.reason
+                if READ_RACE in seen.reason:  # the store moved under the read: judge this snapshot again next look
+                    seen.complete = None
             elif now - seen.since < self.stable_s:
                 cand.state = UNSTABLE
                 cand.reason = f"files changed {now - seen.since:.1f}s ago (waiting for watch.stable_s={self.stable_s:g})"
