@@ -50,11 +50,12 @@ def _status_kb(name: str) -> int:
     raise RuntimeError(name)
 
 
-def matmul_peak(dtype: torch.dtype, device: str, n: int = 1024) -> float:
+def matmul_peak(dtype: torch.dtype, device: str, n: int | None = None) -> float:
     """FLOP/s of an n x n x n matmul in `dtype`, best of several timings (the machine's peak, not its load).
 
     Through F.linear, the kernel nn.Linear uses (CPU bf16 `a @ b` can take a slower path than oneDNN's linear).
     """
+    n = n or (8192 if device.startswith("cuda") else 1024)  # a GPU needs a large product to reach its peak
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     torch.nn.functional.linear(a, b)

@@ -31,6 +31,8 @@ from ckpteval.errors import CkptEvalError
 from ckpteval.evaluation.fast_lm import FastLM
 
 TEXT = factories.TEXT[:6]
+# The parity tests run on CPU by default; CKPTEVAL_TEST_DEVICE=cuda runs them on a GPU (sdpa kernels, autocast).
+DEVICE = os.environ.get("CKPTEVAL_TEST_DEVICE", "cpu")
 
 
 def _tokenizer(path):
@@ -47,7 +49,7 @@ def _hflm(model, tok, batch_size: int = 4, **kw):
 
 def _greedy_text(model, tok, context: str, n: int) -> str:
     """The model's own greedy continuation of `context`, as text (so HFLM reports is_greedy=True for it)."""
-    ids = torch.tensor([tok.encode(context)])
+    ids = torch.tensor([tok.encode(context)], device=model.device)
     with torch.no_grad():
         for _ in range(n):
             ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
@@ -75,7 +77,7 @@ def _instances(reqs, kind: str = "loglikelihood"):
 
 @pytest.fixture(scope="module")
 def setup(tiny_tokenizer_dir):
-    model = factories.make_model()
+    model = factories.make_model().to(DEVICE)
     tok = _tokenizer(tiny_tokenizer_dir)
     return model, tok, _requests(model, tok)
 
@@ -125,7 +127,7 @@ def test_bfloat16_is_close_to_float32(setup):
     model, tok, reqs = setup
     ref = FastLM(model, tok).loglikelihood(_instances(reqs))
     autocast = FastLM(model, tok, dtype="bfloat16").loglikelihood(_instances(reqs))
-    bf16_model = factories.make_model().to(torch.bfloat16)
+    bf16_model = factories.make_model().to(DEVICE, torch.bfloat16)
     native = FastLM(bf16_model, tok, dtype=torch.bfloat16).loglikelihood(_instances(reqs))
     for (r, _), (a, _), (n, _) in zip(ref, autocast, native, strict=True):
         assert a == pytest.approx(r, rel=0.05, abs=0.5)
