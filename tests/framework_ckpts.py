@@ -284,3 +284,74 @@ def harness_vs_stock(ckpt: Path, tmp: Path, limit: int = 6) -> tuple[dict, dict,
         "harness.batch_size=8", "harness.seed=1234", f"harness.limit={limit}", f"tracking.uri=sqlite:///{tmp}/m.db"]))
     hf_dir = Path(converted["convert/out"])
     return ours, stock_harness(hf_dir, limit), hf_dir
+
+
+# ---------------------------------------------------------------------------------------------- the app on them
+# The same end-to-end checks for every framework's checkpoints (tests/test_formats_{titan,megatron}.py).
+def _eval_args(shards: Path, seq: int, batch: int = 8) -> list[str]:
+    return ["data=local", f"data.dataset_path={shards}", f"eval.seq_len={seq}", f"eval.batch_size={batch}",
+            "eval.steps=-1"]
+
+
+def watch_once_losses(watch_dir: Path, shards: Path, seq: int, db: Path) -> tuple[dict, dict[str, float]]:
+    """`mode=watch watch.once=true` on `watch_dir`: (summary, eval/loss per checkpoint dir name)."""
+    from ckpteval import app
+    from tests import factories
+
+    summary = app.main(factories.compose(["mode=watch", f"watch.dir={watch_dir}", "watch.once=true",
+                                          "watch.stable_s=0", *_eval_args(shards, seq), f"tracking.uri=sqlite:///{db}"]))
+    _, runs = factories.mlflow_runs(db)
+    losses = {Path(r.data.tags["ckpt"]).name: r.data.metrics["eval/loss"] for r in runs
+              if "eval/loss" in r.data.metrics and r.data.tags.get("evaluation") != "watcher"}  # not the summary run
+    return summary, losses
+
+
+def glob_scan_points(cwd: Path, pattern: str, shards: Path, seq: int, jobs: int) -> dict[str, tuple[int, float]]:
+    """`python run.py -m mode=loss ckpt=glob:PATTERN` in `cwd`: (step, eval/loss) per child run's checkpoint name."""
+    from tests import factories
+
+    db = cwd / "mlflow.db"
+    proc = factories.run_cli(["-m", "mode=loss", f"ckpt=glob:{pattern}", *_eval_args(shards, seq),
+                              f"tracking.uri=sqlite:///{db}", "hydra.sweep.dir=sweep"], cwd=cwd, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    assert f"sweep summary: {jobs} job(s), {jobs} completed" in proc.stdout
+    client, runs = factories.mlflow_runs(db)
+    points = {}
+    for r in runs:
+        if r.data.tags.get("mlflow.parentRunId"):
+            [point] = client.get_metric_history(r.info.run_id, "eval/loss")
+            points[Path(r.data.tags["ckpt"]).name] = (point.step, point.value)
+    return points
+
+
+def torchrun_loss(ckpt: Path, layout: str, shards: Path, seq: int, cwd: Path) -> float:
+    """`mode=loss parallel=LAYOUT` under torchrun with 2 processes: the printed eval/loss."""
+    from tests import factories
+
+    proc = factories.run_cli(["mode=loss", f"ckpt={ckpt}", *_eval_args(shards, seq, batch=4), "tracking.enabled=false",
+                              f"parallel={layout}"], cwd=cwd, timeout=500, launcher=torchrun(2))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return factories.last_json_line(proc.stdout)["eval/loss"]
+
+
+def assert_harness_equals_stock(run: Path, ckpt_rel: str, tmp: Path, tokenizer_dir: Path, files: list, seq: int,
+                                ref_loss: float, step: int) -> None:
+    """mode=harness (fast backend) on a copy of `run` with the tokenizer beside it (as a trainer's assets would be)
+    = stock lm-eval (HFLM) on its mode=convert output, whose loss is the framework's own."""
+    import shutil
+
+    import pytest
+    from transformers import AutoModelForCausalLM
+
+    from tests import factories
+
+    root = tmp / "run"
+    shutil.copytree(run, root)
+    for f in Path(tokenizer_dir).iterdir():
+        shutil.copy(f, root / f.name)
+    ours, stock, hf_dir = harness_vs_stock(root / ckpt_rel, tmp)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    assert abs(factories.reference_loss(model, files, seq) - ref_loss) < 1e-5
+    assert stock and ours["step"] == step
+    for key, value in stock.items():
+        assert ours[key] == pytest.approx(value, rel=1e-6, abs=1e-5), key  # perplexities of a random model are ~1e7

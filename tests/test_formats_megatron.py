@@ -239,21 +239,11 @@ def test_megatron_mode_convert_loads_in_stock_transformers(mg_run, tmp_path, tin
 
 
 def test_megatron_watch_once(mg_run, tmp_path, tiny_token_shards, monkeypatch):
-    from ckpteval import app
-
     run, ref = mg_run
     monkeypatch.chdir(tmp_path)
-    root = tmp_path / "run"
-    shutil.copytree(run, root)
-    db = tmp_path / "mlflow.db"
-    summary = app.main(factories.compose([
-        "mode=watch", f"watch.dir={root}", "watch.once=true", "watch.stable_s=0", "data=local",
-        f"data.dataset_path={tiny_token_shards}", f"eval.seq_len={SEQ}", "eval.batch_size=8", "eval.steps=-1",
-        f"tracking.uri=sqlite:///{db}"]))
+    shutil.copytree(run, tmp_path / "run")
+    summary, losses = framework_ckpts.watch_once_losses(tmp_path / "run", tiny_token_shards, SEQ, tmp_path / "m.db")
     assert summary["watch/evaluated"] == 1 and summary["watch/failed"] == 0, summary
-    _, runs = factories.mlflow_runs(db)
-    losses = {Path(r.data.tags["ckpt"]).name: r.data.metrics["eval/loss"] for r in runs
-              if "eval/loss" in r.data.metrics and r.data.tags.get("evaluation") != "watcher"}  # not the summary run
     assert set(losses) == {"iter_0000010"} and abs(losses["iter_0000010"] - ref["loss"]) < 1e-5, losses
 
 
@@ -262,19 +252,10 @@ def test_megatron_glob_scan_cli(mg_run, tmp_path, tiny_token_shards):
     run, ref = mg_run
     shutil.copytree(run, tmp_path / "run")
     shutil.copytree(run / "iter_0000010", tmp_path / "run" / "iter_0000020")  # a second step, same weights
-    db = tmp_path / "mlflow.db"
-    proc = factories.run_cli(["-m", "mode=loss", "ckpt=glob:run/iter_*", "data=local",
-                              f"data.dataset_path={tiny_token_shards}", f"eval.seq_len={SEQ}", "eval.batch_size=8",
-                              "eval.steps=-1", f"tracking.uri=sqlite:///{db}", "hydra.sweep.dir=sweep"],
-                             cwd=tmp_path, timeout=500)
-    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-    assert "sweep summary: 2 job(s), 2 completed" in proc.stdout
-    client, runs = factories.mlflow_runs(db)
-    children = {Path(r.data.tags["ckpt"]).name: r for r in runs if r.data.tags.get("mlflow.parentRunId")}
-    assert set(children) == {"iter_0000010", "iter_0000020"}
-    for name, r in children.items():
-        [point] = client.get_metric_history(r.info.run_id, "eval/loss")
-        assert point.step == int(name.split("_")[1]) and abs(point.value - ref["loss"]) < 1e-5, name
+    points = framework_ckpts.glob_scan_points(tmp_path, "run/iter_*", tiny_token_shards, SEQ, jobs=2)
+    assert set(points) == {"iter_0000010", "iter_0000020"}
+    for name, (step, loss) in points.items():
+        assert step == int(name.split("_")[1]) and abs(loss - ref["loss"]) < 1e-5, name
 
 
 @pytest.mark.slow
@@ -282,30 +263,13 @@ def test_megatron_glob_scan_cli(mg_run, tmp_path, tiny_token_shards):
 @pytest.mark.parametrize("layout", ["fsdp", "tp"])
 def test_megatron_torchrun_layouts(mg_run, layout, tmp_path, tiny_token_shards):
     run, ref = mg_run
-    proc = factories.run_cli(["mode=loss", f"ckpt={run / 'iter_0000010'}", "data=local",
-                              f"data.dataset_path={tiny_token_shards}", f"eval.seq_len={SEQ}", "eval.batch_size=4",
-                              "eval.steps=-1", "tracking.enabled=false", f"parallel={layout}"],
-                             cwd=tmp_path, timeout=500, launcher=framework_ckpts.torchrun(2))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = factories.last_json_line(proc.stdout)
-    assert abs(result["eval/loss"] - ref["loss"]) < 1e-5, (result, ref)
+    loss = framework_ckpts.torchrun_loss(run / "iter_0000010", layout, tiny_token_shards, SEQ, tmp_path)
+    assert abs(loss - ref["loss"]) < 1e-5, (loss, ref)
 
 
 def test_megatron_mode_harness_fast_equals_stock_lm_eval(mg_run, tmp_path, tiny_tokenizer_dir, tiny_token_shards,
                                                    monkeypatch):
-    """mode=harness (fast backend) on the megatron checkpoint = stock lm-eval (HFLM) on its converted dir, which
-    has the framework's own loss; the tokenizer sits in the run dir, as the trainer's assets would."""
-    from transformers import AutoModelForCausalLM
-
     run, ref = mg_run
     monkeypatch.chdir(tmp_path)
-    root = tmp_path / "run"
-    shutil.copytree(run, root)
-    for f in Path(tiny_tokenizer_dir).iterdir():
-        shutil.copy(f, root / f.name)
-    ours, stock, hf_dir = framework_ckpts.harness_vs_stock(root / 'iter_0000010', tmp_path)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    assert abs(factories.reference_loss(model, _files(tiny_token_shards), SEQ) - ref["loss"]) < 1e-5
-    assert stock and ours["step"] == 10
-    for key, value in stock.items():
-        assert ours[key] == pytest.approx(value, rel=1e-6, abs=1e-5), key  # perplexities of a random model are ~1e7
+    framework_ckpts.assert_harness_equals_stock(run, "iter_0000010", tmp_path, tiny_tokenizer_dir, _files(tiny_token_shards),
+                                                SEQ, ref["loss"], step=10)
