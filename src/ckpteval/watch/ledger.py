@@ -97,14 +97,17 @@ class Ledger:
         write_json_atomic(self.path, {"version": 1, "entries": self.entries})
 
 
-# ---------------------------------------------------------------------------------------------- MLflow view
-
-
 # ---------------------------------------------------------------------------------------------- lock
 
 
 class WatchLock:
-    """One watcher per state dir. `acquire()` -> True when ours; `lost` turns True if another process took it."""
+    """One watcher per state dir. `acquire()` -> True when ours; `lost` turns True if another process took it.
+
+    The lock is a JSON file (pid, host, token, heartbeat) created exclusively and refreshed by a heartbeat thread;
+    `RemoteWatchLock` keeps the same object in an fsspec store through the `_read_bytes`/`_write`/`_remove` hooks.
+    """
+
+    unknown_beat: str | None = None  # verdict when a holder's heartbeat cannot be read (local: judge by mtime)
 
     def __init__(self, state_dir: Path, stale_s: float, heartbeat_s: float):
         self.path = Path(state_dir) / "lock.json"
@@ -117,14 +120,30 @@ class WatchLock:
         self._thread: threading.Thread | None = None
         self.status: dict[str, Any] = {}  # extra fields the heartbeat publishes (current evaluation, counts)
 
+    # -- storage hooks (a local file here)
+    def _read_bytes(self) -> bytes:
+        return self.path.read_bytes()
+
+    def _write(self) -> None:
+        write_json_atomic(self.path, self._content())
+
+    def _remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def _last_beat(self, holder: dict[str, Any]) -> float | None:
+        try:
+            return float(holder.get("heartbeat") or self.path.stat().st_mtime)  # torn file: its mtime
+        except (OSError, TypeError, ValueError):
+            return None
+
     # -- reading
     def read(self) -> dict[str, Any] | None:
         try:
-            return json.loads(self.path.read_text())
+            return json.loads(self._read_bytes())
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
-            return {}  # torn/garbled: judged by the file's mtime below
+            return {}  # torn/garbled: judged by `_last_beat`
 
     def stale_reason(self, holder: dict[str, Any] | None) -> str | None:
         """Why the current holder no longer counts (dead pid on this host, old heartbeat), or None if it does."""
@@ -132,10 +151,9 @@ class WatchLock:
             return "no lock"
         if holder.get("host") == self.host and isinstance(holder.get("pid"), int) and not pid_alive(holder["pid"]):
             return f"holder pid {holder['pid']} on {self.host} is dead"
-        try:
-            beat = float(holder.get("heartbeat") or self.path.stat().st_mtime)
-        except (OSError, TypeError, ValueError):
-            return None
+        beat = self._last_beat(holder)
+        if beat is None:
+            return self.unknown_beat
         age = time.time() - beat
         if age > self.stale_s:
             return f"heartbeat {age:.0f}s old (> watch.lock_stale_s={self.stale_s:g})"
@@ -216,87 +234,6 @@ class WatchLock:
     def heartbeat(self) -> None:
         """Refresh our heartbeat; notice when another watcher took the lock over (we were judged stale)."""
         current = self.read()
-        if current is not None and current != {} and current.get("token") != self.token:
-            if not self.lost:
-                log.error("lost the watch lock %s to %s: stopping after the current step", self.path,
-                          self.describe(current))
-            self.lost = True
-            return
-        if current is None:
-            self.lost = True
-            return
-        try:
-            write_json_atomic(self.path, self._content())
-        except OSError as exc:
-            log.warning("could not refresh the watch lock heartbeat: %s", exc)
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-        current = self.read()
-        if current and current.get("token") == self.token:
-            self.path.unlink(missing_ok=True)
-
-
-class RemoteWatchLock(WatchLock):
-    """The same lock as a JSON object in an fsspec store (`s3://bucket/run/.ckpteval_watch/lock.json`)."""
-
-    def __init__(self, url_dir: str, stale_s: float, heartbeat_s: float):
-        import fsspec
-
-        super().__init__(Path("/nonexistent"), stale_s, heartbeat_s)
-        self.fs, root = fsspec.core.url_to_fs(url_dir)
-        self.key = f"{root.rstrip('/')}/lock.json"
-        self.path = url_dir.rstrip("/") + "/lock.json"  # shown in messages
-
-    def read(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.fs.cat_file(self.key))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            return {}
-
-    def _write(self) -> None:
-        self.fs.pipe_file(self.key, json.dumps(self._content()).encode())
-
-    def _create(self) -> bool:
-        self._started_at = time.strftime("%Y-%m-%dT%H:%M:%S")
-        if self.read() is not None:
-            return False
-        self._write()
-        return (self.read() or {}).get("token") == self.token  # read back: the last writer wins
-
-    def stale_reason(self, holder: dict[str, Any] | None) -> str | None:
-        if holder is None:
-            return "no lock"
-        if holder.get("host") == self.host and isinstance(holder.get("pid"), int) and not pid_alive(holder["pid"]):
-            return f"holder pid {holder['pid']} on {self.host} is dead"
-        try:
-            age = time.time() - float(holder.get("heartbeat"))
-        except (TypeError, ValueError):
-            return "unreadable lock"
-        return f"heartbeat {age:.0f}s old (> watch.lock_stale_s={self.stale_s:g})" if age > self.stale_s else None
-
-    def acquire(self) -> bool:
-        if self._create():
-            self._start_heartbeat()
-            return True
-        holder = self.read()
-        reason = self.stale_reason(holder)
-        if reason is None:
-            return False
-        log.warning("taking over the watch lock %s from %s: %s", self.path, self.describe(holder), reason)
-        self._write()
-        if (self.read() or {}).get("token") != self.token:
-            return False
-        self._start_heartbeat()
-        return True
-
-    def heartbeat(self) -> None:
-        current = self.read()
         if current is None or (current != {} and current.get("token") != self.token):
             if not self.lost:
                 log.error("lost the watch lock %s to %s: stopping after the current step", self.path,
@@ -315,10 +252,62 @@ class RemoteWatchLock(WatchLock):
             self._thread = None
         current = self.read()
         if current and current.get("token") == self.token:
-            try:
-                self.fs.rm_file(self.key)
-            except FileNotFoundError:
-                pass
+            self._remove()
+
+
+class RemoteWatchLock(WatchLock):
+    """The same lock as a JSON object in an fsspec store (`s3://bucket/run/.ckpteval_watch/lock.json`). An
+    object store has no exclusive create: the last writer wins, and every writer reads back who that was."""
+
+    unknown_beat = "unreadable lock"
+
+    def __init__(self, url_dir: str, stale_s: float, heartbeat_s: float):
+        import fsspec
+
+        super().__init__(Path("/nonexistent"), stale_s, heartbeat_s)
+        self.fs, root = fsspec.core.url_to_fs(url_dir)
+        self.key = f"{root.rstrip('/')}/lock.json"
+        self.path = url_dir.rstrip("/") + "/lock.json"  # shown in messages
+
+    def _read_bytes(self) -> bytes:
+        return self.fs.cat_file(self.key)
+
+    def _write(self) -> None:
+        self.fs.pipe_file(self.key, json.dumps(self._content()).encode())
+
+    def _remove(self) -> None:
+        try:
+            self.fs.rm_file(self.key)
+        except FileNotFoundError:
+            pass
+
+    def _last_beat(self, holder: dict[str, Any]) -> float | None:
+        try:
+            return float(holder.get("heartbeat"))
+        except (TypeError, ValueError):
+            return None
+
+    def _create(self) -> bool:
+        self._started_at = time.strftime("%Y-%m-%dT%H:%M:%S")
+        if self.read() is not None:
+            return False
+        self._write()
+        return (self.read() or {}).get("token") == self.token  # read back: the last writer wins
+
+    def acquire(self) -> bool:
+        if self._create():
+            self._start_heartbeat()
+            return True
+        holder = self.read()
+        reason = self.stale_reason(holder)
+        if reason is None:
+            return False
+        log.warning("taking over the watch lock %s from %s: %s", self.path, self.describe(holder), reason)
+        self._write()
+        if (self.read() or {}).get("token") != self.token:
+            return False
+        self._start_heartbeat()
+        return True
 
 
 def lock_for(watch_dir: str, local: bool, stale_s: float, heartbeat_s: float) -> WatchLock:
