@@ -10,7 +10,7 @@ Importing this package imports no mlflow: that happens on first use.
 """
 
 from ckpteval.tracking.outbox import Outbox, outbox_dir, replay_outbox
-from ckpteval.tracking.run import Run, mlflow_run, open_run, print_ui_hint
+from ckpteval.tracking.run import Run, mlflow_run, open_run, print_view
 from ckpteval.tracking.store import (
                                      check_reachable,
                                      flatten,
@@ -21,4 +21,4 @@ from ckpteval.tracking.store import (
 )
 
 __all__ = ["Outbox", "Run", "check_reachable", "flatten", "git_commit", "mlflow_run", "open_client", "open_run",
-           "outbox_dir", "print_ui_hint", "replay_outbox", "resolve_tracking_uri", "ui_command"]
+           "outbox_dir", "print_view", "replay_outbox", "resolve_tracking_uri", "ui_command"]
