@@ -74,7 +74,7 @@ def experiment_name(path: str | None) -> str:
             if len(runs) != 1 or None in runs:
                 return DEFAULT_EXPERIMENT
             path = os.path.join(runs.pop(), "checkpoints", "step_0")
-    scheme, sep, rest = path.partition("://")
+    _scheme, sep, rest = path.partition("://")
     run = run_dir_of(rest if sep else os.path.abspath(os.path.expanduser(path)))
     if run is None:
         return DEFAULT_EXPERIMENT

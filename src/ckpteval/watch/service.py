@@ -27,8 +27,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from ckpteval.errors import CkptEvalError, TrackingError
-from ckpteval.tracking.naming import table_metrics, watch_run_name, watcher_run_name
 from ckpteval.tracking import flatten, mlflow_run, print_view
+from ckpteval.tracking.naming import table_metrics, watch_run_name, watcher_run_name
 from ckpteval.watch.discovery import READY, UNSTABLE, Candidate, Discovery
 from ckpteval.watch.ledger import DONE, FAILED, SKIPPED, STARTED, Ledger, MlflowView, lock_for, pair_key
 from ckpteval.watch.plan import Evaluation, harness_config, plan_evaluations, validate_plan
