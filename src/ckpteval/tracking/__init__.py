@@ -1,7 +1,9 @@
 """Everything that talks to MLflow lives in this package (nothing else imports mlflow):
 
 - ``store``: resolve and check the tracking store, open a client;
-- ``run``: one run's lifecycle (``mlflow_run``, ``Run``), offline to the outbox when the store fails;
+- ``run``: one run's lifecycle (``mlflow_run``, ``Run``), offline to the outbox when the store fails, and
+  ``print_view``: the `View:` link every mode prints;
+- ``naming``: experiment and run names, the UI links (Model-training charts) and the saved key-metrics view;
 - ``outbox``: what a run still owes a store that went away, and its replay (``replay_outbox``);
 - ``parent``: a scan's parent run;
 - ``view``: the watcher's queries (which pairs are FINISHED, orphaned runs).
