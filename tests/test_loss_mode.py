@@ -118,6 +118,11 @@ def test_cli_result_line_results_json_and_mlflow_run(tmp_path, tiny_hf_ckpt, tin
     client, runs = factories.mlflow_runs(db)
     assert len(runs) == 1
     run = runs[0]
+    lines = proc.stdout.splitlines()  # the results path, then the UI command and the link to the curves
+    at = lines.index(f"results: {run_dir / 'results.json'}")
+    assert lines[at + 1].startswith("MLflow: mlflow ui ") and lines[at + 2] == (
+        f"View: http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs?workflowType=machine_learning"
+        "&compareRunsMode=CHART&viewStateShareKey=ckpteval")
     assert run.info.status == "FINISHED"
     assert run.data.tags["mode"] == "loss" and run.data.tags["step"] == "120"
     assert run.data.tags["mlflow.runName"] == "loss@120"

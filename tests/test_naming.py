@@ -49,8 +49,8 @@ def test_run_names_are_short_and_say_what_they_are(fn, args, name):
 
 
 def test_new_experiments_open_on_the_runs_view(tmp_path):
-    """Experiments we create carry MLflow's experiment-kind tag for model development, so the UI opens them on the
-    runs table and charts (MLflow 3 otherwise opens its empty GenAI overview)."""
+    """Experiments we create carry MLflow's experiment-kind tag for model development (shown by the UI; MLflow
+    3.17 itself picks GenAI vs Model training from the URL or the browser, hence the links below)."""
     from omegaconf import OmegaConf
 
     from ckpteval.config import TrackingConfig
@@ -59,3 +59,62 @@ def test_new_experiments_open_on_the_runs_view(tmp_path):
     cfg = OmegaConf.structured(TrackingConfig(uri=f"sqlite:///{tmp_path}/ml.db", experiment="run1"))
     client, experiment_id, _ = open_client(cfg)
     assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def _query(url: str) -> dict[str, str]:
+    from urllib.parse import parse_qsl, urlsplit
+
+    route = urlsplit(url).fragment  # the UI routes in the fragment: #/experiments/ID/runs?...
+    path, _, query = route.partition("?")
+    return {"path": path, **dict(parse_qsl(query))}
+
+
+def test_view_urls_open_the_model_training_charts():
+    table, charts = naming.view_urls("http://mlflow.internal:5000/", "7")
+    assert _query(charts) == {"path": "/experiments/7/runs", "workflowType": "machine_learning",
+                              "compareRunsMode": "CHART", "viewStateShareKey": naming.VIEW_KEY}
+    assert _query(table)["compareRunsMode"] == "TABLE" and table.startswith("http://mlflow.internal:5000/#/")
+    assert "viewStateShareKey" not in _query(naming.view_urls("http://h", "7", shared_view=False)[1])
+
+
+def test_a_job_prints_the_view_link_and_saves_the_key_metrics_view(tmp_path, capsys):
+    """What every mode prints next to its results path, on a local sqlite store (no server): the `mlflow ui`
+    command, then the curves link; the saved view (listed under "Views" in the UI) gains the job's metrics."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from ckpteval.config import TrackingConfig
+    from ckpteval.tracking import open_run, print_view
+
+    db = tmp_path / "ml.db"
+    cfg = OmegaConf.structured(TrackingConfig(uri=f"sqlite:///{db}", experiment="ckpts/run1",
+                                              outbox=str(tmp_path / "outbox")))
+    first = open_run(cfg, "watcher:run1", {"mode": "watch"})
+    print_view(first, cfg)  # the watcher at start: no metrics yet, no saved view to name
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"MLflow: mlflow ui --backend-store-uri sqlite:///{db}  (then open the View link)"
+    assert out[1].startswith("View: http://127.0.0.1:5000/#/experiments/")
+    assert "viewStateShareKey" not in _query(out[1])
+
+    run = open_run(cfg, "loss@100", {"mode": "loss"})
+    run.end("FINISHED")
+    result = {"step": 100, "eval/loss": 3.2, "eval/bpb": 1.1, "eval/tokens": 4096, "eval/loss_stderr": 0.01,
+              "harness/hellaswag/acc": 0.3, "eval/web/loss": 3.5}
+    print_view(run, cfg, naming.table_metrics(result), command=False)
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith("View: ")
+    experiment_id = run.client.get_run(run.run_id).info.experiment_id
+    assert _query(out[0][len("View: "):]) == {"path": f"/experiments/{experiment_id}/runs",
+                                               "workflowType": "machine_learning", "compareRunsMode": "CHART",
+                                               "viewStateShareKey": naming.VIEW_KEY}
+    envelope = json.loads(run.client.get_experiment(experiment_id).tags[naming.VIEW_TAG])
+    assert envelope["name"] == naming.VIEW_NAME and isinstance(envelope["createdAt"], int)
+    state = json.loads(envelope["state"])
+    assert state["selectedColumns"] == ["metrics.`eval/loss`", "metrics.`eval/bpb`", "metrics.`eval/web/loss`",
+                                        "metrics.`harness/hellaswag/acc`"]
+    assert state["runsHiddenMode"] == "SHOW_ALL"
+
+    naming.publish_view(run, ["harness/arc_easy/acc"])  # a later job adds its columns, keeps the others
+    state = json.loads(json.loads(run.client.get_experiment(experiment_id).tags[naming.VIEW_TAG])["state"])
+    assert state["selectedColumns"][0] == "metrics.`harness/arc_easy/acc`" and len(state["selectedColumns"]) == 5

@@ -251,6 +251,16 @@ def test_multirun_scan_end_to_end(tmp_path, tiny_tokenizer_dir, tiny_token_shard
     assert len(csv_rows) == 5 and sum(",FAILED," in row for row in csv_rows) == 1
     assert (tmp_path / "sweep" / "summary.png").read_bytes()[:4] == b"\x89PNG"
 
+    # the scan's last lines: the UI command and the link to the curves, whose saved view has the key metrics
+    exp_id = parent.info.experiment_id
+    assert out.splitlines()[-1] == (f"View: http://127.0.0.1:5000/#/experiments/{exp_id}/runs?workflowType="
+                                    "machine_learning&compareRunsMode=CHART&viewStateShareKey=ckpteval")
+    assert f"mlflow ui --backend-store-uri sqlite:///{db}" in out.splitlines()[-2]
+    from ckpteval.tracking.naming import VIEW_TAG
+
+    view = json.loads(json.loads(client.get_experiment(exp_id).tags[VIEW_TAG])["state"])
+    assert {"metrics.`eval/loss`", "metrics.`eval/bpb`", "metrics.`eval/perplexity`"} <= set(view["selectedColumns"])
+
 
 @pytest.mark.slow
 def test_multirun_no_match_is_a_loud_error_and_the_parent_run_fails(tmp_path):

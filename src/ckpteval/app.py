@@ -143,10 +143,11 @@ def _main(cfg: DictConfig) -> dict[str, Any] | None:
             run_name=cfg.tracking.run_name or run_name(name, cfg.ckpt, job.step),
             tags={"mode": name, "ckpt": _abs(cfg.ckpt), "step": job.step}, params=flatten(resolved),
             title=f"{name} {cfg.ckpt or ''}".strip())
-        if dist.is_main and cfg.tracking.enabled:
-            from ckpteval.tracking import print_ui_hint
+        if dist.is_main and cfg.tracking.enabled and not cfg.tracking.parent_run_id:  # a scan links at its end
+            from ckpteval.tracking import print_view
+            from ckpteval.tracking.naming import table_metrics
 
-            print_ui_hint(cfg.tracking)
+            print_view(job.run, cfg.tracking, table_metrics(result) if isinstance(result, dict) else None)
         return result
     finally:
         shutdown()

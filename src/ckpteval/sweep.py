@@ -553,12 +553,10 @@ class SweepCallback(Callback):
                     print(f"error: {exc}", file=sys.stderr, flush=True)
                     sys.exit(3)
             else:
-                from ckpteval.tracking import ui_command
-                from ckpteval.tracking.naming import view_links
+                from ckpteval.tracking import print_view
 
-                print(f"MLflow: parent run {name} ({run.run_id}); {ui_command(run.uri)}", flush=True)
-                table, charts = view_links(run)
-                print(f"  runs table: {table}\n  curves:     {charts}", flush=True)
+                # the view with the key metrics as columns was saved by _finish_parent
+                print_view(run, label=f"parent run {name} ({run.run_id})")
         if failed:
             sys.exit(1)
 

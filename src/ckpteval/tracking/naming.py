@@ -74,7 +74,7 @@ def experiment_name(path: str | None) -> str:
             if len(runs) != 1 or None in runs:
                 return DEFAULT_EXPERIMENT
             path = os.path.join(runs.pop(), "checkpoints", "step_0")
-    scheme, sep, rest = path.partition("://")
+    _scheme, sep, rest = path.partition("://")
     run = run_dir_of(rest if sep else os.path.abspath(os.path.expanduser(path)))
     if run is None:
         return DEFAULT_EXPERIMENT
@@ -151,30 +151,81 @@ def scan_run_name(mode: str | None, sweep_dir: str) -> str:
     return f"scan:{mode or 'jobs'} {PurePath(sweep_dir).name[-8:]}"
 
 
-# ---- the experiment page a scan points people to ---------------------------------------------------------
+# ---- the experiment page every mode points people to -------------------------------------------------------
+#
+# MLflow 3.17's UI picks GenAI or Model-training from the URL parameter `workflowType`, else from the browser's
+# localStorage (`mlflow.workflowType_v1`, written only by the sidebar's GenAI / Model training toggle), default
+# GenAI: a bare experiment URL opens the empty GenAI overview, and no server option or experiment tag changes that
+# (the `mlflow.experimentKind` tag is ignored). So every link we print carries `workflowType=machine_learning`.
 
-VIEW_KEY = "ckpteval"  # MLflow's shared view state: tag mlflow.sharedViewState.<key>, URL ?viewStateShareKey=<key>
+VIEW_KEY = "ckpteval"  # MLflow's saved view: experiment tag mlflow.sharedViewState.<key>, URL ?viewStateShareKey=<key>
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+VIEW_NAME = "ckpteval: key metrics"  # how the view is listed under the runs page's "Views" button
+MAX_VIEW_COLUMNS = 12
+
+
+def table_metrics(result: dict) -> list[str]:
+    """A job result's metrics worth a table column: numbers that measure the checkpoint (not token counts,
+    stderrs, timings), `eval/...` first."""
+    from ckpteval.sweep import BOOKKEEPING
+
+    keys = [k for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and k not in ("step", "tokens_seen") and not BOOKKEEPING.search(k)]
+    return sorted(keys, key=lambda k: not k.startswith("eval/"))
 
 
 def publish_view(run, metrics: list[str]) -> None:
-    """Store a view of the runs table with `metrics` as columns on the experiment of `run` (a tracking.Run; MLflow's
-    "share view" state), so the link `view_links` prints opens the table with the key metrics shown."""
+    """Save (or extend) the experiment's "ckpteval: key metrics" view: `metrics` as runs-table columns (after the
+    ones it already shows), every run drawn in the charts (MLflow hides all but 10 by default). The link
+    `view_links` prints opens it; the runs page lists it under "Views"."""
+    import json
+    import time
+
+    experiment_id = run.client.get_run(run.run_id).info.experiment_id
+    old = run.client.get_experiment(experiment_id).tags.get(VIEW_TAG)
+    state, created = _view_state(old)
+    columns = [f"metrics.`{m}`" for m in metrics]
+    columns += [c for c in state.get("selectedColumns", []) if c not in columns]
+    state.update(selectedColumns=columns[:MAX_VIEW_COLUMNS], runsHiddenMode="SHOW_ALL", viewMaximized=False,
+                 runListHidden=False)
+    now = int(time.time() * 1000)
+    envelope = {"name": VIEW_NAME, "createdAt": created or now, "updatedAt": now, "state": json.dumps(state)}
+    run.client.set_experiment_tag(experiment_id, VIEW_TAG, json.dumps(envelope))
+
+
+def _view_state(tag_value: str | None) -> tuple[dict, int | None]:
+    """(state, createdAt) of a stored view: MLflow's saved-view envelope, or the bare state older ckpteval wrote."""
     import json
 
-    state = {"selectedColumns": [f"metrics.`{m}`" for m in metrics], "viewMaximized": False, "runListHidden": False}
-    experiment_id = run.client.get_run(run.run_id).info.experiment_id
-    run.client.set_experiment_tag(experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}", json.dumps(state))
+    try:
+        stored = json.loads(tag_value) if tag_value else {}
+    except ValueError:
+        return {}, None
+    if isinstance(stored.get("state"), str):
+        try:
+            return json.loads(stored["state"]), stored.get("createdAt")
+        except ValueError:
+            return {}, stored.get("createdAt")
+    return stored, None
 
 
 def view_links(run) -> tuple[str, str]:
-    """(runs table, curves) links for the experiment of `run`; a local store is shown by `mlflow ui` on :5000."""
+    """(runs table, curves) links for the experiment of `run`; a local store is shown by `mlflow ui` on :5000.
+    They name the saved view only when the experiment has it (MLflow sends a link to a missing view back to the
+    bare experiment URL, i.e. the GenAI overview)."""
     experiment_id = run.client.get_run(run.run_id).info.experiment_id
-    base = run.uri if run.uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    return view_urls(base, experiment_id)
+    has_view = VIEW_TAG in run.client.get_experiment(experiment_id).tags
+    return view_urls(ui_base(run.uri), experiment_id, shared_view=has_view)
 
 
-def view_urls(ui_base: str, experiment_id: str) -> tuple[str, str]:
+def ui_base(uri: str) -> str:
+    """Where the UI of a store answers: the server itself, or `mlflow ui`'s default address for a local store."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+def view_urls(ui_base: str, experiment_id: str, shared_view: bool = True) -> tuple[str, str]:
     """(runs table with the key metrics, chart view) of an experiment. `workflowType=machine_learning`: MLflow
     3 otherwise opens every experiment on its GenAI overview (traces), which ckpteval does not log."""
     base = f"{ui_base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-    return f"{base}&compareRunsMode=TABLE&viewStateShareKey={VIEW_KEY}", f"{base}&compareRunsMode=CHART"
+    share = f"&viewStateShareKey={VIEW_KEY}" if shared_view else ""
+    return f"{base}&compareRunsMode=TABLE{share}", f"{base}&compareRunsMode=CHART{share}"

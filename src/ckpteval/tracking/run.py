@@ -210,7 +210,27 @@ def mlflow_run(tracking_cfg, *, enabled: bool, run_name: str, tags: Mapping[str,
     run.end("FINISHED")
 
 
-def print_ui_hint(tracking_cfg) -> None:
-    from ckpteval.tracking.store import resolve_tracking_uri
+def print_view(run: Run, tracking_cfg=None, metrics: list[str] | None = None, command: bool = True,
+               label: str = "") -> None:
+    """The line(s) a mode prints next to its results path: `MLflow: <label>` with, for a local store, the
+    `mlflow ui` command (`command`: once per process), then `View:` and the experiment's curves (the chart tab,
+    Model-training view, eval sections first). `metrics` go into the experiment's saved view first, as columns."""
+    from ckpteval.tracking.naming import publish_view, view_links
+    from ckpteval.tracking.store import is_remote, resolve_tracking_uri
 
-    print(f"MLflow: {ui_command(resolve_tracking_uri(tracking_cfg.uri))}", flush=True)
+    uri = run.uri if run.active else resolve_tracking_uri(tracking_cfg.uri) if tracking_cfg is not None else None
+    charts = None
+    if run.active and run.offline is None:  # else no run, or its store is away: nothing to link to yet
+        try:
+            if metrics:
+                publish_view(run, metrics)
+            charts = view_links(run)[1]
+        except Exception as exc:  # noqa: BLE001 - a link is a convenience: never fail the job for it
+            log.warning("could not build the MLflow link for run %s: %s", run.run_id, exc)
+    first = label
+    if command and uri and not is_remote(uri):
+        first += f"{'; ' if label else ''}{ui_command(uri)}" + ("  (then open the View link)" if charts else "")
+    if first:
+        print(f"MLflow: {first}", flush=True)
+    if charts:
+        print(f"View: {charts}", flush=True)

@@ -27,8 +27,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from ckpteval.errors import CkptEvalError, TrackingError
-from ckpteval.tracking.naming import watch_run_name, watcher_run_name
-from ckpteval.tracking import flatten, mlflow_run
+from ckpteval.tracking import flatten, mlflow_run, print_view
+from ckpteval.tracking.naming import table_metrics, watch_run_name, watcher_run_name
 from ckpteval.watch.discovery import READY, UNSTABLE, Candidate, Discovery
 from ckpteval.watch.ledger import DONE, FAILED, SKIPPED, STARTED, Ledger, MlflowView, lock_for, pair_key
 from ckpteval.watch.plan import Evaluation, harness_config, plan_evaluations, validate_plan
@@ -156,6 +156,8 @@ class Watcher:
                                   "ckpt": self.watch_dir},
                             params=flatten(self.resolved)) as summary_run:
                 self.summary_run = summary_run
+                if self.cfg.tracking.enabled:
+                    print_view(summary_run, self.cfg.tracking)  # where the curves will appear
                 self._loop()
                 summary_run.set_tags({"stopped_by": self.stop_reason or "done"})
                 self._publish(force=True)
@@ -446,6 +448,8 @@ class Watcher:
         self.latest_step = max(self.latest_step or 0, cand.step or 0)
         self._log_curve(metrics, cand.step)
         log.info("done %s in %.1fs: %s", what, time.monotonic() - t0, _key_metrics(result))
+        if run is not None:
+            print_view(run, metrics=table_metrics(result), command=False)
 
     def _run_one(self, cand: Candidate, ev: Evaluation, attempt: int) -> tuple[dict[str, Any], Any]:
         """One evaluation through the job runner (ckpteval.job.run_tracked): its run, results.json, outbox."""
