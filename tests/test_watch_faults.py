@@ -95,7 +95,7 @@ def _assert_exactly_once(uri: str, ckpts: Path, steps: list[int]) -> None:
 def _copy_slowly(src: Path, dst: Path, order: list[str], pause: float, chunks: int = 3) -> None:
     """A non-atomic copy in `order`, one file at a time, pausing `pause` s between files, and files over 4 KiB in
     `chunks` pieces with the same pause between pieces."""
-    dst.mkdir()
+    dst.mkdir(exist_ok=True)
     for name in order:
         data = (src / name).read_bytes()
         with open(dst / name, "wb") as f:
@@ -119,14 +119,27 @@ def test_slow_non_atomic_copies_are_never_evaluated_half_written(tmp_path, templ
     w = WatcherProcess(_args(ckpts, val_shards, uri), tmp_path)
     try:
         w.wait_for(r"watching ")
-        copier = threading.Thread(target=lambda: (
-            _copy_slowly(hf, ckpts / "step_100", hf_order, PAUSE),
-            _copy_slowly(dcp, ckpts / "step_200", dcp_order, PAUSE),
-            shutil.copy(templates["dcp_config"], ckpts / "step_200" / "config.json")))
+        # Each stage of the copy waits until the watcher has said it saw the half-written state before it goes on
+        # (pauses alone race a watcher slowed down by a loaded machine: it could look only once a copy is whole).
+        seen = [threading.Event() for _ in range(3)]
+
+        def copy_in_stages():
+            _copy_slowly(hf, ckpts / "step_100", hf_order[:-1], PAUSE)
+            seen[0].wait(120)
+            _copy_slowly(hf, ckpts / "step_100", hf_order[-1:], PAUSE)  # config.json last
+            _copy_slowly(dcp, ckpts / "step_200", dcp_order[:1], PAUSE)  # .metadata first
+            seen[1].wait(120)
+            _copy_slowly(dcp, ckpts / "step_200", dcp_order[1:], PAUSE)
+            seen[2].wait(120)
+            shutil.copy(templates["dcp_config"], ckpts / "step_200" / "config.json")
+
+        copier = threading.Thread(target=copy_in_stages)
         copier.start()
-        w.wait_for(r"waiting for .*step_100 .*(truncated|`model` group)", timeout=60)
-        w.wait_for(r"waiting for .*step_200 .*\.metadata names", timeout=90)
-        w.wait_for(r"waiting for .*step_200 .*`model` group", timeout=90)
+        for event, pattern in zip(seen, (r"waiting for .*step_100 .*(truncated|`model` group)",
+                                         r"waiting for .*step_200 .*\.metadata names",
+                                         r"waiting for .*step_200 .*`model` group"), strict=True):
+            w.wait_for(pattern, timeout=120)
+            event.set()
         copier.join(timeout=120)
         assert not copier.is_alive()
         w.wait_for(r"done loss on .*step_100 ", timeout=180)
