@@ -15,9 +15,14 @@ metric of every run is checked equal to the stock run's (exactly for hf; FastLM 
 
 `--scan N` writes N HF checkpoints (step_1 .. step_N, different random weights, one tokenizer) and times one
 `python run.py -m mode=harness ckpt='glob:.../step_*'` (jobs one after another in one process: tasks resolved,
-requests built and tokenized once) against N runs of the stock `lm_eval` CLI, one per checkpoint. Printed: both
-wall clocks, the ratio, and per checkpoint our `harness/overhead_s` (run time minus weight loading minus model
-forwards: task work and glue), first checkpoint and the rest.
+requests built and tokenized once) against N runs of the stock `lm_eval` CLI, one per checkpoint, every metric
+checked against the stock run's. The scan logs to an sqlite MLflow store as a default scan does
+(`--no-scan-tracking`: tracking.enabled=false). Printed: both wall clocks, the ratio, and the time per checkpoint
+beyond loading and model forwards, measured on the whole job cycle (from the end of the previous job to the end
+of this one: Hydra composing the job's config, the MLflow run, lm-eval's own work, results files, everything):
+cycle = load (tokenizer + model: `harness/runtime_s`'s load part) + forward (time inside `FastLM.forward`, the
+model's forward passes) + overhead (all the rest, the log-softmax of the logits included), first checkpoint and
+the mean of the others, and the largest overhead items (see TIMERS).
 """
 
 from __future__ import annotations
