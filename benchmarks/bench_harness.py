@@ -183,7 +183,7 @@ def _timed_child(out: str, argv: list[str]) -> None:
     runpy.run_path(argv[0], run_name="__main__")
 
 
-def overhead_breakdown(cycles: list[dict[str, float]], top: int = 8) -> list[str]:
+def overhead_breakdown(cycles: list[dict[str, float]], top: int = 30) -> list[str]:
     """Lines: per-checkpoint cycle, load, forward and overhead (first job, then the mean of the others), and
     the largest overhead buckets of the others."""
     def split(c):
@@ -206,7 +206,7 @@ def overhead_breakdown(cycles: list[dict[str, float]], top: int = 8) -> list[str
                 buckets[k] = buckets.get(k, 0.0) + v / len(rest)
     buckets["other (no timer)"] = mean[0] - sum(buckets.values()) - mean[1] - mean[2]
     lines.append("  overhead per checkpoint (mean of 2..N), largest first:")
-    lines += [f"    {v:6.3f} s  {k}" for k, v in sorted(buckets.items(), key=lambda kv: -kv[1])[:top]]
+    lines += [f"    {v:6.3f} s  {k}" for k, v in sorted(buckets.items(), key=lambda kv: -kv[1])[:top] if v >= 0.0005]
     return lines
 
 
