@@ -15,9 +15,14 @@ metric of every run is checked equal to the stock run's (exactly for hf; FastLM 
 
 `--scan N` writes N HF checkpoints (step_1 .. step_N, different random weights, one tokenizer) and times one
 `python run.py -m mode=harness ckpt='glob:.../step_*'` (jobs one after another in one process: tasks resolved,
-requests built and tokenized once) against N runs of the stock `lm_eval` CLI, one per checkpoint. Printed: both
-wall clocks, the ratio, and per checkpoint our `harness/overhead_s` (run time minus weight loading minus model
-forwards: task work and glue), first checkpoint and the rest.
+requests built and tokenized once) against N runs of the stock `lm_eval` CLI, one per checkpoint, every metric
+checked against the stock run's. The scan logs to an sqlite MLflow store as a default scan does
+(`--no-scan-tracking`: tracking.enabled=false). Printed: both wall clocks, the ratio, and the time per checkpoint
+beyond loading and model forwards, measured on the whole job cycle (from the end of the previous job to the end
+of this one: Hydra composing the job's config, the MLflow run, lm-eval's own work, results files, everything):
+cycle = load (tokenizer + model: `harness/runtime_s`'s load part) + forward (time inside `FastLM.forward`, the
+model's forward passes) + overhead (all the rest, the log-softmax of the logits included), first checkpoint and
+the mean of the others, and the largest overhead items (see TIMERS).
 """
 
 from __future__ import annotations
@@ -86,30 +91,163 @@ def make_hf_checkpoints(root: Path, size: str, n: int) -> list[Path]:
     return out
 
 
+# ------------------------------------------------------------------------------------------ scan accounting
+# `--timed-child OUT -- RUN.PY ARGS` runs `run.py -m ...` in this process with wall-clock timers on the
+# functions a harness job spends its time in (no profiler: each timer costs microseconds). Time is exclusive:
+# a timed call inside another one (a forward inside FastLM.loglikelihood) counts only in its own bucket. A
+# checkpoint's cycle runs from the end of the previous job to the end of its own, so the launcher's work between
+# jobs (composing the next job's config) belongs to the job it prepares; whatever no timer covers is "other".
+
+# (bucket, module, attribute path): what each timer wraps. "load" and "forward" are what the target excludes.
+TIMERS = [
+    ("hydra: compose job config", "hydra._internal.config_loader_impl", "ConfigLoaderImpl.load_sweep_config"),
+    ("hydra: job setup/teardown", "hydra.core.utils", "run_job"),
+    ("ckpteval: job glue", "ckpteval.app", "main"),
+    ("checkpoint: inspect", "ckpteval.modes.harness", "inspect_checkpoint"),
+    ("load", "ckpteval.modes.harness", "load_tokenizer"),
+    ("load", "ckpteval.modes.harness", "load_model"),
+    ("forward", "ckpteval.evaluation.fast_lm", "FastLM.forward"),
+    ("FastLM: outside forwards", "ckpteval.evaluation.fast_lm", "FastLM.loglikelihood"),
+    ("FastLM: outside forwards", "ckpteval.evaluation.fast_lm", "FastLM.loglikelihood_rolling"),
+    ("FastLM: outside forwards", "ckpteval.evaluation.fast_lm", "FastLM.generate_until"),
+    ("FastLM: construct", "ckpteval.evaluation.harness", "build_lm"),
+    ("lm-eval: simple_evaluate (rest)", "lm_eval", "simple_evaluate"),
+    ("lm-eval: env info + git", "lm_eval.evaluator", "add_env_info"),
+    ("lm-eval: env info + git", "lm_eval.evaluator", "get_git_commit_hash"),
+    ("harness: resolve tasks", "ckpteval.modes.harness", "resolve_tasks"),
+    ("results: table, files", "ckpteval.modes.harness", "results_table"),
+    ("results: table, files", "ckpteval.modes.harness", "save_results"),
+    ("results: table, files", "ckpteval.results", "report"),
+    ("results: table, files", "ckpteval.results", "publish"),
+    ("mlflow: open run", "ckpteval.tracking.run", "open_run"),
+    ("mlflow: params", "ckpteval.tracking.run", "Run.log_params"),
+    ("mlflow: metrics, tags", "ckpteval.tracking.run", "Run.log_metrics"),
+    ("mlflow: metrics, tags", "ckpteval.tracking.run", "Run.set_tags"),
+    ("mlflow: artifacts", "ckpteval.tracking.run", "Run.log_artifact"),
+    ("mlflow: end run", "ckpteval.tracking.run", "Run.end"),
+    ("FastLM: log-softmax of logits", "torch", "log_softmax"),
+    ("gc.collect", "gc", "collect"),
+    ("sweep: job status file", "ckpteval.sweep", "SweepCallback.on_job_end"),
+]
+NOT_OVERHEAD = ("load", "forward")
+
+
+def _timed_child(out: str, argv: list[str]) -> None:
+    import atexit
+    import importlib
+    import runpy
+    import threading
+
+    totals: dict[str, float] = {}
+    stack: list[list[float]] = []  # per open timed call: [time spent in timed calls nested in it]
+    cycles: list[dict[str, float]] = []
+    mark = [time.perf_counter(), dict(totals)]
+
+    def timer(bucket, fn):
+        def wrapped(*args, **kwargs):
+            if threading.current_thread() is not threading.main_thread():
+                return fn(*args, **kwargs)
+            start = time.perf_counter()
+            stack.append([0.0])
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - start
+                nested = stack.pop()[0]
+                totals[bucket] = totals.get(bucket, 0.0) + elapsed - nested
+                if stack:
+                    stack[-1][0] += elapsed
+                if fn is run_job:  # a job ended: its cycle is everything since the previous one ended
+                    now = time.perf_counter()
+                    cycle = {k: v - mark[1].get(k, 0.0) for k, v in totals.items()}
+                    cycle["cycle"] = now - mark[0]
+                    cycles.append(cycle)
+                    mark[:] = [now, dict(totals)]
+        return wrapped
+
+    run_job = None
+    for bucket, module, attr in TIMERS:
+        owner = importlib.import_module(module)
+        *path, name = attr.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        fn = getattr(owner, name)
+        if module == "hydra.core.utils" and name == "run_job":
+            run_job = fn
+        setattr(owner, name, timer(bucket, fn))
+    import hydra._internal.core_plugins.basic_launcher as launcher  # imported run_job by name
+
+    launcher.run_job = importlib.import_module("hydra.core.utils").run_job
+    atexit.register(lambda: Path(out).write_text(json.dumps(cycles)))
+    sys.argv = [argv[0], *argv[1:]]
+    runpy.run_path(argv[0], run_name="__main__")
+
+
+def overhead_breakdown(cycles: list[dict[str, float]], top: int = 30) -> list[str]:
+    """Lines: per-checkpoint cycle, load, forward and overhead (first job, then the mean of the others), and
+    the largest overhead buckets of the others."""
+    def split(c):
+        over = c["cycle"] - sum(c.get(k, 0.0) for k in NOT_OVERHEAD)
+        return c["cycle"], c.get("load", 0.0), c.get("forward", 0.0), over
+
+    lines = []
+    first, rest = cycles[0], cycles[1:] or cycles[:1]
+    cyc, load, fwd, over = split(first)
+    lines.append(f"  checkpoint 1: cycle {cyc:.2f} s = load {load:.2f} + forward {fwd:.2f} + overhead {over:.2f} s")
+    parts = [split(c) for c in rest]
+    mean = [sum(p[i] for p in parts) / len(parts) for i in range(4)]
+    lines.append(f"  checkpoints 2..{len(cycles)}: cycle {mean[0]:.2f} s = load {mean[1]:.2f} + forward "
+                 f"{mean[2]:.2f} + overhead {mean[3]:.2f} s (mean); overhead per checkpoint "
+                 + " ".join(f"{p[3]:.2f}" for p in parts))
+    buckets: dict[str, float] = {}
+    for c in rest:
+        for k, v in c.items():
+            if k not in NOT_OVERHEAD and k != "cycle":
+                buckets[k] = buckets.get(k, 0.0) + v / len(rest)
+    buckets["other (no timer)"] = mean[0] - sum(buckets.values()) - mean[1] - mean[2]
+    lines.append("  overhead per checkpoint (mean of 2..N), largest first:")
+    lines += [f"    {v:6.3f} s  {k}" for k, v in sorted(buckets.items(), key=lambda kv: -kv[1])[:top] if v >= 0.0005]
+    return lines
+
+
 def scan(tmp: Path, args, env: dict) -> None:
     ckpts = make_hf_checkpoints(tmp, args.size, args.scan)
     sweep = tmp / "multirun"
-    t_ours, _ = timed([sys.executable, str(ROOT / "run.py"), "-m", "mode=harness",
+    cycles_file = tmp / "scan_cycles.json"
+    tracking = ([f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}"] if args.scan_tracking
+                else ["tracking.enabled=false"])
+    t_ours, _ = timed([sys.executable, str(Path(__file__).resolve()), "--timed-child", str(cycles_file), "--",
+                       str(ROOT / "run.py"), "-m", "mode=harness",
                        f"ckpt=glob:{tmp / 'scan' / 'step_*'}", "harness=offline",
                        f"harness.include_path={TASKS_DIR}", f"harness.batch_size={args.batch_size}",
-                       f"eval.device={args.device}", "tracking.enabled=false", f"paths.outputs={tmp / 'out'}",
+                       f"eval.device={args.device}", *tracking, f"paths.outputs={tmp / 'out'}",
                        f"hydra.sweep.dir={sweep}"], tmp, env)
     jobs = sorted((json.loads(p.read_text()) for p in sweep.rglob("results.json") if p.parent.parent == sweep),
                   key=lambda r: r["step"])
     t_stock = 0.0
+    stock_runs = []
     for k, ckpt in enumerate(ckpts):
         t, _ = timed([sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args",
                       f"pretrained={ckpt},dtype=float32", "--tasks", ",".join(TASKS), "--include_path",
                       str(TASKS_DIR), "--batch_size", str(args.batch_size), "--device", args.device,
                       "--output_path", str(tmp / "stock_scan" / str(k)), "--seed", "1234,1234,1234,1234"], tmp, env)
         t_stock += t
+        stock_runs.append(stock_metrics(tmp / "stock_scan" / str(k)))
+    worst = max((abs(job[key] - v) / max(abs(v), 1e-12) for job, ref in zip(jobs, stock_runs)
+                 for key, v in ref.items()), default=float("nan"))
+    status = "OK" if len(jobs) == len(stock_runs) and worst <= 1e-4 else "MISMATCH"
     over = [j.get("harness/overhead_s", float("nan")) for j in jobs]
     rest = over[1:] or over
-    print(f"scan of {args.scan} checkpoints: ours (one run.py -m) {t_ours:.1f} s, stock ({args.scan} lm_eval runs) "
-          f"{t_stock:.1f} s, speedup {t_stock / t_ours:.2f}x; jobs found {len(jobs)}")
+    print(f"scan of {args.scan} checkpoints (tracking {'on, sqlite' if args.scan_tracking else 'off'}): ours (one "
+          f"run.py -m) {t_ours:.1f} s, stock ({args.scan} lm_eval runs) {t_stock:.1f} s, speedup "
+          f"{t_stock / t_ours:.2f}x; jobs found {len(jobs)}; metrics vs stock: max rel diff {worst:.1e} [{status}]")
+    print("per-checkpoint time beyond loading and model forwards, whole job cycle (config composition, MLflow, "
+          "results files and everything else included):")
+    for line in overhead_breakdown(json.loads(cycles_file.read_text())):
+        print(line)
     runtimes = " ".join(f"{j['harness/runtime_s']:.1f}" for j in jobs)
-    print(f"  per-checkpoint overhead beyond loading and model forwards: first {over[0]:.2f} s, others "
-          f"{min(rest):.2f}..{max(rest):.2f} s (mean {sum(rest) / len(rest):.2f} s); per-job runtime {runtimes} s")
+    print(f"  (the jobs' own harness/overhead_s, inside the harness function only: first {over[0]:.2f} s, others "
+          f"{min(rest):.2f}..{max(rest):.2f} s, mean {sum(rest) / len(rest):.2f} s; harness/runtime_s {runtimes})")
 
 
 def timed(cmd: list[str], cwd: Path, env: dict) -> tuple[float, subprocess.CompletedProcess]:
@@ -143,7 +281,14 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temp dir")
     parser.add_argument("--scan", type=int, default=0, help="also time an N-checkpoint scan vs N stock runs")
     parser.add_argument("--only-scan", action="store_true", help="skip the single-checkpoint comparison")
-    args = parser.parse_args()
+    parser.add_argument("--scan-tracking", action=argparse.BooleanOptionalAction, default=True,
+                        help="log the scan to an sqlite MLflow store, as a default scan does (default: on)")
+    parser.add_argument("--timed-child", metavar="OUT", help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args()
+    if args.timed_child:
+        return _timed_child(args.timed_child, rest[1:] if rest[:1] == ["--"] else rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     tmp = Path(tempfile.mkdtemp(prefix="bench_harness_"))

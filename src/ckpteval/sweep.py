@@ -18,6 +18,7 @@ Two halves:
 from __future__ import annotations
 
 import csv
+import gc
 import glob
 import json
 import logging
@@ -468,6 +469,17 @@ def export_submitit_torch_env() -> bool:
     return True
 
 
+def freeze_survivors() -> None:
+    """After a job of a scan: collect its garbage, then move everything still alive (imported modules, and the
+    tasks, requests and token memos kept for the next checkpoint) to the collector's permanent generation.
+    Each later full collection (the one after a checkpoint's evaluation, Python's own) then walks only what
+    the next job allocates, not the millions of objects torch, transformers, lm-eval and MLflow hold: ~0.5 s
+    per checkpoint less. A frozen object that dies later is still freed by reference counting; only a cycle
+    among frozen objects waits for the `gc.unfreeze()` at the sweep's end."""
+    gc.collect()
+    gc.freeze()
+
+
 class SweepCallback(Callback):
     """Parent MLflow run, per-job status files, and the end-of-sweep summary (see the module docstring)."""
 
@@ -507,8 +519,14 @@ class SweepCallback(Callback):
 
     # A status file the summary reads back.
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        if not _in_multirun(config) or os.environ.get("RANK", "0") != "0":
+        if not _in_multirun(config):
             return
+        if os.environ.get("RANK", "0") == "0":
+            self._write_status(config, job_return)
+        freeze_survivors()
+
+    @staticmethod
+    def _write_status(config: DictConfig, job_return: Any) -> None:
         from hydra.core.utils import JobStatus
 
         completed = job_return.status == JobStatus.COMPLETED
@@ -532,6 +550,7 @@ class SweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from ckpteval.tracking import parent
 
+        gc.unfreeze()
         found = parent.take()
         sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         records = load_records(sweep_dir, since=self._started)

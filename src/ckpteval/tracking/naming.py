@@ -113,7 +113,21 @@ def _job_dir() -> str:
         return os.getcwd()
 
 
+_PARENT_EXPERIMENTS: dict[tuple[str, str], str] = {}  # (run id, uri) -> its experiment (a run never moves)
+
+
 def _parent_experiment(run_id: str, uri: str) -> str | None:
+    """The experiment of the parent run: asked from the store once per process (every access to a scan job's
+    `tracking.experiment` resolves the interpolation again, two queries each time), not once per access."""
+    found = _PARENT_EXPERIMENTS.get((run_id, uri))
+    if found is None:
+        found = _ask_parent_experiment(run_id, uri)
+        if found is not None:
+            _PARENT_EXPERIMENTS[(run_id, uri)] = found
+    return found
+
+
+def _ask_parent_experiment(run_id: str, uri: str) -> str | None:
     try:
         from mlflow.tracking import MlflowClient
 

@@ -100,10 +100,14 @@ class Run:
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if not self.active:
             return
+        from mlflow.entities import RunTag
+
         tags = {k: str(v) for k, v in tags.items() if v is not None}
-        if tags:
-            self._send("tags", tags, lambda: [self.client.set_tag(self.run_id, k, v) for k, v in tags.items()],
-                       "setting tags")
+        keys = list(tags)
+        for i in range(0, len(keys), 100):  # one write per 100 tags (MLflow's batch limit), not one per tag
+            chunk = {k: tags[k] for k in keys[i:i + 100]}
+            self._send("tags", chunk, lambda c=chunk: self.client.log_batch(
+                self.run_id, tags=[RunTag(k, v) for k, v in c.items()]), "setting tags")
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)

@@ -7,6 +7,7 @@ place, a server that does not answer) is found here in well under a second and r
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -127,8 +128,11 @@ def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str | None:
-    """The commit of the ckpteval checkout, when it is one (tags runs with the code that produced them)."""
+    """The commit of the ckpteval checkout, when it is one (tags runs with the code that produced them).
+    Asked once per process: it is the code this process imported, whatever is committed later, and each job
+    of a scan or the watcher would otherwise start a `git` subprocess."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
                              text=True, timeout=5, check=False)
