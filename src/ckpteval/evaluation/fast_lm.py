@@ -362,7 +362,7 @@ class FastLM(TemplateLM):
                 g.conts.append(cont)
                 g.members.append([])
             g.members[slot].append(i)
-        return list(groups.values())
+        return [part for g in groups.values() for part in _split_long(g)]
 
     def _plan(self, seqs: list[tuple[int, ...]], items: list, length, plain=None) -> list[_Unit]:
         """Batches of `items` (whose token sequences are `seqs`), those sharing a long prefix together, that
@@ -518,6 +518,21 @@ class FastLM(TemplateLM):
         for i, r in local:
             out[i] = r
         return out
+
+
+def _split_long(g: _Group) -> list[_Group]:
+    """`g`, minus the continuations with more new tokens than the prefix: each of those gets a row of its own.
+    Packing one saves running the prefix again but makes every token of the row attend through a 4-D mask over
+    the whole packed row; for a short prefix (rolling windows and empty contexts share only the prefix token)
+    that costs far more than it saves, and a lone continuation runs on the plain causal kernel."""
+    solo = [j for j, c in enumerate(g.conts) if len(c) - 1 > len(g.prefix)]
+    if not solo or len(g.conts) == 1:
+        return [g]
+    rest = [j for j in range(len(g.conts)) if j not in set(solo)]
+    parts = [_Group(g.prefix, [g.conts[j]], [g.members[j]]) for j in solo]
+    if rest:
+        parts.append(_Group(g.prefix, [g.conts[j] for j in rest], [g.members[j] for j in rest]))
+    return parts
 
 
 def _shard(units: list[_Unit], rank: int, world: int) -> list[_Unit]:
