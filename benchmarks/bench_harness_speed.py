@@ -19,8 +19,8 @@ Cases (text over a word-level tokenizer whose words are token ids, "w17 w4 ...")
 Per case: requests/s of both, the ratio, peak memory of each loop (CPU: RSS high-water mark above the start of
 the loop, /proc/self/clear_refs), max |dLL| (a, b, d), identical is_greedy / accuracy / generations, and the
 share of this machine's measured float32 matmul peak reached counting 2 * params * tokens each backend actually
-ran. Each backend runs `--repeats` times, the fastest counts (other processes on a shared machine only slow a
-run down); all timings are printed.
+ran. Each backend runs `--repeats` times, alternating with the other, the fastest counts (other processes on a
+shared machine only slow a run down); all timings are printed.
 """
 
 from __future__ import annotations
@@ -119,25 +119,32 @@ def stop_words(model, tok, prompts: list[str], max_gen: int) -> list[str]:
     return [f" {w} " for w in best]
 
 
-def timed(fn, warm, repeats: int, device: str) -> tuple[list[float], int, object]:
-    warm()  # warm-up on a few requests: allocator, kernel selection, lazy imports
-    base = reset_peak(device)
-    times, out = [], None
+def timed(backends: dict, repeats: int, device: str) -> dict:
+    """name -> (times, peak memory, last results) for `backends` (name -> (call, warm-up)). Repeats alternate
+    between the backends, so a load change on a shared machine hits both alike; the fastest run counts."""
+    for _, warm in backends.values():
+        warm()  # warm-up on a few requests: allocator, kernel selection, lazy imports
+    out = {name: ([], 0, None) for name in backends}
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return times, peak_since(device, base), out
+        for name, (fn, _) in backends.items():
+            base = reset_peak(device)
+            start = time.perf_counter()
+            result = fn()
+            elapsed = time.perf_counter() - start
+            times, peak, _ = out[name]
+            out[name] = (times + [elapsed], max(peak, peak_since(device, base)), result)
+    return out
 
 
 def run_case(name: str, fast, hf, method: str, reqs: list, tokens: dict, args, params: int, peak: float) -> dict:
     """Time `method` of both backends on `reqs` (after a warm-up on the first two)."""
     n = len(reqs)
-    runs = {}
+    backends = {}
     for key, lm in (("fast", fast), ("hf", hf)):
         call = getattr(lm, method)
-        runs[key] = timed(lambda: call(reqs, disable_tqdm=True), lambda: call(reqs[:2], disable_tqdm=True),
-                          args.repeats, args.device)
+        backends[key] = (lambda call=call: call(reqs, disable_tqdm=True),
+                         lambda call=call: call(reqs[:2], disable_tqdm=True))
+    runs = timed(backends, args.repeats, args.device)
     (t_fast, m_fast, r_fast), (t_hf, m_hf, r_hf) = runs["fast"], runs["hf"]
     rps_fast, rps_hf = n / min(t_fast), n / min(t_hf)
     if name == "c":
