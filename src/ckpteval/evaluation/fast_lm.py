@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from ckpteval.errors import CkptEvalError
 from ckpteval.evaluation import generate as gen
-from ckpteval.evaluation.loss import PLAIN_HEAD_TYPES, additive_mask, auto_chunk
+from ckpteval.evaluation.loss import _PLAIN_HEAD_TYPES, additive_mask, auto_chunk
 from ckpteval.evaluation.prefix_cache import PrefixStore, cache_tensors, expanded_cache, plan_shared_prefixes
 from ckpteval.evaluation.request_cache import token_memo
 
@@ -143,7 +143,7 @@ class FastLM(TemplateLM):
         self._attn_impl = getattr(model.config, "_attn_implementation", None) or "eager"
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
         # logits are exactly output_embeddings(last hidden state): score from hidden states, a chunk at a time
-        self._plain_head = getattr(model.config, "model_type", None) in PLAIN_HEAD_TYPES and \
+        self._plain_head = getattr(model.config, "model_type", None) in _PLAIN_HEAD_TYPES and \
             model.get_output_embeddings() is not None
         self._hflm = None
         self.prefix_store = PrefixStore(max_tokens=int(prefix_cache_tokens))

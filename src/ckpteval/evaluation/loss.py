@@ -25,7 +25,7 @@ from torch import nn
 Scorer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 # Architectures whose logits are exactly lm_head(last_hidden_state): no softcapping or logit scaling.
-PLAIN_HEAD_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gpt2", "gpt_neox",
+_PLAIN_HEAD_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gpt2", "gpt_neox",
                      "phi3", "olmo", "olmo2", "smollm3", "starcoder2", "gemma"}
 PPL_CAP = 20.0  # perplexity = exp(min(loss, 20)): an untrained model's huge loss stays a finite, plottable number
 
@@ -150,7 +150,7 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def causal_lm_scorer(model: nn.Module, chunk: int = 0, doc_sep: int | None = None) -> Scorer:
     """Scorer for a transformers causal LM (plain, FSDP- or TP-sharded); `doc_sep`: see `document_layout`."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    decoder = model.get_decoder() if model_type in PLAIN_HEAD_TYPES else None
+    decoder = model.get_decoder() if model_type in _PLAIN_HEAD_TYPES else None
     head = model.get_output_embeddings() if decoder is not None else None
 
     def score(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
