@@ -123,6 +123,64 @@ def test_rolling_and_generation_match_hflm(setup):
     assert ours.generate_until(gen) == ref.generate_until(gen)
 
 
+def _spy_masks(lm) -> list:
+    """Record whether each scoring forward of `lm` got an attention mask (None: the plain causal kernel)."""
+    seen, forward = [], lm.forward
+
+    def spy(ids, pos, mask, keep, cache=None, project=True):
+        if keep is not None:  # a scoring forward, not a shared prefix's cache fill
+            seen.append((mask is not None, ids.shape[0]))
+        return forward(ids, pos, mask, keep, cache, project)
+
+    lm.forward = spy
+    return seen
+
+
+@pytest.mark.parametrize("chunk", [0, 5])  # 0: the default chunk; 5: many chunks per batch, split mid-row
+def test_rolling_batches_documents_unmasked_and_matches_hflm(setup, monkeypatch, chunk):
+    """Documents shorter than one window and of several windows, windows of different documents in one
+    batch, no attention mask, vocabulary scored a chunk of rows at a time: HFLM's totals, in float32 and
+    close in bf16 autocast."""
+    import ckpteval.evaluation.fast_lm as fast_lm
+
+    if chunk:
+        monkeypatch.setattr(fast_lm, "auto_chunk", lambda head, width: chunk)
+    model, tok, _ = setup
+    texts = [TEXT[0], " ".join(factories.TEXT[:30]), TEXT[3][:12], " ".join(factories.TEXT[5:12]),
+             "<|endoftext|>" + TEXT[2], " ".join(factories.TEXT[10:50])]
+    lengths = [len(tok.encode(t)) for t in texts]
+    assert min(lengths) < 32 < 3 * 32 < max(lengths), lengths  # under one window .. several windows
+    rolling = _instances([(t,) for t in texts], "loglikelihood_rolling")
+    ref = _hflm(model, tok, batch_size=3, max_length=32).loglikelihood_rolling(rolling)
+    lm = FastLM(model, tok, batch_size=3, max_length=32)
+    seen = _spy_masks(lm)
+    ours = lm.loglikelihood_rolling(rolling)
+    for r, o in zip(ref, ours, strict=True):
+        assert o == pytest.approx(r, rel=1e-6, abs=1e-4)
+    assert seen and not any(masked for masked, _ in seen), "rolling windows went through a 4-D mask"
+    assert sum(rows for _, rows in seen) > len(texts) and max(rows for _, rows in seen) == 3
+    bf16 = FastLM(model, tok, batch_size=3, max_length=32, dtype="bfloat16").loglikelihood_rolling(rolling)
+    for r, b in zip(ref, bf16, strict=True):
+        assert b == pytest.approx(r, rel=0.05)
+
+
+def test_mixed_batches_chunked_scoring_match_hflm(setup, monkeypatch):
+    """Shared contexts with several choices (masked rows) beside lone continuations and empty contexts (plain
+    causal rows), scored in 7-row vocabulary chunks: HFLM's loglikelihoods and is_greedy, both kinds run."""
+    import ckpteval.evaluation.fast_lm as fast_lm
+
+    monkeypatch.setattr(fast_lm, "auto_chunk", lambda head, width: 7)
+    model, tok, reqs = setup
+    reqs = reqs + [(TEXT[4], " " + TEXT[5]), ("", TEXT[3])]  # one lone long continuation, one empty context
+    ref = _hflm(model, tok, batch_size=4).loglikelihood(_instances(reqs))
+    lm = FastLM(model, tok, batch_size=4)
+    seen = _spy_masks(lm)
+    ours = lm.loglikelihood(_instances(reqs))
+    assert {masked for masked, _ in seen} == {True, False}
+    for req, (ref_ll, ref_greedy), (ll, greedy) in zip(reqs, ref, ours, strict=True):
+        assert abs(ll - ref_ll) <= 1e-4 and greedy == ref_greedy, req
+
+
 def test_bfloat16_is_close_to_float32(setup):
     model, tok, reqs = setup
     ref = FastLM(model, tok).loglikelihood(_instances(reqs))

@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from ckpteval.errors import CkptEvalError
 from ckpteval.evaluation import generate as gen
-from ckpteval.evaluation.loss import additive_mask
+from ckpteval.evaluation.loss import _PLAIN_HEAD_TYPES, additive_mask, auto_chunk
 from ckpteval.evaluation.prefix_cache import PrefixStore, cache_tensors, expanded_cache, plan_shared_prefixes
 from ckpteval.evaluation.request_cache import token_memo
 
@@ -142,6 +142,9 @@ class FastLM(TemplateLM):
         self._prefix_str = tokenizer.decode(self.prefix_token_id)
         self._attn_impl = getattr(model.config, "_attn_implementation", None) or "eager"
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+        # logits are exactly output_embeddings(last hidden state): score from hidden states, a chunk at a time
+        self._plain_head = getattr(model.config, "model_type", None) in _PLAIN_HEAD_TYPES and \
+            model.get_output_embeddings() is not None
         self._hflm = None
         self.prefix_store = PrefixStore(max_tokens=int(prefix_cache_tokens))
         self.forward_seconds = 0.0  # time inside model forwards (what is not overhead)
@@ -320,7 +323,8 @@ class FastLM(TemplateLM):
         if self._attn_impl not in _MASKABLE_ATTENTION:
             return self.hflm._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm)
         groups = self._group(requests)
-        units = self._plan([g.prefix for g in groups], groups, lambda g: g.length)
+        units = self._plan([g.prefix for g in groups], groups, lambda g: g.length,
+                           plain=lambda g: len(g.conts) == 1)
         mine = _shard(units, self.dp_rank, self.dp_size)
         pbar = tqdm(total=sum(len(m) for u in mine for g in u.items for m in g.members), desc="loglikelihood (fast)",
                     disable=disable_tqdm or self.dp_rank != 0)
@@ -358,20 +362,26 @@ class FastLM(TemplateLM):
                 g.conts.append(cont)
                 g.members.append([])
             g.members[slot].append(i)
-        return list(groups.values())
+        return [part for g in groups.values() for part in _split_long(g)]
 
-    def _plan(self, seqs: list[tuple[int, ...]], items: list, length) -> list[_Unit]:
+    def _plan(self, seqs: list[tuple[int, ...]], items: list, length, plain=None) -> list[_Unit]:
         """Batches of `items` (whose token sequences are `seqs`), those sharing a long prefix together, that
         prefix split off; longest first within a prefix (a too-large batch fails at once; similar lengths pad
-        little). Units of one prefix stay adjacent so its cache is reused while it is needed."""
+        little). Units of one prefix stay adjacent so its cache is reused while it is needed. `plain(item)`:
+        the item needs no attention mask when nothing is shared; such items are batched apart from the others
+        so their batches take the plain causal kernel (`_score_batch`)."""
         units = []
         for shared_len, members in plan_shared_prefixes(seqs, self.prefix_store.max_tokens):
             members.sort(key=lambda m: -length(items[m]))
+            parts = [members]
+            if plain is not None and shared_len == 0:
+                parts = [[m for m in members if plain(items[m])], [m for m in members if not plain(items[m])]]
             shared = seqs[members[0]][:shared_len]
-            for start in range(0, len(members), self.batch_size):
-                chunk = [items[m] for m in members[start:start + self.batch_size]]
-                cost = sum(length(x) - shared_len for x in chunk) + shared_len
-                units.append(_Unit(shared, chunk, cost))
+            for part in parts:
+                for start in range(0, len(part), self.batch_size):
+                    chunk = [items[m] for m in part[start:start + self.batch_size]]
+                    cost = sum(length(x) - shared_len for x in chunk) + shared_len
+                    units.append(_Unit(shared, chunk, cost))
         return units
 
     def _score_batch(self, batch: list[_Group], shared: tuple[int, ...] = ()) -> list[list[tuple[float, bool]]]:
@@ -405,23 +415,56 @@ class FastLM(TemplateLM):
             keep[b, P - 1:n] = True
             base += n - P + 1
             n_conts += len(g.conts)
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
-        visible = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])  # [b, query, key]
-        mask = (causal & visible)[:, None]
-        if S:
-            mask = torch.cat([torch.ones(len(batch), 1, T, S, dtype=torch.bool), mask], dim=-1)
-        logp = torch.log_softmax(self.forward(ids, pos, mask, keep, self.new_cache(shared, len(batch))).float(),
-                                 dim=-1)
-        flat_t, targets_t, owner_t = (torch.tensor(x, device=logp.device) for x in (flat, targets, owner))
-        token_lp = logp[flat_t, targets_t]
-        misses = (logp.argmax(dim=-1)[flat_t] != targets_t).float()
-        ll = torch.zeros(n_conts, device=logp.device).index_add_(0, owner_t, token_lp).tolist()
-        greedy = (torch.zeros(n_conts, device=logp.device).index_add_(0, owner_t, misses) == 0).tolist()
+        if S == 0 and all(len(g.conts) == 1 for g in batch):
+            # one sequence per row from position 0, right-padded: the causal kernel is exact for every real
+            # token (padding only follows it) and, unlike an explicit 4-D mask, takes SDPA's fast causal path
+            mask = pos = None
+        else:
+            causal = torch.ones(T, T, dtype=torch.bool).tril()
+            visible = (seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None])  # [b, query, key]
+            mask = (causal & visible)[:, None]
+            if S:
+                mask = torch.cat([torch.ones(len(batch), 1, T, S, dtype=torch.bool), mask], dim=-1)
+        token_lp, hit = self._token_scores(ids, pos, mask, keep, self.new_cache(shared, len(batch)),
+                                           torch.tensor(flat), torch.tensor(targets))
+        owner_t = torch.tensor(owner, device=token_lp.device)
+        ll = torch.zeros(n_conts, device=token_lp.device).index_add_(0, owner_t, token_lp).tolist()
+        misses = torch.zeros(n_conts, device=token_lp.device).index_add_(0, owner_t, (~hit).float())
+        greedy = (misses == 0).tolist()
         out, k = [], 0
         for g in batch:
             out.append([(ll[k + j], bool(greedy[k + j])) for j in range(len(g.conts))])
             k += len(g.conts)
         return out
+
+    def _token_scores(self, ids, pos, mask, keep, cache, flat, targets) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per scored token: float32 log-probability of `targets[i]` at kept row `flat[i]`, and whether it is the
+        argmax there. The vocabulary is projected and log-softmaxed a chunk of kept rows at a time (plain heads
+        project from the hidden states), never as one [n_kept, vocab] float32 tensor."""
+        hidden, head = self._kept_hidden(ids, pos, mask, keep, cache)
+        flat, targets = flat.to(hidden.device), targets.to(hidden.device)
+        token_lp = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
+        hit = torch.empty(len(targets), dtype=torch.bool, device=hidden.device)
+        chunk = auto_chunk(head, hidden.shape[-1])
+        autocast = (torch.autocast(device_type=hidden.device.type, dtype=self._autocast) if self._autocast
+                    else contextlib.nullcontext())
+        start = time.perf_counter()
+        with torch.inference_mode(), autocast:
+            for lo in range(0, hidden.shape[0], chunk):
+                logp = torch.log_softmax(head(hidden[lo:lo + chunk]).float(), dim=-1)  # HFLM: log_softmax, then
+                sel = ((flat >= lo) & (flat < lo + chunk)).nonzero().squeeze(1)  # gather and argmax of it
+                rows, tgt = flat[sel] - lo, targets[sel]
+                token_lp[sel] = logp[rows, tgt]
+                hit[sel] = logp.argmax(dim=-1)[rows] == tgt
+        self.forward_seconds += time.perf_counter() - start
+        return token_lp, hit
+
+    def _kept_hidden(self, ids, pos, mask, keep, cache) -> tuple[torch.Tensor, torch.nn.Module]:
+        """(rows, head) with head(rows) = the logits at the kept positions: the decoder's hidden states there and
+        the output embedding for plain heads, else the model's own logits and an identity."""
+        if self._plain_head:
+            return self.forward(ids, pos, mask, keep, cache, project=False), self.model.get_output_embeddings()
+        return self.forward(ids, pos, mask, keep, cache), torch.nn.Identity()
 
     def new_cache(self, shared: tuple[int, ...], batch: int):
         """A KV cache holding `shared` for `batch` rows (from the prefix store), or None when nothing is shared."""
@@ -434,27 +477,28 @@ class FastLM(TemplateLM):
 
         ids = torch.tensor([prefix])
         cache = DynamicCache()
-        self.forward(ids, torch.arange(len(prefix))[None], None, torch.zeros(1, len(prefix), dtype=torch.bool),
-                     cache, project=False)  # one row, no padding: plain causal attention
+        self.forward(ids, None, None, None, cache, project=False)  # one row, no padding: plain causal attention
         return cache_tensors(cache)
 
     def forward(self, ids, pos, mask, keep, cache=None, project: bool = True) -> torch.Tensor:
-        """Logits (n_kept, vocab) at the kept positions, in row-major order; `cache` (a DynamicCache) holds
-        earlier keys/values the mask's first columns refer to, and is extended in place."""
+        """Logits (n_kept, vocab) at the kept positions, in row-major order (`project=False`: the decoder's last
+        hidden states there instead, `keep=None`: nothing kept, only `cache` filled); `cache` (a DynamicCache)
+        holds earlier keys/values the mask's first columns refer to, and is extended in place. `pos=None`:
+        positions 0.. in every row."""
         dev = self._device
         if self._attn_impl == "eager" and mask is not None:  # eager attention adds the mask to the scores
             mask = additive_mask(mask, self._autocast or self.compute_dtype)
-        kwargs = {"input_ids": ids.to(dev), "position_ids": pos.to(dev), "use_cache": cache is not None,
-                  "attention_mask": mask.to(dev) if mask is not None else None}
+        kwargs = {"input_ids": ids.to(dev), "position_ids": pos.to(dev) if pos is not None else None,
+                  "use_cache": cache is not None, "attention_mask": mask.to(dev) if mask is not None else None}
         if cache is not None:
             kwargs["past_key_values"] = cache
         autocast = (torch.autocast(device_type=dev.type, dtype=self._autocast) if self._autocast
                     else contextlib.nullcontext())
         start = time.perf_counter()
         with torch.inference_mode(), autocast:
-            if not project:  # only the keys/values are wanted
-                self.model.get_decoder()(**kwargs)
-                logits = None
+            if not project:
+                hidden = self.model.get_decoder()(**kwargs).last_hidden_state
+                logits = hidden[keep.to(dev)] if keep is not None else None
             elif self._keep_arg:
                 logits = self.model(**kwargs, logits_to_keep=keep.to(dev)).logits
                 logits = logits.reshape(-1, logits.shape[-1])
@@ -474,6 +518,21 @@ class FastLM(TemplateLM):
         for i, r in local:
             out[i] = r
         return out
+
+
+def _split_long(g: _Group) -> list[_Group]:
+    """`g`, minus the continuations with more new tokens than the prefix: each of those gets a row of its own.
+    Packing one saves running the prefix again but makes every token of the row attend through a 4-D mask over
+    the whole packed row; for a short prefix (rolling windows and empty contexts share only the prefix token)
+    that costs far more than it saves, and a lone continuation runs on the plain causal kernel."""
+    solo = [j for j, c in enumerate(g.conts) if len(c) - 1 > len(g.prefix)]
+    if not solo or len(g.conts) == 1:
+        return [g]
+    rest = [j for j in range(len(g.conts)) if j not in set(solo)]
+    parts = [_Group(g.prefix, [g.conts[j]], [g.members[j]]) for j in solo]
+    if rest:
+        parts.append(_Group(g.prefix, [g.conts[j] for j in rest], [g.members[j] for j in rest]))
+    return parts
 
 
 def _shard(units: list[_Unit], rank: int, world: int) -> list[_Unit]:
