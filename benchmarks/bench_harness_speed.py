@@ -83,9 +83,21 @@ def rolling_requests(rng, vocab: int, docs: int, lo: int, hi: int) -> list:
     return [Instance("loglikelihood_rolling", {}, (_words(rng, vocab, rng.randint(lo, hi)),), i) for i in range(docs)]
 
 
+def gen_tokenizer(vocab: int):
+    """`word_tokenizer` with ids 0 and 1 (pad/unk, BOS/EOS) named "<unk>" and "</s>": no word contains them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<unk>": 0, "</s>": 1} | {f"w{i}": i for i in range(2, vocab)}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<unk>",
+                                   unk_token="<unk>")
+
+
 def stop_words(model, tok, prompts: list[str], max_gen: int) -> list[str]:
     """Two words the model's greedy continuations of (up to 8 of) the prompts contain early, as stop strings
-    (" wN "), found with a plain transformers greedy loop before anything is timed."""
+    ("wN "), found with a plain transformers greedy loop before anything is timed."""
     counts: dict[str, int] = {}
     tok.padding_side = "left"
     batch = tok(prompts[:8], return_tensors="pt", padding=True)
@@ -96,7 +108,7 @@ def stop_words(model, tok, prompts: list[str], max_gen: int) -> list[str]:
         for w in set(tok.decode(row).split()[1:max_gen // 2]):
             counts[w] = counts.get(w, 0) + 1
     best = sorted(counts, key=lambda w: -counts[w])[:2]
-    return [f" {w} " for w in best]
+    return [f"{w} " for w in best]  # "w17 " is word 17 and nothing else ("w1" would also match w12, w1234 ...)
 
 
 def timed(fn, warm, repeats: int, device: str) -> tuple[list[float], int, object]:
@@ -178,9 +190,9 @@ def main() -> None:
     print(f"model={size} ({params / 1e6:.0f}M params) float32 batch={args.batch} device={args.device} "
           f"threads={torch.get_num_threads()} matmul peak {peak / 1e9:.1f} GFLOP/s")
 
-    def pair(max_length=None):
-        return (FastLM(model, tok, batch_size=args.batch, max_length=max_length),
-                HFLM(pretrained=model, tokenizer=tok, batch_size=args.batch, max_length=max_length))
+    def pair(max_length=None, tokenizer=tok):
+        return (FastLM(model, tokenizer, batch_size=args.batch, max_length=max_length),
+                HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch, max_length=max_length))
 
     def ll_tokens(reqs, lm, shared_prefix_tokens=0):
         """(fast, hf) tokens run: HFLM every context+continuation; FastLM contexts once per distinct context,
@@ -208,10 +220,11 @@ def main() -> None:
         prompts, pre_tokens = gen_prompts(rng, vocab, args.gen_groups, args.gen_docs, args.gen_shots,
                                           30 if args.small else args.gen_shot_len, question)
         max_gen = args.max_gen_toks
-        until = stop_words(model, tok, prompts, max_gen)
+        gen_tok = gen_tokenizer(vocab)  # HFLM adds the EOS text to the stop strings: "w1" would match w12, w1234..
+        until = stop_words(model, gen_tok, prompts, max_gen)
         reqs = [Instance("generate_until", {}, (p, {"until": until, "max_gen_toks": max_gen, "do_sample": False}), i)
                 for i, p in enumerate(prompts)]
-        fast, hf = pair()
+        fast, hf = pair(tokenizer=gen_tok)
         n_prompt = sum(len(p.split()) for p in prompts)
         print(f"(c) shape: {args.gen_groups} preamble(s) x {args.gen_docs} docs, {args.gen_shots} shots of "
               f"~{30 if args.small else args.gen_shot_len} tokens (preambles {pre_tokens} tokens in all), questions of {args.gen_question} "

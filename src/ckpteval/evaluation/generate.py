@@ -7,12 +7,23 @@ starts with the BOS string), keeps the last `max_length - max_gen_toks` tokens, 
 row's tokens are decoded (special tokens skipped) and cut before the first stop string (the EOS text is one).
 A row ends earlier only on the generation config's EOS token.
 
-Here each row stops on its own: at EOS, at `max_gen_toks`, or once its decoded text holds a stop string with
-enough text after that hit that no other stop string can begin before it. The cut text is the same as HFLM's,
-because greedy tokens of a row do not depend on the rows beside it. Prompts that share a few-shot prefix run it
-once (`prefix_cache`); rows are right-padded, with a 4-D mask and explicit positions, and finished rows leave
-the batch. Sampling (do_sample / temperature > 0), beam search and logits processors from the request or the
-model's generation config go to HFLM instead, with a log line.
+Here each row stops on its own: at EOS, at `max_gen_toks`, or once HFLM's cut of its decoded text can no longer
+change (`settled`). The cut text is the same as HFLM's, because greedy tokens of a row do not depend on the rows
+beside it. One case is left: HFLM's cut depends on its batch when the batch stops early (every row shows one
+stop string) and a row would later generate a stop string listed before that one, starting inside that hit
+(stop strings that overlap, e.g. " a " and " b " in "a b a"); this row then gets the cut of its longer text. Decoding is continuously batched over at
+most `batch_size` rows (HFLM's batch size)::
+
+    prefill   prompts of one shared prefix, right-padded, on top of that prefix's cached KV (`prefix_cache`)
+    slots     each row's KV copied into a preallocated slot, columns 0..len-1; rows of any prefix side by side
+    step      every row feeds its last token at its own position, written in place at its own column;
+              a per-row mask hides the columns past its length
+    retire    a finished row leaves, the last row moves into its slot; when half the slots are free, waiting
+              prompts are prefilled into them
+
+so decode steps run full batches whatever the prefix and wherever rows stop, and no step copies the cache.
+Sampling (do_sample / temperature > 0), beam search and logits processors from the request or the model's
+generation config go to HFLM instead, with a log line.
 """
 
 from __future__ import annotations
@@ -106,13 +117,25 @@ def eos_ids(model) -> set[int]:
     return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
 
 
-def _finished(text: str, until: list[str]) -> bool:
-    """A stop string is in `text` and nothing after the earliest hit can still move the cut earlier."""
-    hits = [text.find(s) for s in until if s]
-    hits = [h for h in hits if h >= 0]
-    if not hits:
-        return False
-    return len(text) - min(hits) >= max(len(s) for s in until)
+def settled(text: str, until: list[str]) -> bool:
+    """Whether HFLM's cut of `text` can no longer change as text is appended.
+
+    `postprocess_generated_text` splits at each stop string in turn (not at the earliest hit of any), so a hit of
+    a later string is lost when an earlier string's first hit starts inside it, and that hit may still be
+    generated. Walk the strings in HFLM's order keeping how much of each stage's text is certain: a string found
+    there fixes the stage's text exactly; one not found, while the text is still open, leaves certain only what
+    no later hit of it can reach. The last character stays uncertain (a tokenizer may rewrite it: an incomplete
+    UTF-8 sequence, a cleaned-up space)."""
+    known, exact = max(0, len(text.rstrip("\ufffd")) - 1), False
+    for term in until:
+        if not term:
+            continue
+        hit = text.find(term, 0, known)
+        if hit >= 0:
+            known, exact = hit, True
+        elif not exact:
+            known = max(0, known - len(term) + 1)
+    return exact
 
 
 @dataclass
@@ -263,7 +286,7 @@ def _retire(lm, slots: _SlotCache, active: list[_Row], out: list, max_gen: int, 
     while k < len(active):
         row = active[k]
         text = lm.tokenizer.decode(row.gen, skip_special_tokens=True)
-        if row.gen[-1] in stop_ids or len(row.gen) >= max_gen or _finished(text, until):
+        if row.gen[-1] in stop_ids or len(row.gen) >= max_gen or settled(text, until):
             out.append((row.idx, postprocess_generated_text(text, until, None)))
             last = active.pop()
             if last is not row:
