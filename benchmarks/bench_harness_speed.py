@@ -170,6 +170,8 @@ def main() -> None:
     ap.add_argument("--gen-shot-len", type=int, default=120, help="(c): ~tokens per example")
     ap.add_argument("--gen-question", default="40-100", help="(c): question tokens, min-max")
     ap.add_argument("--max-gen-toks", type=int, default=32, help="(c): max_gen_toks")
+    ap.add_argument("--no-gen-stops", dest="gen_stops", action="store_false",
+                    help="(c): no stop strings: every answer runs to max_gen_toks (decode-bound worst case)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
@@ -221,7 +223,7 @@ def main() -> None:
                                           30 if args.small else args.gen_shot_len, question)
         max_gen = args.max_gen_toks
         gen_tok = gen_tokenizer(vocab)  # HFLM adds the EOS text to the stop strings: "w1" would match w12, w1234..
-        until = stop_words(model, gen_tok, prompts, max_gen)
+        until = stop_words(model, gen_tok, prompts, max_gen) if args.gen_stops else []
         reqs = [Instance("generate_until", {}, (p, {"until": until, "max_gen_toks": max_gen, "do_sample": False}), i)
                 for i, p in enumerate(prompts)]
         fast, hf = pair(tokenizer=gen_tok)
