@@ -10,9 +10,11 @@ Cases (text over a word-level tokenizer whose words are token ids, "w17 w4 ...")
   (b) 5-shot multiple choice: documents in groups, each group under its own 5-example preamble (~500 tokens,
       MMLU-style per-subject dev examples), then the document (~100 tokens) and 4 choices.
   (c) generate_until, short answers, GSM8K-style: one fixed 5-shot preamble (~600 tokens) shared by every
-      document (lm-eval's gsm8k uses first_n shots), a 40..100-token question, max_gen_toks=32, and stop strings
-      taken from the model's own greedy output (rows stop at different points, as real short answers do);
-      identical text is checked. --gen-groups/--gen-docs/--gen-shots/--gen-shot-len/--gen-question/
+      document (as lm-eval's gsm8k-cot: 8 fixed first_n shots; plain gsm8k draws 5 random shots per document,
+      which share no preamble), a 40..100-token question, max_gen_toks=32, and two stop strings ("wN ") taken
+      from the model's own greedy output (rows stop at different points, as real short answers do; the EOS text
+      is "</s>", which no word contains); identical text is checked. --no-gen-stops: every answer runs to
+      max_gen_toks (decoding-bound worst case). --gen-groups/--gen-docs/--gen-shots/--gen-shot-len/--gen-question/
       --max-gen-toks vary the shape; round one's shape was
       --gen-groups 2 --gen-docs 4 --gen-shots 3 --gen-shot-len 100 --gen-question 40-60 --max-gen-toks 16.
   (d) loglikelihood_rolling: documents of 50..1500 tokens, max_length 1024 (several windows for long ones).
