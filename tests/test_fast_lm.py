@@ -390,6 +390,42 @@ def test_generation_decodes_rows_of_different_preambles_together_like_hflm(setup
     assert any(set(b) - set(a) for a, b in zip(steps, steps[1:])), "no row joined a running batch"
 
 
+def test_decode_steps_give_plain_forward_logits(setup, monkeypatch):
+    """Every row of every continuously batched decode step (rows of two preambles and none side by side, each at
+    its own position) gets the logits of a plain transformers forward over its whole sequence."""
+    from ckpteval.evaluation import generate
+
+    model, tok, _ = setup
+    lm = FastLM(model, tok, batch_size=4)
+    free = lm.generate_until(_gen(_preamble_prompts(), {"until": [], "max_gen_toks": 8}))
+    reqs = _gen(_preamble_prompts(), {"until": [_stop_string(free)], "max_gen_toks": 8})  # rows end at different steps
+    prompts = generate.prepare_group(lm, reqs, list(range(len(reqs))))[0]
+    seen, step = [], generate._SlotCache.step
+    forward = lm.forward
+
+    def spy(self, lm_, rows):
+        seqs = [prompts[r.idx] + tuple(r.gen) for r in rows]  # the last generated token is the one fed
+        monkeypatch.setattr(lm, "forward", lambda *a, **k: seen.append((seqs, forward(*a, **k))) or seen[-1][1])
+        try:
+            return step(self, lm_, rows)
+        finally:
+            monkeypatch.setattr(lm, "forward", forward)
+
+    monkeypatch.setattr(generate._SlotCache, "step", spy)
+    lm.generate_until(reqs)
+    assert len(seen) >= 4 and max(len(seqs) for seqs, _ in seen) == 4
+    moved = 0  # rows found in a different slot (position in the step) than in the step before
+    for (before, _), (after, _) in zip(seen, seen[1:]):
+        slot = {seq: j for j, seq in enumerate(before)}
+        moved += sum(slot.get(seq[:-1], j) != j for j, seq in enumerate(after))
+    assert moved, "no running row moved to a freed slot"
+    for seqs, logits in seen:
+        for seq, got in zip(seqs, logits, strict=True):
+            with torch.no_grad():
+                want = model(torch.tensor([seq])).logits[0, -1]
+            assert torch.allclose(got, want, atol=1e-4), (len(seq), (got - want).abs().max())
+
+
 def test_settled_cut_never_changes_with_more_text():
     """A row stops once `settled`: lm-eval's own cut (postprocess_generated_text, stop strings split in turn) of
     any longer text must equal the cut of the text so far; overlapping stop strings included."""
