@@ -12,6 +12,7 @@ max_gen_toks cuts; the prefix cache cap (evictions, same numbers); and under `to
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import socket
@@ -387,7 +388,7 @@ def test_generation_decodes_rows_of_different_preambles_together_like_hflm(setup
     assert len(lm.prefix_store.entries) == 2, "the two preambles were not shared"
     assert max(len(s) for s in steps) == 4
     assert any({i % 2 for i in s if i < 10} == {0, 1} for s in steps), "no batch held rows of both preambles"
-    assert any(set(b) - set(a) for a, b in zip(steps, steps[1:])), "no row joined a running batch"
+    assert any(set(b) - set(a) for a, b in itertools.pairwise(steps)), "no row joined a running batch"
 
 
 def test_decode_steps_give_plain_forward_logits(setup, monkeypatch):
@@ -415,7 +416,7 @@ def test_decode_steps_give_plain_forward_logits(setup, monkeypatch):
     lm.generate_until(reqs)
     assert len(seen) >= 4 and max(len(seqs) for seqs, _ in seen) == 4
     moved = 0  # rows found in a different slot (position in the step) than in the step before
-    for (before, _), (after, _) in zip(seen, seen[1:]):
+    for (before, _), (after, _) in itertools.pairwise(seen):
         slot = {seq: j for j, seq in enumerate(before)}
         moved += sum(slot.get(seq[:-1], j) != j for j, seq in enumerate(after))
     assert moved, "no running row moved to a freed slot"
@@ -429,7 +430,6 @@ def test_decode_steps_give_plain_forward_logits(setup, monkeypatch):
 def test_settled_cut_never_changes_with_more_text():
     """A row stops once `settled`: lm-eval's own cut (postprocess_generated_text, stop strings split in turn) of
     any longer text must equal the cut of the text so far; overlapping stop strings included."""
-    import itertools
 
     from lm_eval.models.utils import postprocess_generated_text
 

@@ -34,9 +34,13 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+from lm_eval.models.utils import (
+    handle_stop_sequences,
+    has_bos_prefix,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+)
 from transformers.cache_utils import DynamicLayer
-from lm_eval.models.utils import handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs, \
-    postprocess_generated_text
 
 from ckpteval.errors import CkptEvalError
 
