@@ -9,9 +9,14 @@ Cases (text over a word-level tokenizer whose words are token ids, "w17 w4 ...")
   (a) 0-shot multiple choice: ~100-token context, 4 choices of 4..20 tokens.
   (b) 5-shot multiple choice: documents in groups, each group under its own 5-example preamble (~500 tokens,
       MMLU-style per-subject dev examples), then the document (~100 tokens) and 4 choices.
-  (c) generate_until, short answers: a 3-shot preamble (~300 tokens) per group, a ~50-token question,
-      max_gen_toks=16 and stop strings taken from the model's own greedy output (rows stop at different points,
-      as real short answers do); identical text is checked.
+  (c) generate_until, short answers, GSM8K-style: one fixed 5-shot preamble (~600 tokens) shared by every
+      document (as lm-eval's gsm8k-cot: 8 fixed first_n shots; plain gsm8k draws 5 random shots per document,
+      which share no preamble), a 40..100-token question, max_gen_toks=32, and two stop strings ("wN ") taken
+      from the model's own greedy output (rows stop at different points, as real short answers do; the EOS text
+      is "</s>", which no word contains); identical text is checked. --no-gen-stops: every answer runs to
+      max_gen_toks (decoding-bound worst case). --gen-groups/--gen-docs/--gen-shots/--gen-shot-len/--gen-question/
+      --max-gen-toks vary the shape; round one's shape was
+      --gen-groups 2 --gen-docs 4 --gen-shots 3 --gen-shot-len 100 --gen-question 40-60 --max-gen-toks 16.
   (d) loglikelihood_rolling, max_length 1024: --rolling uniform (default): 2 x docs documents of 50..1536 tokens
       (at most two windows); --rolling wiki: docs wikitext-like articles, log-normal around 2.5 windows. Both
       backends run the same real tokens; the printed padded-token ratio bounds the speed-up.
@@ -65,12 +70,16 @@ def fewshot_requests(rng, vocab: int, groups: int, docs: int, shots: int, shot_l
     return out
 
 
-def gen_prompts(rng, vocab: int, groups: int, docs: int) -> list[str]:
-    out = []
+def gen_prompts(rng, vocab: int, groups: int, docs: int, shots: int, shot_len: int, question: tuple[int, int]
+                ) -> tuple[list[str], int]:
+    """`groups` few-shot preambles (`shots` examples of ~shot_len words), `docs` questions under each; and the
+    total preamble tokens."""
+    out, pre_tokens = [], 0
     for _ in range(groups):
-        preamble = " ".join(_words(rng, vocab, 100) for _ in range(3))
-        out += [preamble + " " + _words(rng, vocab, rng.randint(40, 60)) for _ in range(docs)]
-    return out
+        preamble = " ".join(_words(rng, vocab, rng.randint(shot_len - 10, shot_len + 10)) for _ in range(shots))
+        pre_tokens += len(preamble.split())
+        out += [preamble + " " + _words(rng, vocab, rng.randint(*question)) for _ in range(docs)]
+    return out, pre_tokens
 
 
 def rolling_requests(rng, vocab: int, docs: int, lengths: list[int]) -> list:
@@ -104,19 +113,32 @@ def padded_window_tokens(lm, reqs, batch: int) -> dict:
     return {"real": sum(lens), "windows": len(lens), "hf": padded(lens), "fast": padded(sorted(lens, reverse=True))}
 
 
+def gen_tokenizer(vocab: int):
+    """`word_tokenizer` with ids 0 and 1 (pad/unk, BOS/EOS) named "<unk>" and "</s>": no word contains them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<unk>": 0, "</s>": 1} | {f"w{i}": i for i in range(2, vocab)}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<unk>",
+                                   unk_token="<unk>")
+
+
 def stop_words(model, tok, prompts: list[str], max_gen: int) -> list[str]:
-    """Two words the model's greedy continuations contain early, as stop strings (" wN "), found with a plain
-    transformers greedy loop before anything is timed."""
+    """Two words the model's greedy continuations of (up to 8 of) the prompts contain early, as stop strings
+    ("wN "), found with a plain transformers greedy loop before anything is timed."""
     counts: dict[str, int] = {}
-    for p in prompts:
-        ids = torch.tensor([tok.encode(p)])
-        with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=max_gen, do_sample=False, pad_token_id=0)
-        words = tok.decode(out[0, ids.shape[1]:]).split()
-        for w in set(words[1:max_gen // 2]):
+    tok.padding_side = "left"
+    batch = tok(prompts[:8], return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        out = model.generate(**batch, max_new_tokens=max_gen, do_sample=False, pad_token_id=0)
+    tok.padding_side = "right"
+    for row in out[:, batch["input_ids"].shape[1]:]:
+        for w in set(tok.decode(row).split()[1:max_gen // 2]):
             counts[w] = counts.get(w, 0) + 1
     best = sorted(counts, key=lambda w: -counts[w])[:2]
-    return [f" {w} " for w in best]
+    return [f"{w} " for w in best]  # "w17 " is word 17 and nothing else ("w1" would also match w12, w1234 ...)
 
 
 def timed(backends: dict, repeats: int, device: str) -> dict:
@@ -166,7 +188,7 @@ def run_case(name: str, fast, hf, method: str, reqs: list, tokens: dict, args, p
           f"peak MB fast {m_fast / 2**20:7.1f} HFLM {m_hf / 2**20:7.1f}  max|dLL| {diff:.1e}  {check}")
     print(f"    %matmul peak (2*params*tokens run): fast {100 * frac['fast']:.1f}% HFLM {100 * frac['hf']:.1f}%; "
           f"tokens run fast {tokens['fast']} HFLM {tokens['hf']}; seconds fast {_fmt(t_fast)} HFLM {_fmt(t_hf)}")
-    return {"ratio": rps_fast / rps_hf}
+    return {"ratio": rps_fast / rps_hf, "out": r_hf}
 
 
 def _fmt(times: list[float]) -> str:
@@ -179,9 +201,17 @@ def main() -> None:
     ap.add_argument("--cases", default="a,b,c,d")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--docs", type=int, default=4, help="documents per group; (a) and (d) use twice as many")
-    ap.add_argument("--groups", type=int, default=2, help="(b), (c): groups of documents, each its own preamble")
+    ap.add_argument("--groups", type=int, default=2, help="(b): groups of documents, each its own preamble")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--rolling", choices=["uniform", "wiki"], default="uniform", help="(d) document lengths")
+    ap.add_argument("--gen-groups", type=int, default=1, help="(c): few-shot preambles (1: GSM8K's fixed shots)")
+    ap.add_argument("--gen-docs", type=int, default=16, help="(c): documents (prompts) per preamble")
+    ap.add_argument("--gen-shots", type=int, default=5, help="(c): examples per preamble")
+    ap.add_argument("--gen-shot-len", type=int, default=120, help="(c): ~tokens per example")
+    ap.add_argument("--gen-question", default="40-100", help="(c): question tokens, min-max")
+    ap.add_argument("--max-gen-toks", type=int, default=32, help="(c): max_gen_toks")
+    ap.add_argument("--no-gen-stops", dest="gen_stops", action="store_false",
+                    help="(c): no stop strings: every answer runs to max_gen_toks (decode-bound worst case)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
@@ -202,9 +232,9 @@ def main() -> None:
     print(f"model={size} ({params / 1e6:.0f}M params) float32 batch={args.batch} device={args.device} "
           f"threads={torch.get_num_threads()} matmul peak {peak / 1e9:.1f} GFLOP/s")
 
-    def pair(max_length=None):
-        return (FastLM(model, tok, batch_size=args.batch, max_length=max_length),
-                HFLM(pretrained=model, tokenizer=tok, batch_size=args.batch, max_length=max_length))
+    def pair(max_length=None, tokenizer=tok):
+        return (FastLM(model, tokenizer, batch_size=args.batch, max_length=max_length),
+                HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch, max_length=max_length))
 
     def ll_tokens(reqs, lm, shared_prefix_tokens=0):
         """(fast, hf) tokens run: HFLM every context+continuation; FastLM contexts once per distinct context,
@@ -228,17 +258,26 @@ def main() -> None:
         run_case("b", fast, hf, "loglikelihood", reqs, ll_tokens(reqs, fast, groups * (docs - 1) * pre), args, params,
                  peak)
     if "c" in cases:
-        prompts = gen_prompts(rng, vocab, args.groups, docs)
-        max_gen = 16
-        until = stop_words(model, tok, prompts, max_gen)
+        question = tuple(int(x) for x in args.gen_question.split("-"))
+        prompts, pre_tokens = gen_prompts(rng, vocab, args.gen_groups, args.gen_docs, args.gen_shots,
+                                          30 if args.small else args.gen_shot_len, question)
+        max_gen = args.max_gen_toks
+        gen_tok = gen_tokenizer(vocab)  # HFLM adds the EOS text to the stop strings: "w1" would match w12, w1234..
+        until = stop_words(model, gen_tok, prompts, max_gen) if args.gen_stops else []
         reqs = [Instance("generate_until", {}, (p, {"until": until, "max_gen_toks": max_gen, "do_sample": False}), i)
                 for i, p in enumerate(prompts)]
-        fast, hf = pair()
+        fast, hf = pair(tokenizer=gen_tok)
         n_prompt = sum(len(p.split()) for p in prompts)
-        run_case("c", fast, hf, "generate_until", reqs,
-                 {"fast": n_prompt - 300 * (len(prompts) - args.groups), "hf": n_prompt + max_gen * len(prompts)},
-                 args, params, peak)
-        print(f"    stop strings {until}")
+        print(f"(c) shape: {args.gen_groups} preamble(s) x {args.gen_docs} docs, {args.gen_shots} shots of "
+              f"~{30 if args.small else args.gen_shot_len} tokens (preambles {pre_tokens} tokens in all), questions of {args.gen_question} "
+              f"tokens, max_gen_toks {max_gen}, stop strings {until}")
+        texts = run_case("c", fast, hf, "generate_until", reqs,
+                         {"fast": pre_tokens + n_prompt - pre_tokens * args.gen_docs + max_gen * len(prompts),
+                          "hf": n_prompt + max_gen * len(prompts)}, args, params, peak)["out"]
+        words = sorted(len(t.split()) for t in texts)
+        print(f"    answers (words): min {words[0]} median {words[len(words) // 2]} max {words[-1]}; "
+              f"{sum(w < max_gen for w in words)}/{len(words)} cut before max_gen_toks; tokens run counted with "
+              f"every answer at max_gen_toks (an upper bound)")
     if "d" in cases:
         max_length = 256 if args.small else 1024
         n_docs = 2 * docs if args.rolling == "uniform" else docs

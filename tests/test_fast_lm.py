@@ -12,6 +12,7 @@ max_gen_toks cuts; the prefix cache cap (evictions, same numbers); and under `to
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import socket
@@ -404,6 +405,128 @@ def test_generate_until_matches_hflm(setup):
     assert lm.prefix_store.hits >= 1, "the shared preamble was not reused"
 
 
+def _preamble_prompts() -> list[str]:
+    """Documents under two few-shot preambles of different lengths, interleaved, and two with no preamble."""
+    pre = {0: "Answer briefly.\n\n" + "".join(f"Q: {TEXT[i]}\nA: yes\n\n" for i in range(3)),
+           1: "Continue the text.\n\n" + " ".join(factories.TEXT[6:10]) + "\n\n"}
+    return [pre[d % 2] + f"Q{d}: " + TEXT[d % 6][:12 + 5 * d] for d in range(10)] + [TEXT[1], TEXT[4] + " and"]
+
+
+def _stop_string(texts: list[str]) -> str:
+    """A 2-character piece that several (not all) rows produce, at different points."""
+    for text in texts:
+        for k in range(len(text) - 1):
+            piece = text[k:k + 2]
+            having = [t.find(piece) for t in texts if piece in t]
+            if piece.isprintable() and piece.strip() and 2 <= len(having) < len(texts) and len(set(having)) > 1:
+                return piece
+    raise AssertionError(f"no usable stop string in {texts}")
+
+
+def test_generation_decodes_rows_of_different_preambles_together_like_hflm(setup, monkeypatch):
+    from ckpteval.evaluation import generate
+
+    model, tok, _ = setup
+    prompts = _preamble_prompts()
+    ref_lm = _hflm(model, tok, batch_size=4)
+    free = ref_lm.generate_until(_gen(prompts, {"until": [], "max_gen_toks": 12}))
+    hit = _stop_string(free)
+    steps = []  # request indices of the rows in each decode step
+    step = generate._SlotCache.step
+    monkeypatch.setattr(generate._SlotCache, "step", lambda self, lm, rows: steps.append([r.idx for r in rows])
+                        or step(self, lm, rows))
+    lm = FastLM(model, tok, batch_size=4)
+    cases = [{"until": [], "max_gen_toks": 12},  # every row runs to max_gen_toks
+             {"until": [hit, "zzqq"], "max_gen_toks": 12},  # hit at different steps in some rows, not in others
+             {"until": ["zzqq"], "max_gen_toks": 1}]  # one token: rows end at their prefill
+    for kwargs in cases:
+        want = ref_lm.generate_until(_gen(prompts, kwargs))
+        assert lm.generate_until(_gen(prompts, kwargs)) == want, kwargs
+    cut = ref_lm.generate_until(_gen(prompts, cases[1]))
+    assert len({len(c) for c, f in zip(cut, free) if c != f}) > 1, "stop string hit at one point only"
+    assert any(c == f for c, f in zip(cut, free)), "every row hit the stop string"
+    assert len(lm.prefix_store.entries) == 2, "the two preambles were not shared"
+    assert max(len(s) for s in steps) == 4
+    assert any({i % 2 for i in s if i < 10} == {0, 1} for s in steps), "no batch held rows of both preambles"
+    assert any(set(b) - set(a) for a, b in itertools.pairwise(steps)), "no row joined a running batch"
+
+
+def test_decode_steps_give_plain_forward_logits(setup, monkeypatch):
+    """Every row of every continuously batched decode step (rows of two preambles and none side by side, each at
+    its own position) gets the logits of a plain transformers forward over its whole sequence."""
+    from ckpteval.evaluation import generate
+
+    model, tok, _ = setup
+    lm = FastLM(model, tok, batch_size=4)
+    free = lm.generate_until(_gen(_preamble_prompts(), {"until": [], "max_gen_toks": 8}))
+    reqs = _gen(_preamble_prompts(), {"until": [_stop_string(free)], "max_gen_toks": 8})  # rows end at different steps
+    prompts = generate.prepare_group(lm, reqs, list(range(len(reqs))))[0]
+    seen, step = [], generate._SlotCache.step
+    forward = lm.forward
+
+    def spy(self, lm_, rows):
+        seqs = [prompts[r.idx] + tuple(r.gen) for r in rows]  # the last generated token is the one fed
+        monkeypatch.setattr(lm, "forward", lambda *a, **k: seen.append((seqs, forward(*a, **k))) or seen[-1][1])
+        try:
+            return step(self, lm_, rows)
+        finally:
+            monkeypatch.setattr(lm, "forward", forward)
+
+    monkeypatch.setattr(generate._SlotCache, "step", spy)
+    lm.generate_until(reqs)
+    assert len(seen) >= 4 and max(len(seqs) for seqs, _ in seen) == 4
+    moved = 0  # rows found in a different slot (position in the step) than in the step before
+    for (before, _), (after, _) in itertools.pairwise(seen):
+        slot = {seq: j for j, seq in enumerate(before)}
+        moved += sum(slot.get(seq[:-1], j) != j for j, seq in enumerate(after))
+    assert moved, "no running row moved to a freed slot"
+    for seqs, logits in seen:
+        for seq, got in zip(seqs, logits, strict=True):
+            with torch.no_grad():
+                want = model(torch.tensor([seq])).logits[0, -1]
+            assert torch.allclose(got, want, atol=1e-4), (len(seq), (got - want).abs().max())
+
+
+def test_settled_cut_never_changes_with_more_text():
+    """A row stops once `settled`: lm-eval's own cut (postprocess_generated_text, stop strings split in turn) of
+    any longer text must equal the cut of the text so far; overlapping stop strings included."""
+
+    from lm_eval.models.utils import postprocess_generated_text
+
+    from ckpteval.evaluation.generate import settled
+
+    def cut(text, until):
+        return postprocess_generated_text(text, until, None)
+
+    until = [" a ", " b ", "ab"]
+    assert cut("x b ", until) == "x" and cut("x b a ", until) == "x b"  # " a " starts inside " b ": it wins
+    assert not settled("x b ", until) and settled("x b a b", until)  # the earliest hit alone settles nothing
+    stopped = 0
+    for full in map("".join, itertools.product("ab ", repeat=8)):
+        for k in range(len(full) + 1):
+            if settled(full[:k], until):
+                assert cut(full[:k], until) == cut(full, until), (full, k)
+                stopped += k < len(full)
+                break
+    assert stopped > 1000
+
+
+def test_generation_stops_at_eos_like_hflm(setup):
+    model, tok, _ = setup
+    prompts = _preamble_prompts()
+    ids = torch.tensor([tok.encode(prompts[0])])
+    with torch.no_grad():
+        greedy = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)[0]
+    eos_model = factories.make_model()  # the same weights; an ordinary token the model produces is its EOS
+    eos_model.generation_config.eos_token_id = int(greedy[ids.shape[1] + 3])
+    kwargs = {"until": ["zzqq"], "max_gen_toks": 12}
+    want = _hflm(eos_model, tok, batch_size=4).generate_until(_gen(prompts, kwargs))
+    free = _hflm(model, tok, batch_size=4).generate_until(_gen(prompts, kwargs))
+    assert FastLM(eos_model, tok, batch_size=4).generate_until(_gen(prompts, kwargs)) == want
+    assert any(len(w) < len(f) for w, f in zip(want, free)), "no row ended at EOS"
+    assert any(w == f for w, f in zip(want, free)), "every row ended at EOS"
+
+
 def test_sampling_goes_to_hflm(setup, monkeypatch, caplog):
     model, tok, _ = setup
     lm = FastLM(model, tok)
@@ -425,6 +548,11 @@ def test_generation_room_error(setup):
 
 
 # ------------------------------------------------------------------------------------------ data parallel
+def _dp_generation() -> list:
+    """Short prompts and prompts under two preambles (rows of both decode in one batch), stop string hit."""
+    return _gen(TEXT[:3] + _preamble_prompts(), {"until": ["\n", "e"], "max_gen_toks": 6})
+
+
 def _driver(spec_path: str) -> None:
     """Under torchrun: FastLM sharded over 2 ranks; each rank writes what it got back."""
     spec = json.loads(Path(spec_path).read_text())
@@ -436,7 +564,7 @@ def _driver(spec_path: str) -> None:
     reqs = _requests(model, tok)
     rows, score_batch = [], lm._score_batch
     lm._score_batch = lambda batch, *a: rows.append(len(batch)) or score_batch(batch, *a)  # this rank's share
-    gen = _instances([(t, {"until": ["\n"], "max_gen_toks": 4}) for t in TEXT[:3]], "generate_until")
+    gen = _dp_generation()
     out = {"ll": lm.loglikelihood(_instances(reqs))}
     out["rows"] = sum(rows)
     out |= {"gen": lm.generate_until(gen), "evaluate": evaluate(lm, Path(spec["tasks"])),
@@ -469,12 +597,13 @@ def test_data_parallel_matches_single_process(setup, task_dir, tiny_tokenizer_di
     groups = len(single._group(single._tokenized(_instances(reqs))))
     assert ranks[0]["rows"] > 0 and ranks[1]["rows"] > 0 and ranks[0]["rows"] + ranks[1]["rows"] == groups
     ll = single.loglikelihood(_instances(reqs))
-    gen = _instances([(t, {"until": ["\n"], "max_gen_toks": 4}) for t in TEXT[:3]], "generate_until")
+    gen = _dp_generation()
     for r in ranks:  # every rank holds every result, in request order
         assert len(r["ll"]) == len(reqs)
         for (want, want_greedy), (got, got_greedy) in zip(ll, r["ll"], strict=True):
             assert abs(got - want) <= 1e-5 and got_greedy == want_greedy
         assert r["gen"] == single.generate_until(gen)
+    assert ranks[0]["gen"] == _hflm(model, tok, batch_size=2).generate_until(gen)
     # simple_evaluate returns results where LOCAL_RANK == 0 only, identical to one process
     assert ranks[1]["evaluate"] is None
     _assert_same_metrics(ranks[0]["evaluate"], evaluate(single, task_dir))

@@ -299,12 +299,10 @@ class FastLM(TemplateLM):
                 continue
             prompts, until, max_gen = prepared
             units = self._plan([prompts[i] for i in idxs], idxs, lambda i: len(prompts[i]))
-            stop_ids = gen.eos_ids(self.model)
-            for unit in _shard(units, self.dp_rank, self.dp_size):
-                rows = [prompts[i][len(unit.shared):] for i in unit.items]
-                texts = gen.greedy_batch(self, unit.shared, rows, max_gen, until, stop_ids)
-                local += list(zip(unit.items, texts))
-                pbar.update(len(unit.items) * self.dp_size)
+            jobs = [(i, u.shared, prompts[i][len(u.shared):]) for u in _shard(units, self.dp_rank, self.dp_size)
+                    for i in u.items]  # this rank's prompts, a shared prefix's prompts adjacent, longest first
+            local += gen.greedy_generate(self, jobs, max_gen, until, gen.eos_ids(self.model),
+                                         progress=lambda: pbar.update(self.dp_size))
         pbar.close()
         if delegated:
             mine = delegated[self.dp_rank::self.dp_size]

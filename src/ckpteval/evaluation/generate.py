@@ -7,22 +7,40 @@ starts with the BOS string), keeps the last `max_length - max_gen_toks` tokens, 
 row's tokens are decoded (special tokens skipped) and cut before the first stop string (the EOS text is one).
 A row ends earlier only on the generation config's EOS token.
 
-Here each row stops on its own: at EOS, at `max_gen_toks`, or once its decoded text holds a stop string with
-enough text after that hit that no other stop string can begin before it. The cut text is the same as HFLM's,
-because greedy tokens of a row do not depend on the rows beside it. Prompts that share a few-shot prefix run it
-once (`prefix_cache`); rows are right-padded, with a 4-D mask and explicit positions, and finished rows leave
-the batch. Sampling (do_sample / temperature > 0), beam search and logits processors from the request or the
-model's generation config go to HFLM instead, with a log line.
+Here each row stops on its own: at EOS, at `max_gen_toks`, or once HFLM's cut of its decoded text can no longer
+change (`settled`). The cut text is the same as HFLM's, because greedy tokens of a row do not depend on the rows
+beside it. One case is left: HFLM's cut depends on its batch when the batch stops early (every row shows one
+stop string) and a row would later generate a stop string listed before that one, starting inside that hit
+(stop strings that overlap, e.g. " a " and " b " in "a b a"); this row then gets the cut of its longer text. Decoding is continuously batched over at
+most `batch_size` rows (HFLM's batch size)::
+
+    prefill   prompts of one shared prefix, right-padded, on top of that prefix's cached KV (`prefix_cache`)
+    slots     each row's KV copied into a preallocated slot, columns 0..len-1; rows of any prefix side by side
+    step      every row feeds its last token at its own position, written in place at its own column;
+              a per-row mask hides the columns past its length
+    retire    a finished row leaves, the last row moves into its slot; when half the slots are free, waiting
+              prompts are prefilled into them
+
+so decode steps run full batches whatever the prefix and wherever rows stop, and no step copies the cache.
+Sampling (do_sample / temperature > 0), beam search and logits processors from the request or the model's
+generation config go to HFLM instead, with a log line.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
+from dataclasses import dataclass, field
 
 import torch
-from lm_eval.models.utils import handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs, \
-    postprocess_generated_text
+from lm_eval.models.utils import (
+    handle_stop_sequences,
+    has_bos_prefix,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+)
+from transformers.cache_utils import DynamicLayer
 
 from ckpteval.errors import CkptEvalError
 
@@ -103,69 +121,181 @@ def eos_ids(model) -> set[int]:
     return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
 
 
-def _finished(text: str, until: list[str]) -> bool:
-    """A stop string is in `text` and nothing after the earliest hit can still move the cut earlier."""
-    hits = [text.find(s) for s in until if s]
-    hits = [h for h in hits if h >= 0]
-    if not hits:
-        return False
-    return len(text) - min(hits) >= max(len(s) for s in until)
+def settled(text: str, until: list[str]) -> bool:
+    """Whether HFLM's cut of `text` can no longer change as text is appended.
+
+    `postprocess_generated_text` splits at each stop string in turn (not at the earliest hit of any), so a hit of
+    a later string is lost when an earlier string's first hit starts inside it, and that hit may still be
+    generated. Walk the strings in HFLM's order keeping how much of each stage's text is certain: a string found
+    there fixes the stage's text exactly; one not found, while the text is still open, leaves certain only what
+    no later hit of it can reach. The last character stays uncertain (a tokenizer may rewrite it: an incomplete
+    UTF-8 sequence, a cleaned-up space)."""
+    known, exact = max(0, len(text.rstrip("\ufffd")) - 1), False
+    for term in until:
+        if not term:
+            continue
+        hit = text.find(term, 0, known)
+        if hit >= 0:
+            known, exact = hit, True
+        elif not exact:
+            known = max(0, known - len(term) + 1)
+    return exact
 
 
-def greedy_batch(lm, shared: tuple[int, ...], rows: list[tuple[int, ...]], max_gen: int, until: list[str],
-                 stop_ids: set[int]) -> list[str]:
-    """Greedy continuations of `rows` (each after the common `shared` prefix), cut like HFLM's."""
+@dataclass
+class _Row:
+    """One prompt being decoded: its KV sits in slot `position in the active list` of the slot cache."""
+
+    idx: int  # request index
+    length: int  # tokens in its KV cache = the position (and cache column) of the next token fed
+    gen: list[int] = field(default_factory=list)  # generated tokens, the last one not yet fed
+
+
+class _SlotLayer(DynamicLayer):
+    """One layer's keys/values for up to `rows` sequences in preallocated [rows, cap, H, D] buffers.
+
+    Row r holds its tokens in columns 0..len_r-1 (prompt, then generated tokens). A decode step writes each
+    row's new key/value at its own column (`cols`, its position; one index_copy_ into the flattened
+    rows x cap dim) and attention reads the first `width` columns of the first `n` rows as a [n, H, width, D]
+    view: nothing is copied per step (DynamicLayer re-concatenates the whole cache every step)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, state: dict) -> None:
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.buf_k, self.buf_v, self.state = keys, values, state
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        n, flat, width = self.state["n"], self.state["flat"], self.state["width"]
+        for buf, new in ((self.buf_k, key_states), (self.buf_v, value_states)):
+            buf.view(-1, *buf.shape[2:]).index_copy_(0, flat, new[:, :, 0])
+        self.keys = self.buf_k[:n, :width].transpose(1, 2)
+        self.values = self.buf_v[:n, :width].transpose(1, 2)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return int(self.state["width"]) - 1
+
+
+class _SlotCache:
+    """Per-layer slot buffers for the decode batch; rows are kept compact in slots 0..n-1."""
+
+    def __init__(self, like: list[tuple[torch.Tensor, torch.Tensor]], rows: int, cap: int) -> None:
+        from transformers import DynamicCache
+
+        self.cap = cap
+        self.state: dict = {"n": 0, "flat": None, "width": 0}
+        self.layers = []
+        for k, _ in like:
+            shape = (rows, cap, k.shape[1], k.shape[3])
+            self.layers.append(_SlotLayer(k.new_zeros(shape), k.new_zeros(shape), self.state))
+        self.cache = DynamicCache()
+        self.cache.layers = self.layers
+
+    def put(self, slot: int, kv: list[tuple[torch.Tensor, torch.Tensor]], row: int, length: int) -> None:
+        """Copy row `row`'s first `length` positions of a prefill cache ([rows, H, T, D] per layer) into `slot`."""
+        for layer, (k, v) in zip(self.layers, kv):
+            layer.buf_k[slot, :length] = k[row, :, :length].transpose(0, 1)
+            layer.buf_v[slot, :length] = v[row, :, :length].transpose(0, 1)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        for layer in self.layers:
+            layer.buf_k[dst, :length] = layer.buf_k[src, :length]
+            layer.buf_v[dst, :length] = layer.buf_v[src, :length]
+
+    def step(self, lm, rows: list[_Row]) -> list[int]:
+        """Feed every row's last generated token at its own position; the next greedy token per row."""
+        cols = torch.tensor([r.length for r in rows], device=lm.device)
+        width = int(max(r.length for r in rows)) + 1
+        flat = torch.arange(len(rows), device=lm.device) * self.cap + cols
+        self.state.update(n=len(rows), flat=flat, width=width)
+        mask = torch.arange(width, device=lm.device)[None, :] <= cols[:, None]
+        nxt = torch.tensor([[r.gen[-1]] for r in rows])
+        logits = lm.forward(nxt, cols[:, None], mask[:, None, None, :], torch.ones(len(rows), 1, dtype=torch.bool),
+                            self.cache)
+        return logits.argmax(-1).tolist()
+
+
+def prefill(lm, shared: tuple[int, ...], rows: list[tuple[int, ...]]):
+    """Run `rows` (each after the common `shared` prefix, whose KV comes from the prefix store): the first greedy
+    token of each row and the per-layer keys/values [rows, H, S + longest row, D] (right-padded)."""
+    from transformers import DynamicCache
+
     b, S = len(rows), len(shared)
     lens = torch.tensor([len(r) for r in rows])
     T = int(lens.max())
     ids = torch.zeros(b, T, dtype=torch.long)
     for k, r in enumerate(rows):
         ids[k, :len(r)] = torch.tensor(r)
-    valid = torch.arange(T)[None, :] < lens[:, None]
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    mask = causal[None] & valid[:, None, :]
     keep = torch.zeros(b, T, dtype=torch.bool)
     keep[torch.arange(b), lens - 1] = True
+    mask = None  # right padding: real tokens see only real tokens before them, the causal kernel is enough
     cache = lm.new_cache(shared, b)
     if cache is None:
-        from transformers import DynamicCache
-
         cache = DynamicCache()
-    mask = torch.cat([torch.ones(b, T, S, dtype=torch.bool), mask], dim=2)[:, None]
-    if not S:  # right padding: real tokens see only real tokens before them, the causal kernel is enough
-        mask = None
+    else:
+        valid = torch.arange(T)[None, :] < lens[:, None]
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        mask = torch.cat([torch.ones(b, T, S, dtype=torch.bool), causal[None] & valid[:, None, :]], dim=2)[:, None]
     logits = lm.forward(ids, torch.arange(S, S + T).expand(b, T), mask, keep, cache)
-    kv_valid = torch.cat([torch.ones(b, S, dtype=torch.bool), valid], dim=1)
-    nxt = logits.argmax(-1).cpu()
-    active = list(range(b))  # original row of each batch row still running
-    cur = lens + S  # position of the next token fed, per batch row
-    gen: list[list[int]] = [[] for _ in range(b)]
-    out: list[str | None] = [None] * b
-    for _ in range(max_gen):
-        still = []
-        for k, row in enumerate(active):
-            tok = int(nxt[k])
-            gen[row].append(tok)
-            text = lm.tokenizer.decode(gen[row], skip_special_tokens=True)
-            if tok in stop_ids or len(gen[row]) >= max_gen or _finished(text, until):
-                out[row] = text
-            else:
-                still.append(k)
-        if not still:
-            break
-        if len(still) < len(active):
-            sel = torch.tensor(still)
-            for layer in cache.layers:
-                dev_sel = sel.to(layer.keys.device)
-                layer.keys, layer.values = layer.keys[dev_sel], layer.values[dev_sel]
-            kv_valid, nxt, cur = kv_valid[sel], nxt[sel], cur[sel]
-            active = [active[k] for k in still]
-        kv_valid = torch.cat([kv_valid, torch.ones(len(active), 1, dtype=torch.bool)], dim=1)
-        logits = lm.forward(nxt[:, None], cur[:, None], kv_valid[:, None, None, :],
-                            torch.ones(len(active), 1, dtype=torch.bool), cache)
-        nxt = logits.argmax(-1).cpu()
-        cur = cur + 1
-    for row in range(b):
-        if out[row] is None:  # max_gen == 0
-            out[row] = lm.tokenizer.decode(gen[row], skip_special_tokens=True)
-    return [postprocess_generated_text(text, until, None) for text in out]
+    return logits.argmax(-1).tolist(), [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def greedy_generate(lm, jobs: list[tuple[int, tuple[int, ...], tuple[int, ...]]], max_gen: int, until: list[str],
+                    stop_ids: set[int], progress=None) -> list[tuple[int, str]]:
+    """(request index, text cut like HFLM's) for `jobs` = (request index, shared prefix, rest of the prompt).
+
+    Continuous batching over at most `lm.batch_size` rows: jobs are prefilled in their order, consecutive jobs
+    of one shared prefix together, on top of that prefix's cached KV; their caches move into one slot cache, and
+    rows of any prefix decode together, one token per row per step, each at its own position. A finished row
+    leaves at once; when half the slots are free (or none is busy), waiting jobs are prefilled into them."""
+    out: list[tuple[int, str]] = []
+    if max_gen <= 0:
+        return [(i, postprocess_generated_text("", until, None)) for i, _, _ in jobs]
+    waiting = collections.deque(jobs)
+    cap = max(len(s) + len(r) for _, s, r in jobs) + max_gen
+    active: list[_Row] = []
+    slots = None
+    refill_at = max(1, lm.batch_size // 2)
+    while waiting or active:
+        fresh: list[_Row] = []
+        while waiting and (lm.batch_size - len(active) >= refill_at or not active):
+            shared = waiting[0][1]
+            chunk = []
+            while waiting and waiting[0][1] == shared and len(active) + len(chunk) < lm.batch_size:
+                chunk.append(waiting.popleft())
+            first, kv = prefill(lm, shared, [r for _, _, r in chunk])
+            if slots is None:
+                slots = _SlotCache(kv, lm.batch_size, cap)
+            for j, ((i, s, r), tok) in enumerate(zip(chunk, first)):
+                slots.put(len(active), kv, j, len(s) + len(r))
+                row = _Row(i, len(s) + len(r), [tok])
+                active.append(row)
+                fresh.append(row)
+            del kv
+        if not fresh:
+            for row, tok in zip(active, slots.step(lm, active)):
+                row.length += 1
+                row.gen.append(tok)
+        done = len(out)
+        active = _retire(lm, slots, active, out, max_gen, until, stop_ids)
+        for _ in range(len(out) - done if progress else 0):
+            progress()
+    return out
+
+
+def _retire(lm, slots: _SlotCache, active: list[_Row], out: list, max_gen: int, until: list[str],
+            stop_ids: set[int]) -> list[_Row]:
+    """Move finished rows to `out` (text cut like HFLM's); the last busy slot fills each freed one."""
+    k = 0
+    while k < len(active):
+        row = active[k]
+        text = lm.tokenizer.decode(row.gen, skip_special_tokens=True)
+        if row.gen[-1] in stop_ids or len(row.gen) >= max_gen or settled(text, until):
+            out.append((row.idx, postprocess_generated_text(text, until, None)))
+            last = active.pop()
+            if last is not row:
+                slots.move(len(active), k, last.length)
+                active[k] = last
+            continue
+        k += 1
+    return active
