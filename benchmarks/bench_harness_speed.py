@@ -1,6 +1,7 @@
 """FastLM vs lm-eval's HFLM on four request shapes, same model, same requests, same batch size, one process.
 
     python benchmarks/bench_harness_speed.py                 # ~134M Llama (random weights), float32
+    python benchmarks/bench_harness_speed.py --dtype bfloat16 --device cuda   # a bf16 model on a GPU
     python benchmarks/bench_harness_speed.py --docs 3 --cases b   # one case, fewer documents (a loaded machine)
     python benchmarks/bench_harness_speed.py --small         # tiny Llama, a smoke run in seconds
     python benchmarks/bench_harness_speed.py --cases b,c     # some of: a b c d
@@ -23,7 +24,7 @@ Cases (text over a word-level tokenizer whose words are token ids, "w17 w4 ...")
 
 Per case: requests/s of both, the ratio, peak memory of each loop (CPU: RSS high-water mark above the start of
 the loop, /proc/self/clear_refs), max |dLL| (a, b, d), identical is_greedy / accuracy / generations, and the
-share of this machine's measured float32 matmul peak reached counting 2 * params * tokens each backend actually
+share of this machine's measured matmul peak (in the model's dtype) reached counting 2 * params * tokens each backend actually
 ran. Each backend runs `--repeats` times, alternating with the other, the fastest counts (other processes on a
 shared machine only slow a run down); all timings are printed.
 """
@@ -43,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _measure import matmul_peak, peak_since, reset_peak  # noqa: E402
+from _measure import DTYPES, matmul_peak, peak_since, reset_peak  # noqa: E402
 from bench_fast_lm import build, word_tokenizer  # noqa: E402
 
 
@@ -213,6 +214,8 @@ def main() -> None:
     ap.add_argument("--no-gen-stops", dest="gen_stops", action="store_false",
                     help="(c): no stop strings: every answer runs to max_gen_toks (decode-bound worst case)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                    help="the model's dtype (HFLM takes its log-softmax in it, FastLM in float32)")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
     from lm_eval.api.instance import Instance
@@ -221,15 +224,16 @@ def main() -> None:
     from ckpteval.evaluation.fast_lm import FastLM
 
     size = "tiny" if args.small else "small"
-    model = build(size, torch.float32, args.device)
+    dtype = DTYPES[args.dtype]
+    model = build(size, dtype, args.device)  # both backends compute in the model's dtype
     vocab = model.config.vocab_size
     tok = word_tokenizer(vocab)
     model.generation_config.eos_token_id = tok.eos_token_id
     params = sum(p.numel() for p in model.parameters())
-    peak = matmul_peak(torch.float32, args.device)
+    peak = matmul_peak(dtype, args.device)
     rng = random.Random(1)
     docs = max(1, args.docs)
-    print(f"model={size} ({params / 1e6:.0f}M params) float32 batch={args.batch} device={args.device} "
+    print(f"model={size} ({params / 1e6:.0f}M params) {args.dtype} batch={args.batch} device={args.device} "
           f"threads={torch.get_num_threads()} matmul peak {peak / 1e9:.1f} GFLOP/s")
 
     def pair(max_length=None, tokenizer=tok):
