@@ -483,7 +483,7 @@ def test_decode_steps_give_plain_forward_logits(setup, monkeypatch):
     for seqs, logits in seen:
         for seq, got in zip(seqs, logits, strict=True):
             with torch.no_grad():
-                want = model(torch.tensor([seq])).logits[0, -1]
+                want = model(torch.tensor([seq], device=model.device)).logits[0, -1]
             assert torch.allclose(got, want, atol=1e-4), (len(seq), (got - want).abs().max())
 
 
