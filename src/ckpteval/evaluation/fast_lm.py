@@ -147,7 +147,7 @@ class FastLM(TemplateLM):
             model.get_output_embeddings() is not None
         self._hflm = None
         self.prefix_store = PrefixStore(max_tokens=int(prefix_cache_tokens))
-        self.forward_seconds = 0.0  # time inside model forwards (what is not overhead)
+        self.forward_seconds = 0.0  # time in model forwards and vocabulary scoring (`_compute`: not overhead)
         if self._attn_impl not in _MASKABLE_ATTENTION:
             log.warning("FastLM: attention implementation %r takes no custom mask; loglikelihood requests go "
                         "through HFLM (exact, not faster)", self._attn_impl)
@@ -444,17 +444,13 @@ class FastLM(TemplateLM):
         token_lp = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
         hit = torch.empty(len(targets), dtype=torch.bool, device=hidden.device)
         chunk = auto_chunk(head, hidden.shape[-1])
-        autocast = (torch.autocast(device_type=hidden.device.type, dtype=self._autocast) if self._autocast
-                    else contextlib.nullcontext())
-        start = time.perf_counter()
-        with torch.inference_mode(), autocast:
+        with self._compute():
             for lo in range(0, hidden.shape[0], chunk):
                 logp = torch.log_softmax(head(hidden[lo:lo + chunk]).float(), dim=-1)  # HFLM: log_softmax, then
                 sel = ((flat >= lo) & (flat < lo + chunk)).nonzero().squeeze(1)  # gather and argmax of it
                 rows, tgt = flat[sel] - lo, targets[sel]
                 token_lp[sel] = logp[rows, tgt]
                 hit[sel] = logp.argmax(dim=-1)[rows] == tgt
-        self.forward_seconds += time.perf_counter() - start
         return token_lp, hit
 
     def _kept_hidden(self, ids, pos, mask, keep, cache) -> tuple[torch.Tensor, torch.nn.Module]:
@@ -490,10 +486,7 @@ class FastLM(TemplateLM):
                   "use_cache": cache is not None, "attention_mask": mask.to(dev) if mask is not None else None}
         if cache is not None:
             kwargs["past_key_values"] = cache
-        autocast = (torch.autocast(device_type=dev.type, dtype=self._autocast) if self._autocast
-                    else contextlib.nullcontext())
-        start = time.perf_counter()
-        with torch.inference_mode(), autocast:
+        with self._compute():
             if not project:
                 hidden = self.model.get_decoder()(**kwargs).last_hidden_state
                 logits = hidden[keep.to(dev)] if keep is not None else None
@@ -502,8 +495,20 @@ class FastLM(TemplateLM):
                 logits = logits.reshape(-1, logits.shape[-1])
             else:
                 logits = self.model(**kwargs).logits[keep.to(dev)]
-        self.forward_seconds += time.perf_counter() - start
         return logits
+
+    @contextlib.contextmanager
+    def _compute(self):
+        """Model compute (forwards, the vocabulary scoring): inference mode, autocast to the compute dtype for a
+        float32 model asked to run in bf16/fp16, and its time counted in `forward_seconds`."""
+        autocast = (torch.autocast(device_type=self._device.type, dtype=self._autocast) if self._autocast
+                    else contextlib.nullcontext())
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode(), autocast:
+                yield
+        finally:
+            self.forward_seconds += time.perf_counter() - start
 
     # ---- data parallel --------------------------------------------------------------------------------------
     def _gather_ordered(self, local: list[tuple[int, object]], n: int) -> list:
@@ -523,11 +528,11 @@ def _split_long(g: _Group) -> list[_Group]:
     Packing one saves running the prefix again but makes every token of the row attend through a 4-D mask over
     the whole packed row; for a short prefix (rolling windows and empty contexts share only the prefix token)
     that costs far more than it saves, and a lone continuation runs on the plain causal kernel."""
-    solo = [j for j, c in enumerate(g.conts) if len(c) - 1 > len(g.prefix)]
+    solo = {j for j, c in enumerate(g.conts) if len(c) - 1 > len(g.prefix)}
     if not solo or len(g.conts) == 1:
         return [g]
-    rest = [j for j in range(len(g.conts)) if j not in set(solo)]
-    parts = [_Group(g.prefix, [g.conts[j]], [g.members[j]]) for j in solo]
+    rest = [j for j in range(len(g.conts)) if j not in solo]
+    parts = [_Group(g.prefix, [g.conts[j]], [g.members[j]]) for j in sorted(solo)]
     if rest:
         parts.append(_Group(g.prefix, [g.conts[j] for j in rest], [g.members[j] for j in rest]))
     return parts
