@@ -21,7 +21,7 @@ checked against the stock run's. The scan logs to an sqlite MLflow store as a de
 beyond loading and model forwards, measured on the whole job cycle (from the end of the previous job to the end
 of this one: Hydra composing the job's config, the MLflow run, lm-eval's own work, results files, everything):
 cycle = load (tokenizer + model: `harness/runtime_s`'s load part) + forward (time inside `FastLM.forward`, the
-model's forward passes) + overhead (all the rest, the log-softmax of the logits included), first checkpoint and
+model's forward passes, and the vocabulary projection in `FastLM._token_scores`) + overhead (all the rest, the log-softmax of the logits included), first checkpoint and
 the mean of the others, and the largest overhead items (see TIMERS).
 """
 
@@ -107,6 +107,9 @@ TIMERS = [
     ("load", "ckpteval.modes.harness", "load_tokenizer"),
     ("load", "ckpteval.modes.harness", "load_model"),
     ("forward", "ckpteval.evaluation.fast_lm", "FastLM.forward"),
+    # the vocabulary projection of plain heads (model compute) runs in _token_scores; its log-softmax stays
+    # in its own bucket below and counts as overhead
+    ("forward", "ckpteval.evaluation.fast_lm", "FastLM._token_scores"),
     ("FastLM: outside forwards", "ckpteval.evaluation.fast_lm", "FastLM.loglikelihood"),
     ("FastLM: outside forwards", "ckpteval.evaluation.fast_lm", "FastLM.loglikelihood_rolling"),
     ("FastLM: outside forwards", "ckpteval.evaluation.fast_lm", "FastLM.generate_until"),
