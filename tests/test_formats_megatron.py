@@ -137,7 +137,7 @@ def test_megatron_without_args_uses_config_json_then_model_group(mg_run, tmp_pat
                               "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "extra": {}})
     loss, source = _our_loss(ckpt, tiny_token_shards, group)
     assert "model` group" in source and abs(loss - ref["loss"]) < 1e-5
-    from ckpteval.checkpoint.load import config_from_model_cfg
+    from ckpteval.checkpoint import config_from_model_cfg
 
     config_from_model_cfg(group).save_pretrained(tmp_path)  # config.json beside the dir wins over the group
     loss, source = _our_loss(ckpt, tiny_token_shards, None)

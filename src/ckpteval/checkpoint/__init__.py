@@ -1,18 +1,13 @@
 """Checkpoints: detect the format and completeness (cheap), load model weights, save atomically."""
 
-from ckpteval.checkpoint.detect import (
-                                        CheckpointInfo,
-                                        check_complete,
-                                        checkpoint_identity,
-                                        hf_weight_files,
-                                        inspect_checkpoint,
-                                        parse_step,
-                                        read_dcp_metadata,
-)
+from ckpteval.checkpoint.detect import check_complete, checkpoint_identity, inspect_checkpoint, parse_step
+from ckpteval.checkpoint.formats._common import config_from_model_cfg
+from ckpteval.checkpoint.formats._dcp import read_dcp_metadata
+from ckpteval.checkpoint.formats.hf import hf_weight_files
+from ckpteval.checkpoint.info import CheckpointInfo
 from ckpteval.checkpoint.load import (
                                         build_config,
                                         build_model,
-                                        config_from_model_cfg,
                                         load_model,
                                         load_tokenizer,
                                         load_weights,

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-from ckpteval.checkpoint.detect import CheckpointInfo, checkpoint_identity, hf_weight_files
+from ckpteval.checkpoint.detect import checkpoint_identity
+from ckpteval.checkpoint.formats.hf import hf_weight_files
+from ckpteval.checkpoint.info import CheckpointInfo
 from ckpteval.checkpoint.load import load_model, load_tokenizer
 from ckpteval.checkpoint.save import save_hf_atomic
 from ckpteval.errors import CkptEvalError

@@ -11,12 +11,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
-from ckpteval.checkpoint.formats import REGISTRY, CheckpointFormat, _common, all_formats, detect_format
-from ckpteval.checkpoint.formats.dcp import TRAINER_ENTRIES, dcp_model_prefix, read_dcp_metadata  # noqa: F401
-from ckpteval.checkpoint.formats.hf import hf_weight_files  # noqa: F401 (re-exported)
+from ckpteval.checkpoint.formats import REGISTRY, CheckpointFormat, _common, all_formats, detect_format, get_format
+from ckpteval.checkpoint.info import CheckpointInfo
 from ckpteval.errors import CkptEvalError
 
 log = logging.getLogger(__name__)
@@ -25,19 +23,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 # step_10, step-10, global_step10, iter_0000010, checkpoint-30, Lightning's step=10
 STEP_RE = re.compile(r"(?<![a-z0-9])(?:global_step|step|iter|checkpoint)[_=-]?(\d+)(?![0-9])", re.IGNORECASE)
 FILE_SUFFIXES = (".gguf", ".ckpt", ".pt")
-
-
-@dataclass
-class CheckpointInfo:
-    path: Path  # the checkpoint dir or file (resolved: a dir holding one .gguf gives the .gguf)
-    format: str  # the family's name: "hf" | "dcp" | "gguf" | "nanogpt" | "lightning" | ...
-    step: int | None
-    tokens_seen: int | None
-    config_dir: Path | None  # where config.json was found in or beside the checkpoint (None = none there)
-    tokenizer_path: Path | None  # dir, tokenizer.json file, or the .gguf file itself
-    dcp_prefix: str | None = None  # DCP dirs with HF names: the key prefix ("model." or ""); None = not such a DCP
-    family: CheckpointFormat | None = None  # the family object (architecture, tensor_specs, read_state)
-    arch_source: str | None = None  # where the architecture came from, once `build_config` resolved it
 
 
 # ---------------------------------------------------------------------------------------------- step
@@ -57,8 +42,6 @@ def parse_step(path) -> int | None:
 
 def file_step(path) -> int | None:
     """The step a local checkpoint file carries inside (nanoGPT's `iter_num`), None when it carries none."""
-    from ckpteval.checkpoint.formats import get_format
-
     p = Path(str(path))
     nano = get_format("nanogpt")
     try:

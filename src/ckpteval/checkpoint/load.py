@@ -13,10 +13,10 @@ import contextlib
 import logging
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
-from ckpteval.checkpoint.detect import CheckpointInfo
+from ckpteval.checkpoint.formats._common import compare_tensors
+from ckpteval.checkpoint.info import CheckpointInfo
 from ckpteval.errors import CkptEvalError
 
 log = logging.getLogger(__name__)
@@ -29,19 +29,6 @@ def build_config(info: CheckpointInfo, model_cfg=None):
         log.info("architecture of %s (%s): %s", info.path.name, info.format, arch.source)
     info.arch_source = arch.source
     return arch.config
-
-
-def config_from_model_cfg(model_cfg):
-    """A transformers config from the `model` group (HF field names; `extra` holds any other field)."""
-    from transformers import AutoConfig
-
-    fields = OmegaConf.to_container(model_cfg, resolve=True) if OmegaConf.is_config(model_cfg) else dict(model_cfg)
-    extra = fields.pop("extra", None) or {}
-    try:
-        return AutoConfig.for_model(fields.pop("model_type"), **fields, **extra)
-    except Exception as e:  # noqa: BLE001 - transformers' field validation raises its own error types
-        raise CkptEvalError(f"the `model` group is not a valid transformers config ({' '.join(str(e).split())[:300]})"
-                            ": fix the model.* overrides") from None
 
 
 def build_model(config, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -80,14 +67,11 @@ def _mismatch(info: CheckpointInfo, what: str) -> CkptEvalError:
 def check_specs(model: nn.Module, specs: dict[str, tuple[int, ...]], info: CheckpointInfo) -> None:
     """Names and shapes of `model` (usually on `meta`) against the checkpoint's; tied heads may be absent."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    tied = {k for k in expected if k.endswith("lm_head.weight")} if getattr(model.config, "tie_word_embeddings",
-                                                                             False) else set()
-    wrong = [f"{k} {specs[k]} vs {expected[k]}" for k in expected if k in specs and tuple(specs[k]) != expected[k]]
+    wrong, missing, unexpected = compare_tensors(expected, specs, getattr(model.config, "tie_word_embeddings", False))
     if wrong:
-        raise _mismatch(info, f"tensor shape mismatch (checkpoint vs architecture) for {', '.join(wrong[:3])}"
+        shown = ", ".join(f"{k} {tuple(specs[k])} vs {expected[k]}" for k in wrong[:3])
+        raise _mismatch(info, f"tensor shape mismatch (checkpoint vs architecture) for {shown}"
                               f"{' ...' if len(wrong) > 3 else ''}")
-    missing = [k for k in expected if k not in specs and k not in tied]
-    unexpected = [k for k in specs if k not in expected]
     if missing or unexpected:
         parts = [f"{len(names)} {what} tensor(s) (e.g. {names[0]}{'; it holds e.g. ' + str(list(specs)[:3]) if what == 'missing' else ''})"
                  for what, names in (("missing", missing), ("unexpected", unexpected)) if names]

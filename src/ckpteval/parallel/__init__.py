@@ -114,7 +114,7 @@ def load_dcp_into(model: nn.Module, info, no_dist: bool = False) -> None:
         set_model_state_dict,
     )
 
-    from ckpteval.checkpoint.formats.dcp import match_dcp_keys
+    from ckpteval.checkpoint.formats._dcp import match_dcp_keys
     from ckpteval.checkpoint.safe_pickle import safe_filesystem_reader
 
     state = get_model_state_dict(model)

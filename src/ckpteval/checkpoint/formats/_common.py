@@ -1,5 +1,6 @@
 """Helpers shared by the family modules: small JSON files, config.json as an architecture source, the `model`
-group as the last one, and prefix stripping for state dicts saved under a wrapper attribute."""
+group as the last one, the one names-and-shapes comparison, the RoPE row permutation, and prefix stripping for
+state dicts saved under a wrapper attribute. Imports nothing of `checkpoint` but `formats.base` (no cycles)."""
 
 from __future__ import annotations
 
@@ -88,14 +89,99 @@ def config_from_dict(data: dict, source: str) -> Architecture:
         raise CkptEvalError(f"{source} is not a valid transformers config ({one_line(e)})") from None
 
 
+def config_from_model_cfg(model_cfg):
+    """A transformers config from the `model` group (HF field names; `extra` holds any other field)."""
+    from omegaconf import OmegaConf
+    from transformers import AutoConfig
+
+    fields = OmegaConf.to_container(model_cfg, resolve=True) if OmegaConf.is_config(model_cfg) else dict(model_cfg)
+    extra = fields.pop("extra", None) or {}
+    try:
+        return AutoConfig.for_model(fields.pop("model_type"), **fields, **extra)
+    except Exception as e:  # noqa: BLE001 - transformers' field validation raises its own error types
+        raise CkptEvalError(f"the `model` group is not a valid transformers config ({one_line(e)}): fix the model.* "
+                            "overrides") from None
+
+
 def model_group_arch(model_cfg, path: Path, family: str, where: str) -> Architecture:
     """The `model` group as the architecture: the last source, checked against the tensors before any load."""
     if model_cfg is None:
         raise CkptEvalError(f"{family} checkpoint {path} has no architecture source ({where}): put a config.json "
                             "beside it, or describe it with model=NAME / model.* overrides")
-    from ckpteval.checkpoint.load import config_from_model_cfg
-
     return Architecture(config_from_model_cfg(model_cfg), f"the `model` group ({where})")
+
+
+def metadata_step_tokens(ckpt_dir: Path) -> tuple[int | None, int | None]:
+    """(step, tokens_seen) from our trainer's `ckpteval.json`, else HF Trainer's `trainer_state.json`."""
+    ours = read_json(ckpt_dir / "ckpteval.json")
+    if ours:
+        return int_or_none(ours.get("step")), int_or_none(ours.get("tokens_seen"))
+    hf = read_json(ckpt_dir / "trainer_state.json")
+    step, tokens = int_or_none(hf.get("global_step")), int_or_none(hf.get("num_input_tokens_seen"))
+    # HF Trainer writes num_input_tokens_seen=0 when it was not counting: unknown, not zero.
+    return step, (tokens if tokens else None)
+
+
+# ---------------------------------------------------------------------------------------------- names and shapes
+
+
+def compare_tensors(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]],
+                    tied: bool = False) -> tuple[list[str], list[str], list[str]]:
+    """The one names-and-shapes rule: (names whose shapes differ, missing names, unexpected names) of a
+    checkpoint's tensors `found` against a model's `expected`; a tied head may be absent."""
+    wrong = [k for k, v in expected.items() if k in found and tuple(found[k]) != tuple(v)]
+    missing = [k for k in expected if k not in found and not (tied and k.endswith("lm_head.weight"))]
+    unexpected = [k for k in found if k not in expected]
+    return wrong, missing, unexpected
+
+
+def meta_state_shapes(config) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of the transformers causal LM `config` describes, built on the meta device (no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+
+
+def check_shapes(config, shapes: dict[str, tuple[int, ...]], source: str, path: Path) -> None:
+    """The tensors must be the model `config` describes: a contradiction names both (no silent fallback)."""
+    expected = meta_state_shapes(config)
+    if getattr(config, "tie_word_embeddings", False):
+        expected.pop("lm_head.weight", None)
+        shapes = {k: v for k, v in shapes.items() if k != "lm_head.weight"}
+    wrong, missing, extra = compare_tensors(expected, shapes)
+    if wrong or missing or extra:
+        detail = [f"{k} is {shapes[k]} in the checkpoint but {expected[k]} there" for k in wrong[:2]] or [
+            f"{len(missing)} tensor(s) it needs are absent (e.g. {missing[0]})" if missing
+            else f"{len(extra)} tensor(s) have no place in it (e.g. {extra[0]})"]
+        fix = ("describe the model with model.* overrides, or put its config.json beside the checkpoint"
+               if source.startswith("the `model` group") else
+               "fix or remove that config, or put the right config.json beside the checkpoint")
+        raise CkptEvalError(f"checkpoint {path} contradicts its architecture source, {source}: "
+                            f"{'; '.join(detail)}: {fix}")
+
+
+def architecture_from_sources(path: Path, model_cfg, shapes: dict[str, tuple[int, ...]], job_config_fn,
+                              family: str) -> Architecture:
+    """config.json in/beside the checkpoint, else `job_config_fn()` (the trainer's own config, or None), else the
+    `model` group; checked against the tensor shapes."""
+    d = path if path.is_dir() else path.parent
+    cdir = config_dir(d, d.parent)
+    arch = config_json_arch(cdir) if cdir is not None else job_config_fn()
+    if arch is None:
+        arch = model_group_arch(model_cfg, path, family, "no config.json in or beside it, no trainer config")
+    check_shapes(arch.config, shapes, arch.source, path)
+    return arch
+
+
+def rope_pairs_to_halves(w, n_heads: int):
+    """q/k projection rows from the interleaved RoPE layout (rows 2j, 2j+1 of a head form one rotated pair, as
+    in torchtitan's complex RoPE, Meta's Llama and Megatron's `rotary_interleaved`) to transformers' half-split
+    layout (rows j, j + head_dim/2 form the pair, as rotate_half expects): per head, all even rows first, then
+    all odd rows."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
 def hf_prefix(keys) -> str:

@@ -77,17 +77,6 @@ def hf_weight_files(ckpt_dir: Path) -> list[Path]:
     return files
 
 
-def metadata_step_tokens(ckpt_dir: Path) -> tuple[int | None, int | None]:
-    """(step, tokens_seen) from our trainer's `ckpteval.json`, else HF Trainer's `trainer_state.json`."""
-    ours = _common.read_json(ckpt_dir / "ckpteval.json")
-    if ours:
-        return _common.int_or_none(ours.get("step")), _common.int_or_none(ours.get("tokens_seen"))
-    hf = _common.read_json(ckpt_dir / "trainer_state.json")
-    step, tokens = _common.int_or_none(hf.get("global_step")), _common.int_or_none(hf.get("num_input_tokens_seen"))
-    # HF Trainer writes num_input_tokens_seen=0 when it was not counting: unknown, not zero.
-    return step, (tokens if tokens else None)
-
-
 class HFFormat(CheckpointFormat):
     name = "hf"
     description = "an HF model dir (config.json + model.safetensors / shards + index / pytorch_model.bin)"
@@ -106,7 +95,7 @@ class HFFormat(CheckpointFormat):
             raise CkptEvalError(f"checkpoint {path} has no weight files: {self.description}")
 
     def step_tokens(self, path: Path) -> tuple[int | None, int | None]:
-        return metadata_step_tokens(path)
+        return _common.metadata_step_tokens(path)
 
     def architecture(self, path: Path, model_cfg=None) -> Architecture:
         found = _common.config_dir(path, path.parent)

@@ -27,12 +27,8 @@ from typing import Any
 import torch
 
 from ckpteval.checkpoint.formats.base import Architecture, CheckpointFormat
-from ckpteval.checkpoint.formats.torchtitan import (
-    check_shapes,
-    dcp_metadata,
-    read_dcp_tensors,
-    rope_pairs_to_halves,
-)
+from ckpteval.checkpoint.formats._common import check_shapes, rope_pairs_to_halves
+from ckpteval.checkpoint.formats._dcp import read_dcp_metadata, read_dcp_tensors
 from ckpteval.errors import CkptEvalError
 
 ITER_DIR = re.compile(r"^iter_(\d+)$")
@@ -149,7 +145,7 @@ class MegatronFormat(CheckpointFormat):
                                 "torch_dist is read (re-save with dist_ckpt_format=torch_dist)")
         if not (path / "common.pt").is_file():
             raise CkptEvalError(f"Megatron checkpoint {path} is incomplete: common.pt is missing")
-        dcp_metadata(path)
+        read_dcp_metadata(path)
 
     def step_tokens(self, path: Path) -> tuple[int | None, int | None]:
         path = Path(path)
@@ -171,7 +167,7 @@ class MegatronFormat(CheckpointFormat):
 
         known = {EMB, FINAL_NORM, OUTPUT} | {f"decoder.layers.{s}" for alts in LAYER_TENSORS.values() for s in alts}
         out = {}
-        for key, meta in dcp_metadata(path).state_dict_metadata.items():
+        for key, meta in read_dcp_metadata(path).state_dict_metadata.items():
             if not key.startswith(MODEL_PREFIXES) or "_extra_state" in key or not isinstance(meta,
                                                                                             TensorStorageMetadata):
                 continue

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ckpteval.checkpoint.formats._common import architecture_from_sources, rope_pairs_to_halves
+from ckpteval.checkpoint.formats._dcp import read_dcp_metadata, read_dcp_object, read_dcp_tensors
 from ckpteval.checkpoint.formats.base import Architecture, CheckpointFormat
 from ckpteval.errors import CkptEvalError
 
@@ -50,56 +51,6 @@ LAYER_MAP = {
 }
 TOP_MAP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
            "output.weight": "lm_head.weight", "lm_head.weight": "lm_head.weight"}
-
-
-# ---------------------------------------------------------------------------------------------- DCP helpers
-# (shared with formats/megatron.py: both read a few model tensors and small objects out of a DCP dir)
-
-
-def dcp_metadata(path: Path):
-    """The `.metadata` (allow-listed unpickler), with every storage file it names present and long enough."""
-    from ckpteval.checkpoint.formats.dcp import read_dcp_metadata
-
-    return read_dcp_metadata(path)
-
-
-def read_dcp_tensors(path: Path, wanted: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The full tensors `wanted` ({DCP key: TensorStorageMetadata}) and nothing else: the load plan only asks
-    for these keys, so optimizer state in the same files is never read."""
-    import torch.distributed.checkpoint as dcp
-
-    from ckpteval.checkpoint.safe_pickle import safe_filesystem_reader
-
-    state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in wanted.items()}
-    dcp.load(state, storage_reader=safe_filesystem_reader(path), no_dist=True)
-    return state
-
-
-def read_dcp_object(path: Path, metadata, key: str) -> Any:
-    """A small non-tensor entry (e.g. `train_state.step`): its bytes are a torch-saved object, read through the
-    allow-listed `torch_load` (torch's own DCP loader would unpickle it with weights_only=False)."""
-    from torch.distributed.checkpoint.metadata import MetadataIndex
-
-    from ckpteval.checkpoint.safe_pickle import torch_load
-
-    info = (metadata.storage_data or {}).get(MetadataIndex(key))
-    if info is None or getattr(info, "transform_descriptors", None):
-        return None
-    with open(path / info.relative_path, "rb") as f:
-        f.seek(info.offset)
-        data = f.read(info.length)
-    with tempfile.NamedTemporaryFile(suffix=".pt") as tmp:
-        tmp.write(data)
-        tmp.flush()
-        return torch_load(tmp.name)
-
-
-def rope_pairs_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """q/k projection rows from the interleaved RoPE layout (rows 2j, 2j+1 of a head form one rotated pair, as
-    in torchtitan's complex RoPE and Meta's Llama) to transformers' half-split layout (rows j, j + head_dim/2
-    form the pair, as rotate_half expects): per head, all even rows first, then all odd rows."""
-    rows, cols = w.shape
-    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
 # ---------------------------------------------------------------------------------------------- job config
@@ -207,44 +158,6 @@ def llama_config_from_titan(model: dict, shapes: dict[str, tuple[int, ...]]):
                        architectures=["LlamaForCausalLM"])
 
 
-def check_shapes(config, shapes: dict[str, tuple[int, ...]], source: str, path: Path) -> None:
-    """The tensors must be the model `config` describes: a contradiction names both (no silent fallback)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
-    if getattr(config, "tie_word_embeddings", False):
-        expected.pop("lm_head.weight", None)
-        shapes = {k: v for k, v in shapes.items() if k != "lm_head.weight"}
-    wrong = [f"{k} is {shapes[k]} in the checkpoint but {expected[k]} there" for k in expected
-             if k in shapes and shapes[k] != expected[k]]
-    missing = [k for k in expected if k not in shapes]
-    extra = [k for k in shapes if k not in expected]
-    if wrong or missing or extra:
-        detail = wrong[:2] or [f"{len(missing)} tensor(s) it needs are absent (e.g. {missing[0]})" if missing
-                               else f"{len(extra)} tensor(s) have no place in it (e.g. {extra[0]})"]
-        fix = ("describe the model with model.* overrides, or put its config.json beside the checkpoint"
-               if source.startswith("the `model` group") else
-               "fix or remove that config, or put the right config.json beside the checkpoint")
-        raise CkptEvalError(f"checkpoint {path} contradicts its architecture source, {source}: "
-                            f"{'; '.join(detail)}: {fix}")
-
-
-def architecture_from_sources(path: Path, model_cfg, shapes: dict[str, tuple[int, ...]], job_config_fn,
-                              family: str) -> Architecture:
-    """config.json in/beside the checkpoint, else `job_config_fn()` (the trainer's own config, or None), else the
-    `model` group; checked against the tensor shapes."""
-    from ckpteval.checkpoint.formats import _common
-
-    d = path if path.is_dir() else path.parent
-    cdir = _common.config_dir(d, d.parent)
-    arch = _common.config_json_arch(cdir) if cdir is not None else job_config_fn()
-    if arch is None:
-        arch = _common.model_group_arch(model_cfg, path, family, "no config.json in or beside it, no trainer config")
-    check_shapes(arch.config, shapes, arch.source, path)
-    return arch
-
-
 # ---------------------------------------------------------------------------------------------- the family
 
 
@@ -294,7 +207,7 @@ class TorchTitanFormat(CheckpointFormat):
     def check_complete(self, path: Path) -> None:
         path = Path(path)
         if (path / ".metadata").is_file():
-            dcp_metadata(path)
+            read_dcp_metadata(path)
             return
         if any(path.glob("*.distcp")):
             raise CkptEvalError(f"torchtitan checkpoint {path} is incomplete: *.distcp files but no .metadata (still "
@@ -309,7 +222,7 @@ class TorchTitanFormat(CheckpointFormat):
         m = STEP_DIR.match(path.name)
         step, tokens = (int(m.group(1)) if m else None), None
         if (path / ".metadata").is_file():
-            meta = dcp_metadata(path)
+            meta = read_dcp_metadata(path)
             if step is None:
                 step = _int(read_dcp_object(path, meta, "train_state.step"))
             tokens = _int(read_dcp_object(path, meta, "train_state.ntokens_seen")) or None
@@ -333,7 +246,7 @@ class TorchTitanFormat(CheckpointFormat):
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         out = {}
-        for key, meta in dcp_metadata(path).state_dict_metadata.items():
+        for key, meta in read_dcp_metadata(path).state_dict_metadata.items():
             hf = _hf_name(key)
             if hf is not None and isinstance(meta, TensorStorageMetadata):
                 out[hf] = (key, meta)
