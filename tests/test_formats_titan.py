@@ -94,7 +94,7 @@ def test_titan_reads_only_model_tensors(titan_run, monkeypatch):
     fmt = get_format("torchtitan")
     fmt.read_state(step10, fmt.architecture(step10).config)
     assert asked and all(k.startswith(("tok_embeddings.", "layers.", "norm.", "lm_head.", "output.")) for k in asked)
-    meta = titan_fmt.dcp_metadata(step10).state_dict_metadata
+    meta = titan_fmt.read_dcp_metadata(step10).state_dict_metadata
     assert any(k.startswith("optimizer.") for k in meta) and not any(k.startswith("optimizer.") for k in asked)
 
 
@@ -127,7 +127,7 @@ def test_titan_pre_03_names(titan_run, tmp_path, tiny_token_shards):
 
     run, ref = titan_run
     step10 = run / "checkpoint" / "step-10"
-    meta = titan_fmt.dcp_metadata(step10).state_dict_metadata
+    meta = titan_fmt.read_dcp_metadata(step10).state_dict_metadata
     wanted = {k: m for k, m in meta.items() if titan_fmt._hf_name(k)}
     tensors = titan_fmt.read_dcp_tensors(step10, wanted)
     old = {k.replace("attention.qkv_linear.", "attention.").replace("lm_head.", "output."): v
@@ -136,7 +136,7 @@ def test_titan_pre_03_names(titan_run, tmp_path, tiny_token_shards):
     dest = tmp_path / "checkpoint" / "step-10"
     dcp.save(old, checkpoint_id=str(dest), no_dist=True)
     shutil.copy(run / "job_config.json", tmp_path / "job_config.json")
-    assert any(".attention.wq." in k for k in titan_fmt.dcp_metadata(dest).state_dict_metadata)
+    assert any(".attention.wq." in k for k in titan_fmt.read_dcp_metadata(dest).state_dict_metadata)
     loss, _ = _our_loss(dest, tiny_token_shards)
     assert abs(loss - ref["loss"]) < 1e-5, (loss, ref)
 
