@@ -302,6 +302,9 @@ class LitGPTFormat(CheckpointFormat):
     def check_complete(self, path: Path) -> None:
         path = Path(path)
         d, pth = self._dir(path), self._pth(path)
+        if not pth.is_file() and (d / f"{FILE}.lora").is_file():
+            raise CkptEvalError(f"litgpt checkpoint {d} holds LoRA weights only ({FILE}.lora): merge them into the "
+                                "base with litgpt's `litgpt merge_lora`, then point ckpt= at the merged dir")
         if not pth.is_file():
             raise CkptEvalError(f"litgpt checkpoint {d} is incomplete: {pth.name} is missing (still being written?)")
         if not (d / CONFIG).is_file():

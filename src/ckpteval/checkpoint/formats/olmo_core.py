@@ -102,7 +102,14 @@ class _Refusal(list):
 
     def check(self, where: str, value, ok) -> None:
         if not (ok(value) if callable(ok) else value == ok):
-            self.append(f"{where}={value!r}")
+            self.append(f"{where}={_short(value)}")
+
+
+def _short(value) -> str:
+    """A config value for an error line: dicts without OLMo-core's `_CLASS_` tags and unset fields."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in value.items() if k != "_CLASS_" and v is not None) + "}"
+    return repr(value)
 
 
 def _norm_eps(cfg: dict | None, where: str, refuse: _Refusal) -> float | None:
@@ -162,12 +169,12 @@ def hf_config_from_run(data: dict, source: Path):
     n_kv = int(attn.get("n_kv_heads") or n_heads)
     head_dim = int(attn.get("head_dim") or d_model // n_heads)
     windows = _layer_windows(attn.get("sliding_window"), int(model["n_layers"]))
-    if name == "reordered_norm":
-        refuse.check("attention.qk_norm (OLMo 2 normalises q and k over all heads)", qk is not None and not head_qk,
-                     True)
-    else:
-        refuse.check("attention.qk_norm (a pre-norm block with QK-norm)", qk, None)
-        refuse.check("attention.sliding_window (a pre-norm block with sliding windows)", attn.get("sliding_window"),
+    if name == "reordered_norm" and (qk is None or head_qk):
+        refuse.append("reordered_norm blocks with " + ("per-head QK-norm (use_head_qk_norm)" if qk else "no QK-norm") +
+                      " (OLMo 2 normalises q and k over all heads)")
+    elif name == "default":
+        refuse.check("attention.qk_norm (QK-norm in a pre-norm block)", qk, None)
+        refuse.check("attention.sliding_window (sliding windows in a pre-norm block)", attn.get("sliding_window"),
                      None)
     if name == "reordered_norm" and head_dim * n_heads != d_model:
         refuse.append(f"attention.head_dim={head_dim} with d_model={d_model} and n_heads={n_heads} (OLMo 2 in "
