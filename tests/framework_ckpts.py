@@ -4,6 +4,8 @@ Run in a subprocess (each framework wants a process group, and Megatron's saver 
 
     python tests/framework_ckpts.py titan OUT TOKENS_DIR SEQ_LEN [--tie] [--no-job-config]
     python tests/framework_ckpts.py megatron OUT TOKENS_DIR SEQ_LEN [--tie] [--no-args]
+    python tests/framework_ckpts.py litgpt OUT TOKENS_DIR SEQ_LEN --tokenizer DIR
+    python tests/framework_ckpts.py olmo_core OUT TOKENS_DIR SEQ_LEN [--tokenizer DIR]
 
 Each writes its checkpoints under OUT and `OUT/reference.json`: the token-weighted mean next-token loss of the
 framework's own model forward over every window of the token files (window k of a file = tokens [kL, kL+L]),
@@ -214,19 +216,225 @@ def write_megatron(out: Path, tokens_dir: Path, seq_len: int, tie: bool, save_ar
     return {"loss": mean_loss(logits, targets), "windows": len(w)}
 
 
+# ---------------------------------------------------------------------------------------------- litgpt
+
+
+LIT_CONFIGS = {  # litgpt Config fields of the two families its pretrain targets, tiny
+    "llama": {"name": "tiny-llama", "block_size": 64, "vocab_size": VOCAB, "padded_vocab_size": VOCAB,
+              "n_layer": LAYERS, "n_head": HEADS, "n_embd": DIM, "n_query_groups": KV_HEADS, "rotary_percentage": 1.0,
+              "parallel_residual": False, "bias": False, "norm_class_name": "RMSNorm", "mlp_class_name": "LLaMAMLP",
+              "intermediate_size": 160, "norm_eps": 1e-5, "rope_base": 10000},
+    "pythia": {"name": "tiny-pythia", "block_size": 64, "vocab_size": VOCAB, "padded_vocab_size": VOCAB,
+               "n_layer": LAYERS, "n_head": HEADS, "n_embd": DIM, "rotary_percentage": 0.25, "parallel_residual": True,
+               "bias": True, "norm_class_name": "LayerNorm", "mlp_class_name": "GptNeoxMLP",
+               "intermediate_size": 4 * DIM, "norm_eps": 1e-5, "rope_base": 10000},
+}
+
+
+def _lit_data_module(tokens_dir: Path, seq_len: int):
+    """A litgpt DataModule over the token windows (window k = tokens [kL, kL+L], what pretrain slices into inputs
+    and targets); its train loader is Stateful, as litdata's StreamingDataLoader is, so Fabric saves its state."""
+    from litgpt.data import DataModule
+    from torch.utils.data import DataLoader
+
+    class StatefulLoader(DataLoader):
+        def state_dict(self):
+            return {"batches_seen": 0}
+
+        def load_state_dict(self, state):
+            pass
+
+    class Windows(DataModule):
+        def connect(self, tokenizer=None, batch_size=1, max_seq_length=None, **kwargs):
+            self.batch_size = batch_size
+
+        def train_dataloader(self):
+            return StatefulLoader(windows(tokens_dir, seq_len), batch_size=self.batch_size, shuffle=False)
+
+        def val_dataloader(self):
+            return DataLoader(windows(tokens_dir, seq_len), batch_size=self.batch_size)
+
+    return Windows()
+
+
+def write_litgpt(out: Path, tokens_dir: Path, seq_len: int, tokenizer_dir: Path) -> dict:
+    """Two runs of litgpt's own `pretrain` loop (`litgpt.pretrain.setup`, what `litgpt pretrain --config X`
+    calls), a Llama-family and a Pythia (GPT-NeoX) model, each saving step-00000002, step-00000004 and final
+    (lit_model.pth + model_config.yaml + hyperparameters.yaml + the tokenizer) with its own `save_checkpoint`.
+
+    Two things differ from a GPU run, neither touching what is saved: `torch.compile` (which `pretrain` applies)
+    is turned off, since compiling needs a C++ toolchain and minutes on 2 CPUs (the same module then runs eagerly);
+    and `sys.argv` is set to the equivalent `litgpt pretrain --config pretrain.yaml`, because litgpt's saver parses
+    the process's command line again to write hyperparameters.yaml. The reference: each saved lit_model.pth loaded
+    by litgpt's own `GPT.load_state_dict` (torch.load, as litgpt loads it) and run through litgpt's GPT forward."""
+    import dataclasses
+
+    import torch._dynamo
+    import yaml
+    from litgpt import GPT, Config
+    from litgpt.args import EvalArgs, TrainArgs
+    from litgpt.pretrain import setup
+
+    torch._dynamo.config.disable = True  # torch.compile(model) returns the model itself
+    w = windows(tokens_dir, seq_len)
+    inputs, targets = w[:, :-1], w[:, 1:]
+    ref = {"windows": len(w), "loss": {}}
+    for variant, fields in LIT_CONFIGS.items():
+        run = out / variant
+        run.mkdir(parents=True)
+        cfg = Config(**fields)
+        train = {"save_interval": 2, "log_interval": 1, "global_batch_size": 4, "micro_batch_size": 4,
+                 "max_tokens": 4 * 4 * seq_len, "max_seq_length": seq_len, "max_norm": 1.0, "lr_warmup_steps": 1,
+                 "min_lr": 1e-3}
+        evals = {"interval": 1000, "max_iters": 1, "initial_validation": False, "final_validation": False}
+        optimizer = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 2e-2}}
+        launch = {"model_name": fields["name"], "model_config": fields, "out_dir": str(run), "precision": "32-true",
+                  "devices": 1, "logger_name": "csv", "tokenizer_dir": str(tokenizer_dir), "train": train,
+                  "eval": evals, "optimizer": optimizer, "seed": 42}
+        (out / f"{variant}.yaml").write_text(yaml.safe_dump(launch))
+        sys.argv = ["litgpt", "pretrain", "--config", str(out / f"{variant}.yaml")]
+        setup(model_name=fields["name"], model_config=cfg, out_dir=run, precision="32-true",
+              data=_lit_data_module(tokens_dir, seq_len), devices=1, tokenizer_dir=tokenizer_dir, logger_name="csv",
+              train=TrainArgs(**train), eval=EvalArgs(**evals), optimizer=optimizer, seed=42)
+        for step_dir in sorted(p for p in run.iterdir() if (p / "lit_model.pth").is_file()):
+            model = GPT(Config.from_file(step_dir / "model_config.yaml"))
+            model.load_state_dict(torch.load(step_dir / "lit_model.pth", weights_only=True)["model"])
+            model.eval()
+            with torch.no_grad():  # litgpt's own forward
+                ref["loss"][f"{variant}/{step_dir.name}"] = mean_loss(model(inputs), targets)
+        ref[f"{variant}_config"] = dataclasses.asdict(cfg)
+    return ref
+
+
+# ---------------------------------------------------------------------------------------------- OLMo-core
+
+
+def olmo_core_model_config(variant: str):
+    """OLMo-core's own config builders, tiny: OLMo 2 (reordered norms, QK-norm), OLMo 3 (+ a sliding-window
+    layer), and a Llama-like pre-norm model with complex RoPE and tied embeddings. init_std 0.1 (not 0.02) so that
+    attention is sharp enough for RoPE and QK-norm to matter in the loss."""
+    from olmo_core.nn.attention import AttentionBackendName, SlidingWindowAttentionConfig
+    from olmo_core.nn.rope import RoPEType
+    from olmo_core.nn.transformer import TransformerBlockType, TransformerConfig
+
+    common = {"d_model": DIM, "vocab_size": VOCAB, "n_layers": LAYERS, "n_heads": HEADS, "n_kv_heads": KV_HEADS,
+              "rope_theta": 10_000, "hidden_size_multiple_of": 32, "attn_backend": AttentionBackendName.torch,
+              "init_std": 0.1}
+    if variant == "olmo2":
+        return TransformerConfig.llama_like(**common, block_name=TransformerBlockType.reordered_norm, qk_norm=True,
+                                            layer_norm_eps=1e-6)
+    if variant == "olmo3":
+        window = SlidingWindowAttentionConfig(pattern=[16], force_full_attention_on_first_layer=False,
+                                              force_full_attention_on_last_layer=True)
+        return TransformerConfig.llama_like(**common, block_name=TransformerBlockType.reordered_norm, qk_norm=True,
+                                            layer_norm_eps=1e-6, sliding_window=window)
+    return TransformerConfig.llama_like(**common, rope_type=RoPEType.complex, tie_word_embeddings=True)
+
+
+def write_olmo_core(out: Path, tokens_dir: Path, seq_len: int, tokenizer_dir: Path | None) -> dict:
+    """OLMo-core's own Trainer on the token shards (its NumpyFSLDataset reads raw uint16 token files), one run per
+    variant, with its CheckpointerCallback (step0, step2, step4: `stepN/model_and_optim` DCP + train/rank0.pt +
+    .metadata.json) and ConfigSaverCallback (the run's config.json in each step dir), as OLMo-core's launch
+    scripts attach them; gloo on CPU, the `torch` attention backend. Also OLMo-core's own HF export
+    (`olmo_core.nn.hf.save_hf_model`, max_position_embeddings -1) of the olmo2 run's last weights.
+    Reference: each step dir loaded into a fresh model by OLMo-core's own `load_model_and_optim_state`, and that
+    model's forward (float32)."""
+    from dataclasses import dataclass
+
+    from olmo_core.config import Config
+    from olmo_core.data import (
+        NumpyDataLoaderConfig,
+        NumpyDatasetDType,
+        NumpyFSLDatasetConfig,
+        TokenizerConfig,
+    )
+    from olmo_core.distributed.checkpoint import load_model_and_optim_state
+    from olmo_core.nn.hf.checkpoint import save_hf_model
+    from olmo_core.nn.transformer import TransformerConfig
+    from olmo_core.optim import AdamWConfig
+    from olmo_core.train import (
+        Duration,
+        TrainerConfig,
+        prepare_training_environment,
+        teardown_training_environment,
+    )
+    from olmo_core.train.callbacks import CheckpointerCallback, ConfigSaverCallback
+    from olmo_core.train.train_module import TransformerTrainModuleConfig
+
+    @dataclass
+    class ExperimentConfig(Config):  # the shape of OLMo-core's own scripts' experiment config
+        model: TransformerConfig
+        dataset: NumpyFSLDatasetConfig
+        data_loader: NumpyDataLoaderConfig
+        train_module: TransformerTrainModuleConfig
+        trainer: TrainerConfig
+        init_seed: int = 0
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                      LOCAL_WORLD_SIZE="1")
+    prepare_training_environment(seed=0, backend="cpu:gloo")
+    w = windows(tokens_dir, seq_len)
+    inputs, targets = w[:, :-1], w[:, 1:]
+    ref = {"windows": len(w), "loss": {}}
+    for variant, steps in (("olmo2", 4), ("olmo3", 2), ("llama", 2)):
+        run = out / variant
+        model_cfg = olmo_core_model_config(variant)
+        exp = ExperimentConfig(
+            model=model_cfg,
+            dataset=NumpyFSLDatasetConfig(paths=[str(p) for p in sorted(tokens_dir.glob("*.bin"))],
+                                          sequence_length=seq_len, dtype=NumpyDatasetDType.uint16,
+                                          tokenizer=TokenizerConfig(vocab_size=VOCAB, eos_token_id=0, pad_token_id=1),
+                                          work_dir=str(out / "work" / variant)),
+            data_loader=NumpyDataLoaderConfig(global_batch_size=4 * seq_len, seed=0, num_workers=0),
+            train_module=TransformerTrainModuleConfig(rank_microbatch_size=4 * seq_len, max_sequence_length=seq_len,
+                                                      optim=AdamWConfig(lr=1e-2)),
+            trainer=TrainerConfig(save_folder=str(run), work_dir=str(out / "work" / variant), device="cpu",
+                                  max_duration=Duration.steps(steps), callbacks={
+                                      "checkpointer": CheckpointerCallback(save_interval=2, save_async=False),
+                                      "config_saver": ConfigSaverCallback()}))
+        model = exp.model.build(init_device="cpu")
+        train_module = exp.train_module.build(model, device=torch.device("cpu"))
+        data_loader = exp.data_loader.build(exp.dataset.build(), dp_process_group=train_module.dp_process_group)
+        trainer = exp.trainer.build(train_module, data_loader)
+        trainer.callbacks["config_saver"].config = exp.as_config_dict()
+        trainer.fit()
+        for step in sorted(p for p in run.iterdir() if p.name.startswith("step")):
+            fresh = model_cfg.build(init_device="cpu")
+            load_model_and_optim_state(step / "model_and_optim", fresh)
+            fresh.eval()
+            with torch.no_grad():  # OLMo-core's own forward
+                ref["loss"][f"{variant}/{step.name}"] = mean_loss(fresh(inputs), targets)
+        if variant == "olmo2":
+            save_hf_model(out / "hf_export", fresh.state_dict(), fresh)
+            ref["loss"]["hf_export"] = ref["loss"][f"olmo2/{step.name}"]
+            if tokenizer_dir is not None:
+                for f in Path(tokenizer_dir).iterdir():
+                    (out / "hf_export" / f.name).write_bytes(f.read_bytes())
+    teardown_training_environment()
+    return ref
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("family", choices=["titan", "megatron"])
+    ap.add_argument("family", choices=["titan", "megatron", "litgpt", "olmo_core"])
     ap.add_argument("out", type=Path)
     ap.add_argument("tokens", type=Path)
     ap.add_argument("seq_len", type=int)
     ap.add_argument("--tie", action="store_true")
     ap.add_argument("--no-job-config", action="store_true")
     ap.add_argument("--no-args", action="store_true")
+    ap.add_argument("--tokenizer", type=Path)
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     if a.family == "titan":
         ref = write_titan(a.out, a.tokens, a.seq_len, a.tie, not a.no_job_config)
+    elif a.family == "litgpt":
+        ref = write_litgpt(a.out, a.tokens, a.seq_len, a.tokenizer)
+    elif a.family == "olmo_core":
+        ref = write_olmo_core(a.out, a.tokens, a.seq_len, a.tokenizer)
     else:
         ref = write_megatron(a.out, a.tokens, a.seq_len, a.tie, not a.no_args)
     (a.out / "reference.json").write_text(json.dumps(ref))

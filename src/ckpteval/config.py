@@ -264,6 +264,8 @@ class CkptFormat(str, Enum):
     lightning = "lightning"
     torchtitan = "torchtitan"
     megatron = "megatron"
+    olmo_core = "olmo_core"
+    litgpt = "litgpt"
 
 
 @dataclass

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ckpteval.checkpoint.detect import checkpoint_identity
+from ckpteval.checkpoint.formats._common import position_limit
 from ckpteval.checkpoint.formats.hf import hf_weight_files
 from ckpteval.checkpoint.info import CheckpointInfo
 from ckpteval.checkpoint.load import load_model, load_tokenizer
@@ -81,7 +82,7 @@ def is_converted(info: CheckpointInfo, out, dtype) -> bool:
 def verification_batch(config) -> torch.Tensor:
     """A fixed batch of token ids, the same for every conversion of the same architecture."""
     vocab = int(config.vocab_size)
-    length = min(VERIFY_LEN, int(getattr(config, "max_position_embeddings", VERIFY_LEN) or VERIFY_LEN))
+    length = min(VERIFY_LEN, position_limit(config) or VERIFY_LEN)  # None: no limit (absent, or -1)
     return torch.randint(0, vocab, (VERIFY_BATCH, length), generator=torch.Generator().manual_seed(0))
 
 

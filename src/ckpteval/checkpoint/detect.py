@@ -129,8 +129,7 @@ def inspect_checkpoint(path, tokenizer_override: str | None = None, ckpt_format:
     family, ckpt = _detect(Path(str(path)).expanduser().resolve(), forced_format(ckpt_format))
     step, tokens = family.step_tokens(ckpt)
     path_step = parse_step(ckpt) if family.name != "nanogpt" else None
-    base = ckpt if ckpt.is_dir() else ckpt.parent
-    config_dir = None if family.name == "gguf" else _common.config_dir(base, base.parent)
+    config_dir = None if family.name == "gguf" else family.hf_config_dir(ckpt)
     if config_dir is not None:
         _common.validate_config_json(config_dir)
     prefix = family.sharded_dcp_prefix(ckpt)

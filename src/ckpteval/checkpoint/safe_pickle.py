@@ -6,7 +6,9 @@ calling it:
 
 - DCP `.metadata` (torch's `FileSystemReader.read_metadata` uses plain `pickle.load`): `load_dcp_metadata` and
   `SafeFileSystemReader` (drop-in for `FileSystemReader` in `dcp.load`) accept only the DCP metadata classes,
-  torch sizes / dtypes / layouts, `pathlib` paths and builtins.
+  torch sizes / dtypes / layouts, `pathlib` paths and builtins. Trainers whose own DCP writer pickles its own
+  plain-data storage class (OLMo-core's `_StorageInfo`: relative_path, offset, length) get torch's equivalent
+  class in its place (`DCP_METADATA_ALIASES`): the trainer's module is never imported.
 - torch-saved files (`.pt`, `.bin`, `.ckpt`, Megatron's `common.pt`): `torch_load` lists the file's globals
   first (`get_unsafe_globals_in_checkpoint` reads them without unpickling), refuses any that neither torch's
   `weights_only` unpickler nor our extra allow-list takes, then loads with `weights_only=True`.
@@ -38,6 +40,12 @@ DCP_METADATA_CLASSES = {
     "builtins": {"set", "frozenset", "slice", "complex", "bytearray"},
     "copyreg": {"_reconstructor"},
 }
+# (module, name) a trainer's DCP writer pickles -> torch's own class with the same fields, built in its place.
+DCP_METADATA_ALIASES = {
+    # OLMo-core's RemoteFileSystemWriter: a dataclass (relative_path, offset, length), as torch's
+    ("olmo_core.distributed.checkpoint.filesystem", "_StorageInfo"): ("torch.distributed.checkpoint.filesystem",
+                                                                      "_StorageInfo"),
+}
 
 
 class RefusedPickle(CkptEvalError):
@@ -45,9 +53,11 @@ class RefusedPickle(CkptEvalError):
 
 
 def _refusal(path: str | Path, global_name: str, what: str) -> RefusedPickle:
-    return RefusedPickle(f"refusing to unpickle {path}: it asks for {global_name}, which is not on ckpteval's "
-                         f"allow-list of {what} (a checkpoint file must never run code); re-save it with the "
-                         "framework's own saver, or convert it to safetensors")
+    return RefusedPickle(f"refusing to unpickle {path}: it asks for {global_name}, which is not a known {what} "
+                         "(ckpteval's allow-list; a checkpoint file must never run code, so nothing in it was "
+                         "called). If your trainer's own saver wrote this file, ckpteval does not read that "
+                         "trainer's format yet: export the weights with the trainer's own Hugging Face / safetensors "
+                         "exporter and point ckpt= at that")
 
 
 def _torch_attr_allowed(name: str) -> bool:
@@ -62,9 +72,10 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
         self.source = source
 
     def find_class(self, module: str, name: str) -> Any:
+        module, name = DCP_METADATA_ALIASES.get((module, name), (module, name))
         if name in DCP_METADATA_CLASSES.get(module, ()) or (module == "torch" and _torch_attr_allowed(name)):
             return super().find_class(module, name)
-        raise _refusal(self.source, f"{module}.{name}", "DCP metadata classes")
+        raise _refusal(self.source, f"{module}.{name}", "checkpoint storage or metadata class")
 
 
 def load_dcp_metadata(path: str | Path):
@@ -126,7 +137,7 @@ def torch_load(path: str | Path, extra_globals: Iterable[tuple[Any, str]] = (), 
     known = {_global_name(g) for g in get_safe_globals()}
     refused = [g for g in asked if g not in allowed and g not in known]
     if refused:
-        raise _refusal(path, refused[0], "tensor and plain-data types")
+        raise _refusal(path, refused[0], "tensor or plain-data type")
     try:
         with safe_globals(extra):
             return torch.load(str(path), map_location="cpu", weights_only=True, **kwargs)
@@ -135,7 +146,7 @@ def torch_load(path: str | Path, extra_globals: Iterable[tuple[Any, str]] = (), 
         marker = "Unsupported global: GLOBAL "
         if marker in text:
             name = text.split(marker, 1)[1].split()[0]
-            raise _refusal(path, name, "tensor and plain-data types") from None
+            raise _refusal(path, name, "tensor or plain-data type") from None
         raise CkptEvalError(f"checkpoint file {path} is not a readable torch file ({text.splitlines()[0][:200]}): "
                             "it is truncated, corrupt or not a checkpoint") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:

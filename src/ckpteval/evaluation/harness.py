@@ -272,6 +272,15 @@ def build_lm(backend: str, model, tokenizer, harness_cfg, dist):
     if backend not in ("hf", "fast"):
         raise CkptEvalError(f"harness.backend={backend} does not wrap an in-memory model: use hf or fast "
                             f"(subprocess runs the lm_eval CLI on a converted dir)")
+    from lm_eval.models.utils import resolve_max_length
+
+    from ckpteval.checkpoint.formats import _common
+
+    # a config saying max_position_embeddings -1 (OLMo-core's HF export: no limit) would be read as a max_length
+    # of -1: lm-eval's own fallback (the tokenizer's model_max_length, else 2048) applies instead
+    unlimited = _common.int_or_none(getattr(model.config, "max_position_embeddings", None)) is not None and \
+        _common.position_limit(model.config) is None
+    max_length = resolve_max_length(None, tokenizer) if unlimited else None
     if backend == "fast":
         from ckpteval.evaluation.fast_lm import FastLM
 
@@ -280,12 +289,12 @@ def build_lm(backend: str, model, tokenizer, harness_cfg, dist):
             kwargs = {"rank": dist.dp_rank, "world_size": dist.dp_size, "group": dist.dp_group}
         kwargs["prefix_cache_tokens"] = int(getattr(harness_cfg, "prefix_cache_tokens", 8192))
         return FastLM(model, tokenizer, batch_size=int(harness_cfg.batch_size), device=dist.device if dist else None,
-                      dtype=harness_cfg.dtype, **kwargs)
+                      dtype=harness_cfg.dtype, max_length=max_length, **kwargs)
     from lm_eval.models.huggingface import HFLM
 
     # simple_evaluate ignores its batch_size for an LM object: HFLM's own batch_size is the one that counts.
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(harness_cfg.batch_size),
-                trust_remote_code=bool(harness_cfg.trust_remote_code))
+                trust_remote_code=bool(harness_cfg.trust_remote_code), max_length=max_length)
 
 
 def _limit(value):

@@ -95,7 +95,9 @@ def save_window_nll(path: Path, results: dict[str, EvalResult]) -> None:
 
 
 def check_eval_shapes(cfg, model_config) -> None:
-    max_pos = getattr(model_config, "max_position_embeddings", None)
+    from ckpteval.checkpoint.formats._common import position_limit
+
+    max_pos = position_limit(model_config)  # None: no limit (absent, or OLMo-core's -1)
     if max_pos is not None and cfg.eval.seq_len > max_pos:
         raise CkptEvalError(f"eval.seq_len={cfg.eval.seq_len} is beyond the model's {max_pos} positions "
                             f"(max_position_embeddings): use eval.seq_len={max_pos} or less")

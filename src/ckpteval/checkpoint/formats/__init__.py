@@ -20,6 +20,10 @@ REGISTRY: dict[str, str] = {
     # HF export (safetensors, no config.json) must be asked before `hf`.
     "torchtitan": "ckpteval.checkpoint.formats.torchtitan:TorchTitanFormat",
     "megatron": "ckpteval.checkpoint.formats.megatron:MegatronFormat",
+    # OLMo-core's model_and_optim/ is a DCP dir too (its step dir holds it); litgpt's step dir may hold a copied
+    # HF config.json, so both come before `dcp` and `hf`.
+    "olmo_core": "ckpteval.checkpoint.formats.olmo_core:OLMoCoreFormat",
+    "litgpt": "ckpteval.checkpoint.formats.litgpt:LitGPTFormat",
     "dcp": "ckpteval.checkpoint.formats.dcp:DCPFormat",
     "hf": "ckpteval.checkpoint.formats.hf:HFFormat",
     "gguf": "ckpteval.checkpoint.formats.gguf:GGUFFormat",

@@ -32,6 +32,13 @@ def int_or_none(value) -> int | None:
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def position_limit(config) -> int | None:
+    """The positions a transformers config allows (`max_position_embeddings`, GPT-2's `n_positions`), None when it
+    sets no limit: absent, or <= 0 (OLMo-core's own HF export writes -1 for "no limit": RoPE has none)."""
+    value = int_or_none(getattr(config, "max_position_embeddings", None))
+    return value if value is not None and value > 0 else None
+
+
 def config_dir(*dirs: Path) -> Path | None:
     """The first of `dirs` holding a config.json."""
     return next((d for d in dirs if (d / "config.json").is_file()), None)

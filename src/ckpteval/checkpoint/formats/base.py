@@ -70,3 +70,10 @@ class CheckpointFormat:
         """Where to look for a tokenizer, in order (default: the checkpoint dir, then its parent)."""
         base = path if path.is_dir() else path.parent
         return [base, base.parent]
+
+    def hf_config_dir(self, path: Path) -> Path | None:
+        """Where a transformers config.json of this checkpoint sits (inspect_checkpoint validates it before any
+        load; default: the checkpoint dir, then its parent). None when the family's architecture comes from
+        elsewhere and a config.json there is the trainer's own (OLMo-core's run config) or not read (litgpt)."""
+        base = path if path.is_dir() else path.parent
+        return next((d for d in (base, base.parent) if (d / "config.json").is_file()), None)
