@@ -138,6 +138,11 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("prepare.vocab_size", lambda v: v >= 1, "1 or more"),
     ("prepare.val_fraction", lambda v: 0 < v < 1, "between 0 and 1 (exclusive)"),
     ("prepare.max_chars", lambda v: v >= 1, "1 or more"),
+    ("signal.last_k", lambda v: v >= 1, "1 or more"),
+    ("signal.low_snr", lambda v: v >= 0, "0 or more"),
+    ("signal.max_metrics", lambda v: v >= 1, "1 or more"),
+    ("ui.port", lambda v: 1 <= v <= 65535, "a port number between 1 and 65535"),
+    ("ui.timeout_s", lambda v: v > 0, "a positive number of seconds"),
 ]
 
 
