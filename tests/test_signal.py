@@ -84,9 +84,8 @@ def test_best_checkpoint_is_the_best_trailing_mean():
     candidates = []
     for run, series in (("/r/a", RUN_A), ("/r/b", RUN_B)):
         v = series["eval/loss"]
-        for i, step in enumerate(STEPS):
-            window = v[max(0, i - 2):i + 1]
-            candidates.append((sum(window) / len(window), run, step))
+        for i, step in enumerate(STEPS[2:], start=2):  # full windows of 3 only
+            candidates.append((sum(v[i - 2:i + 1]) / 3, run, step))
     value, run, step = min(candidates)
     assert (summary.best.point.run, summary.best.point.step) == (run, step)
     assert summary.best.smoothed == pytest.approx(value, rel=1e-12)
@@ -102,6 +101,10 @@ def test_last_k_is_capped_and_a_lone_checkpoint_has_no_noise():
     assert st.k == 2 and st.last_k_mean == 2.5 and st.tau == 1.0
     lone = sn.run_stats([7], [3.0], k=5, lower_is_better=True)
     assert lone.k == 1 and math.isnan(lone.noise) and math.isnan(lone.tau)
+    # smoothing: full windows only (w = min(k, n)); flat series: tau undefined, never "-0"
+    assert sn.trailing_means([1.0, 2.0, 3.0, 4.0], 3)[2:] == [2.0, 3.0] and math.isnan(sn.trailing_means([1.0], 3)[0]) is False
+    assert sn.trailing_means([1.0, 3.0], 5) == [pytest.approx(float("nan"), nan_ok=True), 2.0]
+    assert str(sn.improvement_tau([1, 2, 3], [1.0, 2.0, 1.0], lower_is_better=True)) == "0.0"
 
 
 def test_table_csv_and_picture(tmp_path):
@@ -112,7 +115,7 @@ def test_table_csv_and_picture(tmp_path):
     assert "best checkpoint by harness/t/acc" in text
     path = summary.write_csv(records, tmp_path / "summary.csv")
     rows = list(csv.DictReader(open(path)))
-    assert len(rows) == 2 * len(STEPS)
+    assert len(rows) == 2 * len(STEPS)  # one row per checkpoint
     a_last = [r for r in rows if r["run"] == "r/a" or r["run"].endswith("a")][-1]
     assert float(a_last["signal/eval/loss/last_k_mean"]) == pytest.approx(np.mean(RUN_A["eval/loss"][-K:]))
     assert float(a_last["signal/eval/loss/snr"]) == pytest.approx(summary.metrics()["signal/eval/loss/snr"])
@@ -144,9 +147,9 @@ def check_alias_moves_only_to_a_better_checkpoint(client, runs: dict[str, str], 
     """Shared by the sqlite test here and the `mlflow server` one (tests/test_signal_scan.py)."""
     from ckpteval.tracking.registry import register_best
 
-    def reg(ckpt, value):
+    def reg(ckpt, value, k=3):
         return register_best(client, name, ckpt=ckpt, step=int(ckpt.rsplit("_", 1)[1]), metric="eval/loss",
-                             value=value, lower=True, k=3, run_id=runs[ckpt])
+                             value=value, lower=True, k=k, run_id=runs[ckpt])
 
     def holder():
         return client.get_model_version_by_alias(name, "best")
@@ -161,6 +164,9 @@ def check_alias_moves_only_to_a_better_checkpoint(client, runs: dict[str, str], 
     assert v.run_id == runs["/c/step_300"] and v.tags["eval_run_id"] == runs["/c/step_300"]
     assert "already points at" in reg("/c/step_300", 2.5)  # nothing new
     assert len(client.search_model_versions(f"name='{name}'")) == 2  # the worse one was never registered
+    # a value over another window (the series grew past k, or signal.last_k changed) is a new criterion: it replaces
+    assert "moved from version 2" in reg("/c/step_200", 3.5, k=5)
+    assert holder().tags["ckpt"] == "/c/step_200" and holder().tags["k"] == "5"
 
 
 def test_registry_alias_moves_when_a_better_checkpoint_arrives_sqlite(store):
@@ -202,7 +208,7 @@ def test_watcher_series_logs_signal_and_registers_the_best(store, monkeypatch):
     assert got["signal/eval/loss/last_k_mean"] == pytest.approx(tail.mean())
     assert got["signal/eval/loss/noise"] == pytest.approx(np.std(tail, ddof=1) / tail.mean())
     assert got["signal/eval/loss/tau"] == pytest.approx(-stats.kendalltau([10, 20, 30, 40], losses).statistic)
-    # trailing means over 2: 4.0, 3.5, 3.1, 2.6 -> step 40
+    # trailing means over min(2, n): 4.0 (n=1), then 3.5, 3.1, 2.6 -> step 40
     assert found.best.point.step == 40
     held = client.get_model_version_by_alias("watched.best", "best")
     assert held.tags["ckpt"] == "/w/step_40" and float(held.tags["value"]) == pytest.approx(2.6)

@@ -13,8 +13,10 @@ allenai/signal-and-noise, `snr_simple.py`), over one metric of a series of check
                    lower-is-better metrics, so +1 always means "improved at every checkpoint" (monotonicity)
 - signal         = (max - min of the runs' last-k means) / |mean of them|   (relative spread between runs)
 - snr            = signal / mean of the runs' noise                          (the spread in units of noise)
-- best checkpoint: the one whose trailing last-k mean (itself and up to k - 1 checkpoints before it in its run) is
-                   best; a trailing window, so a checkpoint's smoothed value never changes as later ones arrive.
+- best checkpoint: the one whose trailing mean over w = min(k, checkpoints in its run) checkpoints (itself and the
+                   w - 1 before it in its run) is best; only checkpoints with a full window compete, so every
+                   smoothed value averages the same number of checkpoints, and a trailing window never changes as
+                   later checkpoints arrive.
 
 Pure numpy, no project imports: callers decide each metric's direction and which runs and metrics there are.
 """
@@ -66,7 +68,7 @@ def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float:
 def improvement_tau(steps: Sequence[float], values: Sequence[float], lower_is_better: bool) -> float:
     """Kendall's tau of the metric against step, signed so that + means improving."""
     tau = kendall_tau_b(steps, values)
-    return -tau if lower_is_better and not math.isnan(tau) else tau
+    return 0.0 - tau if lower_is_better else tau  # 0.0 - x: no "-0.0" for a flat series
 
 
 @dataclass(frozen=True)
@@ -123,9 +125,11 @@ def leader(means: dict[str, float], lower_is_better: bool) -> str | None:
 
 
 def trailing_means(values: Sequence[float], k: int) -> list[float]:
-    """For each point, the mean of itself and up to k - 1 points before it (values in step order)."""
+    """For each point with w = min(k, len) points up to it, the mean of those w (values in step order); NaN for
+    the first w - 1 points, whose window is not full."""
     arr = np.asarray(values, dtype=np.float64)
-    return [float(arr[max(0, i - k + 1):i + 1].mean()) for i in range(arr.size)]
+    w = min(k, arr.size)
+    return [float(arr[i - w + 1:i + 1].mean()) if i >= w - 1 else NAN for i in range(arr.size)]
 
 
 def best_index(smoothed: Sequence[float], lower_is_better: bool) -> int | None:

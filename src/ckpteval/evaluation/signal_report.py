@@ -161,7 +161,7 @@ class SignalSummary:
         candidates = []
         for pts in ms.series.values():
             smoothed = sn.trailing_means([p.value for p in pts], self.k)
-            candidates += [(s, p, min(i + 1, self.k)) for i, (s, p) in enumerate(zip(smoothed, pts))]
+            candidates += [(s, p, min(len(pts), self.k)) for s, p in zip(smoothed, pts)]
         i = sn.best_index([c[0] for c in candidates], ms.lower)
         if i is not None:
             s, p, k = candidates[i]
@@ -339,18 +339,22 @@ class SignalSummary:
         return path
 
     def write_csv(self, records: list[dict], path: Path) -> Path:
-        """One row per checkpoint record (its metrics, then the signal columns): mode=compare's summary.csv."""
-        metrics = list(dict.fromkeys(k for r in records for k in (r.get("metrics") or {})
-                                     if not k.startswith(PREFIX + "/")))
+        """One row per checkpoint (the metrics of every record of it merged, later records winning; the MLflow runs
+        they came from), then the signal columns: mode=compare's summary.csv."""
+        merged: dict[tuple, dict] = {}
+        for r in records:
+            row = merged.setdefault((str(r["run"]), r.get("step")), {"ckpt": r.get("ckpt"), "metrics": {}, "ids": []})
+            row["metrics"].update({k: v for k, v in (r.get("metrics") or {}).items() if not k.startswith(PREFIX + "/")})
+            row["ids"] += [r["run_id"]] if r.get("run_id") else []
+        metrics = list(dict.fromkeys(k for row in merged.values() for k in row["metrics"]))
         cols = self.csv_columns()
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["run", "checkpoint", "step", "run_id", *metrics, *cols])
-            for r in sorted(records, key=lambda r: (self.runs.index(str(r["run"])), r.get("step") or 0)):
-                values = self.csv_values(str(r["run"]), r.get("ckpt"), r.get("step"))
-                writer.writerow([self.names.get(str(r["run"]), r["run"]), r.get("ckpt"), r.get("step"),
-                                 r.get("run_id") or "", *[(r.get("metrics") or {}).get(m, "") for m in metrics],
-                                 *[values.get(c, "") for c in cols]])
+            writer.writerow(["run", "checkpoint", "step", "run_ids", *metrics, *cols])
+            for (run, step), row in sorted(merged.items(), key=lambda kv: (self.runs.index(kv[0][0]), kv[0][1] or 0)):
+                values = self.csv_values(run, row["ckpt"], step)
+                writer.writerow([self.names.get(run, run), row["ckpt"], step, " ".join(row["ids"]),
+                                 *[row["metrics"].get(m, "") for m in metrics], *[values.get(c, "") for c in cols]])
         return path
 
     # -- picture

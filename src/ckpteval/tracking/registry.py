@@ -7,8 +7,9 @@ eval run), never a copy of the weights, and the alias `best` on the best one so 
 
 The version's source is `runs:/<eval run id>` (a tracking server refuses local paths outside a run's artifacts),
 and its tags carry `ckpt`, `step`, `metric`, `value` (the last-k-smoothed value that chose it), `k` and
-`eval_run_id`. The alias moves only to a strictly better value of the same metric (or to a new version when the
-selection metric changed); registering the checkpoint the alias already points at changes nothing. Stores without
+`eval_run_id`. The alias moves only to a strictly better value of the same metric over the same window k (a value
+over another window or of another metric replaces it: the criterion changed, e.g. a series that grew past k
+checkpoints); registering the checkpoint the alias already points at changes nothing. Stores without
 a model registry are reported in the returned line, never raised: a scan or watcher goes on.
 """
 
@@ -80,7 +81,7 @@ def register_best(client, name: str, *, ckpt: str, step, metric: str, value: flo
                 old = float(tags.get("value", "nan"))
             except ValueError:
                 old = math.nan
-            if same_metric and math.isfinite(old) and not _better(value, old, lower):
+            if same_metric and tags.get("k") == str(k) and math.isfinite(old) and not _better(value, old, lower):
                 return (f"alias {name}@{ALIAS} stays on version {held.version} ({tags.get('ckpt')}: {metric} "
                         f"{old:.6g}, not beaten by {value:.6g})")
         version = client.create_model_version(

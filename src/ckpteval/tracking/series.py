@@ -139,16 +139,22 @@ def experiment_of(run) -> str:
     return run.client.get_experiment(run.client.get_run(run.run_id).info.experiment_id).name
 
 
+SAMPLE_ARTIFACTS = ("lm_eval", "window_nll.npz")  # harness sample logs; mode=loss's per-window NLL
+
+
 def download_samples(client, run_id: str, dest: Path) -> str | None:
-    """The run's lm-eval artifacts (`lm_eval/**/samples_*.jsonl`) under `dest/<run_id>`; None when it has none."""
+    """The run's per-sample artifacts (`lm_eval/**/samples_*.jsonl`, `window_nll.npz`) under `dest/<run_id>`, laid
+    out as in the job's run dir (what `evaluation.statistics.paired_samples` reads); None when it has none."""
     out = Path(dest) / run_id
     if out.is_dir():
         return str(out)
     try:
-        if not client.list_artifacts(run_id, "lm_eval"):
+        present = {Path(a.path).name for a in client.list_artifacts(run_id)} & set(SAMPLE_ARTIFACTS)
+        if not present:
             return None
         out.mkdir(parents=True, exist_ok=True)
-        client.download_artifacts(run_id, "lm_eval", str(out))
+        for name in sorted(present):
+            client.download_artifacts(run_id, name, str(out))
     except Exception as exc:  # noqa: BLE001 - a missing artifact only costs the p-value
         log.info("no per-sample artifacts for run %s: %s", run_id, exc)
         return None
