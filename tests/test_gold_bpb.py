@@ -37,7 +37,8 @@ def _run(tmp: Path, ckpt: Path, backend: str, *extra: str) -> tuple[dict, Path]:
     out.mkdir(parents=True, exist_ok=True)
     cfg = factories.compose(["mode=harness", f"ckpt={ckpt}", "harness=offline", f"harness.include_path={TASKS_DIR}",
                              f"harness.tasks=[{','.join(TASKS)}]", f"harness.limit={LIMIT}", "harness.batch_size=4",
-                             f"harness.backend={backend}", "tracking.enabled=false", *extra])
+                             f"harness.backend={backend}", "harness.gen_kwargs='max_gen_toks=1'",  # bpb needs no long answers
+                             "tracking.enabled=false", *extra])
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(out)
         return app.main(cfg), out

@@ -215,3 +215,26 @@ def test_watcher_series_logs_signal_and_registers_the_best(store, monkeypatch):
     # each evaluation brought a new best (4.0 at 10, then 3.5, 3.1, 2.6): one version each, the alias on the last
     assert sorted(float(v.tags["value"]) for v in client.search_model_versions("name='watched.best'")) == \
         pytest.approx([2.6, 3.1, 3.5, 4.0])
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("overrides, line", [
+    (["mode=compare"], "error: mode=compare needs finished runs to compare: compare.experiments=[NAME,...], "
+                       "compare.parents=[SCAN_PARENT_RUN_ID,...] or compare.runs=[RUN_ID,...]"),
+    (["mode=compare", "compare.experiments=[nope]"], "error: compare.experiments: no experiment 'nope' in this store"),
+    (["mode=compare", "signal.last_k=0"], "error: signal.last_k=0 is out of range: use 1 or more (signal.last_k=N)"),
+    (["mode=loss", "ckpt=x", "signal.model_name=a/b"], "error: signal.model_name='a/b' is not a registered-model name"),
+])
+def test_bad_signal_and_compare_input_is_one_error_line(tmp_path, monkeypatch, capsys, overrides, line):
+    from ckpteval import app
+    from tests import factories
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        app.main(factories.compose([*overrides, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                                    "tracking.enabled=false"]))
+    assert exit_info.value.code == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error")]
+    assert len(err) == 1 and err[0].startswith(line), err

@@ -160,6 +160,11 @@ def validate_config(cfg: DictConfig) -> None:
     if schedule is not None and str(schedule) not in PP_SCHEDULES:
         raise CkptEvalError(f"parallel.pp_schedule={schedule} is unknown: use one of {', '.join(PP_SCHEDULES)}")
     check_device(OmegaConf.select(cfg, "eval.device"))
+    model_name = OmegaConf.select(cfg, "signal.model_name", default=None)
+    if model_name is not None:
+        from ckpteval.tracking.registry import check_model_name
+
+        check_model_name(str(model_name))
 
 
 def check_device(requested: str | None) -> None:
