@@ -114,7 +114,8 @@ def test_table_csv_and_picture(tmp_path):
     assert "signal vs noise: 2 run(s), last k=4" in text and "harness/t/acc" in text and " low" in text
     assert "best checkpoint by harness/t/acc" in text
     path = summary.write_csv(records, tmp_path / "summary.csv")
-    rows = list(csv.DictReader(open(path)))
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == 2 * len(STEPS)  # one row per checkpoint
     a_last = [r for r in rows if r["run"] == "r/a" or r["run"].endswith("a")][-1]
     assert float(a_last["signal/eval/loss/last_k_mean"]) == pytest.approx(np.mean(RUN_A["eval/loss"][-K:]))
@@ -221,8 +222,8 @@ def test_watcher_series_logs_signal_and_registers_the_best(store, monkeypatch):
 
 
 @pytest.mark.parametrize("overrides, line", [
-    (["mode=compare"], "error: mode=compare needs finished runs to compare: compare.experiments=[NAME,...], "
-                       "compare.parents=[SCAN_PARENT_RUN_ID,...] or compare.runs=[RUN_ID,...]"),
+    (["mode=compare"], ("error: mode=compare needs finished runs to compare: compare.experiments=[NAME,...], "
+                        "compare.parents=[SCAN_PARENT_RUN_ID,...] or compare.runs=[RUN_ID,...]")),
     (["mode=compare", "compare.experiments=[nope]"], "error: compare.experiments: no experiment 'nope' in this store"),
     (["mode=compare", "signal.last_k=0"], "error: signal.last_k=0 is out of range: use 1 or more (signal.last_k=N)"),
     (["mode=loss", "ckpt=x", "signal.model_name=a/b"], "error: signal.model_name='a/b' is not a registered-model name"),

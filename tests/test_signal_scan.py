@@ -64,7 +64,8 @@ def scan(tmp_path_factory, tiny_tokenizer_dir):
                               f"tracking.uri=sqlite:///{db}"], cwd=tmp, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sweep_dir,) = (tmp / "outputs" / "multirun").iterdir()
-    rows = list(csv.DictReader(open(sweep_dir / "summary.csv")))
+    with open(sweep_dir / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
     client, runs = factories.mlflow_runs(db)
     parent = next(r for r in runs if r.data.tags.get("ckpteval.sweep") == "true")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
@@ -172,11 +173,11 @@ def test_best_alias_points_at_the_best_trailing_mean_checkpoint(scan):
     evaluated = client.get_run(held.run_id)  # the harness job that logged the metric, not a copy of the weights
     assert evaluated.data.tags["mode"] == "harness" and Path(evaluated.data.tags["ckpt"]) == Path(held.tags["ckpt"])
     assert held.source == f"runs:/{held.run_id}"
-    assert f"alias best moved to it" in scan["proc"].stdout
+    assert "alias best moved to it" in scan["proc"].stdout
 
 
 def test_compare_reproduces_the_scan_from_mlflow_without_any_model(scan, monkeypatch, capsys):
-    import ckpteval.checkpoint as checkpoint
+    from ckpteval import checkpoint
 
     tmp, parent = scan["tmp"], scan["parent"]
     shutil.rmtree(tmp / "runs")  # no checkpoint is left to load
@@ -197,7 +198,8 @@ def test_compare_reproduces_the_scan_from_mlflow_without_any_model(scan, monkeyp
     assert "== signal vs noise: 2 run(s), last k=3" in out
     written = next(line for line in out.splitlines() if line.startswith("summary: ")).split(": ", 1)[1].split(", ")
     assert written[0].endswith("summary.csv") and written[1].endswith("signal.png")
-    rows = list(csv.DictReader(open(written[0])))
+    with open(written[0]) as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == 8  # one row per checkpoint (loss and harness jobs merged)
     scanned = {(r["signal/run"], r["step"]): r for r in scan["rows"] if r["mode"] == "harness"}
     for row in rows:

@@ -112,5 +112,5 @@ def test_ui_on_a_taken_port_is_one_error_line(tmp_path, monkeypatch, capsys):
             app.main(factories.compose(["mode=ui", f"ui.port={port}", f"tracking.uri=sqlite:///{tmp_path}/m.db"]))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: ui.port={port} on 127.0.0.1 is taken (Address already in use): another MLflow UI may be "
-                   f"running there (open http://127.0.0.1:{port}), or pick a free port with ui.port=N"]
+    assert err == [(f"error: ui.port={port} on 127.0.0.1 is taken (Address already in use): another MLflow UI may "
+                    f"be running there (open http://127.0.0.1:{port}), or pick a free port with ui.port=N")]

@@ -98,7 +98,7 @@ def scan_signal(records: list, config) -> ScanSignal | None:
     (or the block failed: the scan's own summary never depends on it)."""
     try:
         return _scan_signal(records, config)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # the scan's own summary never depends on this block
         log.warning("the signal summary of this scan failed: %s", exc, exc_info=True)
         return None
 

@@ -229,9 +229,10 @@ class SignalSummary:
             return self.notes[:1]
         b = self.best
         name = self.names.get(b.point.run, b.point.run)
-        return [f"best checkpoint by {b.metric} (mean of its last {b.k} checkpoint(s) in its run, "
-                f"{'lowest' if self.metrics_[b.metric].lower else 'highest'}): {_fmt(b.smoothed)} at step "
-                f"{_fmt(b.point.step)} of {name}: {b.point.ckpt}"]
+        direction = "lowest" if self.metrics_[b.metric].lower else "highest"
+        line = (f"best checkpoint by {b.metric} (mean of its last {b.k} checkpoint(s) in its run, {direction}): "
+                f"{_fmt(b.smoothed)} at step {_fmt(b.point.step)} of {name}: {b.point.ckpt}")
+        return [line]
 
     def table(self, max_metrics: int = 16) -> str:
         """The summary block printed after the scan table."""
@@ -240,8 +241,8 @@ class SignalSummary:
                 f"of the last k; tau: +1 = better at every checkpoint) ")
         lines = [head + "=" * max(0, 118 - len(head))]
         if self.multi:
-            header = ["metric", "run", "last-k mean", "noise", "tau", "signal", "SNR", "leader (p: its last "
-                      "checkpoint vs each other run's)"]
+            leader = "leader (p: its last checkpoint vs each other run's)"
+            header = ["metric", "run", "last-k mean", "noise", "tau", "signal", "SNR", leader]
             rows = []
             for ms in shown:
                 for j, run in enumerate(r for r in self.runs if r in ms.runs):
