@@ -33,16 +33,14 @@ SELECT_DEFAULTS = ("harness/core", "harness/mean_primary", "eval/loss")  # signa
 # Numbers a job reports that do not measure the checkpoint (counts, stderrs, timings), and `harness/{task}/primary`,
 # a copy of one of the task's own metrics (and of unknown direction: accuracy or perplexity).
 _NOT_A_SERIES = re.compile(r"(tokens|_stderr|stderr|samples|_s|/n|/primary|/random)$", re.IGNORECASE)
-_LOWER_IS_BETTER = re.compile(r"loss|perplexity|ppl|nll|bpb|bits|error|wer|cer", re.IGNORECASE)
+# The scan summary's rule (ckpteval.sweep.LOWER_IS_BETTER; tests/test_signal.py checks they agree). Kept here, not
+# imported: the scan imports this module, and importing the scan back would close an import cycle.
+LOWER_IS_BETTER = re.compile(r"loss|perplexity|ppl|nll|bpb|bits|error|wer|cer", re.IGNORECASE)
 
 
 def lower_is_better(metric: str) -> bool:
-    """The scan summary's rule (ckpteval.sweep.lower_is_better): losses, perplexities, bits, error rates."""
-    try:
-        from ckpteval.sweep import lower_is_better as rule
-    except ImportError:  # the scan package moved: same rule
-        return bool(_LOWER_IS_BETTER.search(metric))
-    return rule(metric)
+    """Losses, perplexities, bits (bpb), error rates: lower is better; everything else higher."""
+    return bool(LOWER_IS_BETTER.search(metric))
 
 
 def series_metrics(records: Iterable[dict]) -> list[str]:
