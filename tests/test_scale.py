@@ -372,8 +372,8 @@ def test_mlflow_server_artifacts_land_in_the_bucket(tmp_path, mlflow_server, tin
     runs = _all_runs(client)
     [parent] = [r for r in runs if r.data.tags.get("ckpteval.sweep") == "true"]
     [h_run] = [r for r in runs if r.info.run_name.startswith("harness@")]
-    assert {a.path for a in client.list_artifacts(parent.info.run_id, "summary")} == {"summary/summary.csv",
-                                                                                        "summary/summary.png"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "summary")} == {
+        "summary/summary.csv", "summary/summary.png", "summary/signal.png"}
 
     def listed(run_id: str, path: str = "") -> list[str]:  # the server's artifact API, recursively
         out = []

@@ -245,7 +245,7 @@ def test_multirun_scan_end_to_end(tmp_path, tiny_tokenizer_dir, tiny_token_shard
     assert failed.info.status == "FAILED" and "does not match its architecture" in failed.data.tags["error"]
 
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
-    assert arts == {"summary/summary.csv", "summary/summary.png"}
+    assert arts == {"summary/summary.csv", "summary/summary.png", "summary/signal.png"}
     assert [m.step for m in client.get_metric_history(parent.info.run_id, "eval/loss")] == [100, 300, 1200]
     csv_rows = (tmp_path / "sweep" / "summary.csv").read_text().splitlines()
     assert len(csv_rows) == 5 and sum(",FAILED," in row for row in csv_rows) == 1

@@ -46,6 +46,8 @@ MODES: dict[str, ModeSpec] = {
     "prepare": ModeSpec("ckpteval.modes.prepare:run", opens_run=False),
     "watch": ModeSpec("ckpteval.modes.watch:run", opens_run=False),
     "replay": ModeSpec("ckpteval.app:replay", opens_run=False),
+    "compare": ModeSpec("ckpteval.modes.compare:run"),
+    "ui": ModeSpec("ckpteval.modes.ui:run", opens_run=False),
 }
 
 __all__ = ["MODES", "Job", "main", "run_name"]
@@ -131,7 +133,7 @@ def _main(cfg: DictConfig) -> dict[str, Any] | None:
         fn = spec.load()
         if not spec.opens_run:
             result = fn(cfg, job)
-            if dist.is_main and name != "watch":
+            if dist.is_main and name not in ("watch", "ui"):
                 print(f"results: {job.out_dir}", flush=True)
             return result
         job.step = _step_from_path(cfg.ckpt)

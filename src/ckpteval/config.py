@@ -64,7 +64,7 @@ PP_SCHEDULES = ("GPipe", "1F1B")  # names Enum members cannot have ("1F1B"): che
 
 @dataclass
 class ModeConfig:
-    name: str = MISSING  # which mode runs: train_eval | loss | harness | convert | prepare | watch
+    name: str = MISSING  # which mode runs: train_eval | loss | harness | convert | prepare | watch | compare | ui
 
 
 @dataclass
@@ -194,6 +194,7 @@ class HarnessConfig:
     prefix_cache_tokens: int = 8192  # fast backend: cap on shared-prefix tokens whose KV is kept (0: no sharing)
     request_cache: bool = True  # build tasks' requests once per scan/watcher (memory + request_cache_dir)
     request_cache_dir: Optional[str] = None  # built requests as JSON across processes; default <paths.outputs>/harness_requests
+    bpb: bool = True  # harness/{task}/bpb: bits per byte of each document's gold continuation (fast/hf; subprocess: from its samples)
 
 
 @dataclass
@@ -244,6 +245,36 @@ class WatchConfig:
 
 
 @dataclass
+class SignalConfig:
+    """Signal or noise over a series of checkpoints (scans, the watcher, mode=compare): docs/signal.md."""
+
+    last_k: int = 5  # checkpoints per run averaged for signal/METRIC/last_k_mean and noise (capped at the series length)
+    select: Optional[str] = None  # metric whose last-k-smoothed value picks the best checkpoint; null: harness/core, else harness/mean_primary, else eval/loss
+    register: bool = True  # register the best checkpoint as an MLflow model version with alias `best` (where the store has a registry)
+    model_name: Optional[str] = None  # registered model name; default: "<experiment>.best" ("/" and ":" become "-")
+    low_snr: float = 2.0  # metrics whose SNR across runs is below this are marked low (table, note, picture)
+    max_metrics: int = 16  # metrics shown in the table and the picture (all of them in the CSV)
+
+
+@dataclass
+class CompareConfig:
+    """mode=compare: finished evaluation runs read back from MLflow (no model is loaded)."""
+
+    experiments: list[str] = field(default_factory=list)  # experiment names: every finished evaluation run in them
+    parents: list[str] = field(default_factory=list)  # scan parent run ids: their evaluation runs
+    runs: list[str] = field(default_factory=list)  # evaluation run ids
+
+
+@dataclass
+class UiConfig:
+    """mode=ui: the MLflow UI on the configured store."""
+
+    host: str = "127.0.0.1"  # interface to serve on (0.0.0.0: reachable from other machines)
+    port: int = 5000  # port of the UI (the View links printed by every mode assume 5000)
+    timeout_s: float = 300.0  # how long to wait for the UI to answer before giving up
+
+
+@dataclass
 class PathsConfig:
     outputs: str = "outputs"  # root of everything we write (Hydra run dirs, MLflow db, demo corpus)
     demo_data: str = "${paths.outputs}/demo_corpus"  # prepared demo corpus (train/, validation/, tokenizer.json)
@@ -282,6 +313,9 @@ class Config:
     convert: ConvertConfig = field(default_factory=ConvertConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
+    signal: SignalConfig = field(default_factory=SignalConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    ui: UiConfig = field(default_factory=UiConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     ckpt: Optional[str] = None  # checkpoint to evaluate: HF dir, DCP dir, .gguf, nanoGPT ckpt.pt, Lightning .ckpt, ... (glob:PATTERN with -m)
     ckpt_format: CkptFormat = CkptFormat.auto  # auto = detect from the path; a family name forces that family

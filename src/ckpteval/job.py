@@ -138,6 +138,11 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("prepare.vocab_size", lambda v: v >= 1, "1 or more"),
     ("prepare.val_fraction", lambda v: 0 < v < 1, "between 0 and 1 (exclusive)"),
     ("prepare.max_chars", lambda v: v >= 1, "1 or more"),
+    ("signal.last_k", lambda v: v >= 1, "1 or more"),
+    ("signal.low_snr", lambda v: v >= 0, "0 or more"),
+    ("signal.max_metrics", lambda v: v >= 1, "1 or more"),
+    ("ui.port", lambda v: 1 <= v <= 65535, "a port number between 1 and 65535"),
+    ("ui.timeout_s", lambda v: v > 0, "a positive number of seconds"),
 ]
 
 
@@ -155,6 +160,11 @@ def validate_config(cfg: DictConfig) -> None:
     if schedule is not None and str(schedule) not in PP_SCHEDULES:
         raise CkptEvalError(f"parallel.pp_schedule={schedule} is unknown: use one of {', '.join(PP_SCHEDULES)}")
     check_device(OmegaConf.select(cfg, "eval.device"))
+    model_name = OmegaConf.select(cfg, "signal.model_name", default=None)
+    if model_name is not None:
+        from ckpteval.tracking.registry import check_model_name
+
+        check_model_name(str(model_name))
 
 
 def check_device(requested: str | None) -> None:

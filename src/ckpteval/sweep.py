@@ -560,11 +560,17 @@ class SweepCallback(Callback):
         csv_path = write_csv(records, sweep_dir / "summary.csv", pvalues)
         png = plot_metrics(records, sweep_dir / "summary.png", f"{sweep_dir.name}: metric vs checkpoint step") \
             if self.plot else None
-        print(f"summary: {csv_path}" + (f", {png}" if png else ""), flush=True)
+        pictures = [png] if png else []
+        from ckpteval.series import scan_signal  # signal vs noise over the series: its table, CSV columns, picture
+
+        self._signal = scan_signal(records, config)
+        if self._signal is not None:
+            pictures += self._signal.write(csv_path, sweep_dir / "signal.png" if self.plot else None)
+        print(f"summary: {csv_path}" + "".join(f", {p}" for p in pictures), flush=True)
         if found is not None:
             run, name = found
             try:
-                self._finish_parent(run, records, [csv_path] + ([png] if png else []), pvalues)
+                self._finish_parent(run, records, [csv_path] + pictures, pvalues)
             except Exception as exc:  # never leave the parent RUNNING
                 log.warning("could not log the summary to MLflow run %s: %s", run.run_id, exc, exc_info=True)
                 run.end("FAILED", f"summary logging failed: {exc}")
@@ -601,7 +607,9 @@ class SweepCallback(Callback):
 
         publish_view(run, metrics[:self.max_table_metrics])
         failed = [r for r in records if r.status != "COMPLETED"]
+        signal_note = self._signal.finish(run) if getattr(self, "_signal", None) else ""  # ckpteval.series
         run.set_tags({"sweep.jobs": len(records), "sweep.failed": len(failed),
                       **{f"best_ckpt/{m}": r.ckpt for m, r in best.items()},
-                      "mlflow.note.content": summary_markdown(records, self.max_table_metrics, pvalues)})
+                      "mlflow.note.content": summary_markdown(records, self.max_table_metrics, pvalues)
+                      + (f"\n\n{signal_note}" if signal_note else "")})
         run.end("FINISHED")

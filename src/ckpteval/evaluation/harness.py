@@ -323,7 +323,12 @@ def run_simple_evaluate(lm, resolved: ResolvedTasks, hcfg, request_cache_dir: Pa
                 "tokenizer": tokenizer_fingerprint(tokenizer) if tokenizer is not None else None}
         reuse = reuse_built_requests(resolved.leaf_tasks, base, request_cache_dir)
     with reuse, env_info_once_per_process():
-        return _simple_evaluate(simple_evaluate, lm, resolved, hcfg, seed)
+        results = _simple_evaluate(simple_evaluate, lm, resolved, hcfg, seed)
+    from ckpteval.evaluation.gold import add_gold_scores
+
+    add_gold_scores(results, resolved.leaf_tasks, lm, bpb=bool(getattr(hcfg, "bpb", True)),
+                    chat=bool(hcfg.apply_chat_template))  # every rank: FastLM shares the extra requests
+    return results
 
 
 _ENV_INFO: dict[tuple[str, str], Any] = {}  # (what, working dir) -> lm-eval's answer, for this process
@@ -492,10 +497,12 @@ def top_level_entries(results: dict) -> list[str]:
 
 def harness_metrics(results: dict) -> tuple[dict[str, float], dict[str, str]]:
     """Flat metrics (`harness/{task}/{metric}` and its `_stderr`, `.../primary`, `.../n_samples`,
-    `harness/mean_primary`) and each task's primary metric name.
+    `harness/mean_primary`, `harness/core`) and each task's primary metric name.
 
     `mean_primary` averages the primary metric of the top-level tasks/groups whose primary is higher-is-better
-    (accuracies); perplexity-type primaries (loglikelihood_rolling tasks) are left out of the mean.
+    (accuracies); perplexity-type primaries (loglikelihood_rolling tasks) are left out of the mean. `core` is the
+    centered aggregate (`core_score`). Bits per byte on the gold answers (`harness/{task}/bpb`) come with the
+    results (evaluation/gold.py).
     """
     metrics: dict[str, float] = {}
     primaries: dict[str, str] = {}
@@ -521,7 +528,42 @@ def harness_metrics(results: dict) -> tuple[dict[str, float], dict[str, str]]:
             means.append(primary[2])
     if means:
         metrics["harness/mean_primary"] = sum(means) / len(means)
+    core, used, left_out = core_score(results)
+    if core is not None:
+        metrics["harness/core"] = core
+    if left_out:
+        log.info("harness/core: %s left out (no chance level: not multiple choice and no metadata.random_baseline "
+                 "in the task config)%s", ", ".join(left_out), "" if used else "; no task had one")
     return metrics, primaries
+
+
+def chance_level(task: str, results: dict) -> float | None:
+    """A task's chance accuracy: `metadata.random_baseline` in its config, else the mean over its documents of
+    1 / number of choices (multiple choice, recorded by evaluation/gold.py under results["chance"])."""
+    meta = ((results.get("configs") or {}).get(task) or {}).get("metadata") or {}
+    stated = meta.get("random_baseline") if isinstance(meta, dict) else None
+    if _number(stated):
+        return float(stated)
+    found = (results.get("chance") or {}).get(task)
+    return float(found) if _number(found) else None
+
+
+def core_score(results: dict) -> tuple[float | None, list[str], list[str]]:
+    """DCLM's CORE: the mean over top-level tasks of (primary - random) / (1 - random), random = the task's chance
+    accuracy (`chance_level`). Tasks whose primary is not higher-is-better or that have no chance level below 1
+    are left out. Returns (core or None, tasks used, tasks left out)."""
+    hib = results.get("higher_is_better") or {}
+    entries = {**(results.get("results") or {}), **(results.get("groups") or {})}
+    centered, used, left_out = [], [], []
+    for task in top_level_entries(results):
+        primary = select_primary_metric(task, entries.get(task, {}), results)
+        random = chance_level(task, results)
+        if primary is None or (hib.get(task) or {}).get(primary[0]) is not True or random is None or random >= 1:
+            left_out.append(task)
+            continue
+        centered.append((primary[2] - random) / (1.0 - random))
+        used.append(task)
+    return (sum(centered) / len(centered) if centered else None), used, left_out
 
 
 def results_table(results: dict) -> str:

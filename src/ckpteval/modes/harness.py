@@ -64,6 +64,9 @@ def evaluate_checkpoint_harness(cfg, job, ckpt: str, harness_cfg=None) -> dict[s
     timing: dict[str, float] = {}
     if hcfg.backend == "subprocess":
         results = _evaluate_subprocess(cfg, hcfg, info, job)
+        from ckpteval.evaluation.gold import add_gold_scores_from_samples
+
+        add_gold_scores_from_samples(results, resolved.leaf_tasks, bpb=bool(getattr(hcfg, "bpb", True)))
     else:
         results = _evaluate_in_memory(cfg, hcfg, info, job, resolved, timing)
     elapsed = time.perf_counter() - start

@@ -55,6 +55,7 @@ def evaluate_checkpoint_loss(cfg, job, ckpt: str, window_file: Path | None = Non
                                            keep_windows=window_file is not None)
     if window_file is not None and job.dist.is_main:
         save_window_nll(window_file, results)
+        job.run.log_artifact(window_file)  # mode=compare's paired test reads it back from MLflow
     return {"step": info.step, "tokens_seen": info.tokens_seen, **set_metrics(sets, results)}
 
 

@@ -598,6 +598,9 @@ class Watcher:
         try:
             self.summary_run.log_metrics({k: v for k, v in metrics.items() if k not in ("step", "tokens_seen")},
                                          step=step)
+            from ckpteval.series import watcher_signal  # signal/... over the watched series, best checkpoint registered
+
+            watcher_signal(self.ledger.entries, self.cfg, self.summary_run, self.watch_dir)
         except Exception as exc:  # noqa: BLE001 - best effort, as the heartbeat
             log.warning("could not log the curve to the watcher run: %s", exc)
 
