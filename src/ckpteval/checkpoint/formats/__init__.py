@@ -20,8 +20,13 @@ REGISTRY: dict[str, str] = {
     # HF export (safetensors, no config.json) must be asked before `hf`.
     "torchtitan": "ckpteval.checkpoint.formats.torchtitan:TorchTitanFormat",
     "megatron": "ckpteval.checkpoint.formats.megatron:MegatronFormat",
+    # accelerate's pytorch_model_fsdp_0 is a DCP dir too (and its checkpoint-N holds no HF weights)
+    "fsdp": "ckpteval.checkpoint.formats.fsdp:FSDPFormat",
     "dcp": "ckpteval.checkpoint.formats.dcp:DCPFormat",
     "hf": "ckpteval.checkpoint.formats.hf:HFFormat",
+    # after hf: a ZeRO-1/2 Trainer checkpoint-N also holds model.safetensors and stays an HF dir (ckpt_format=deepspeed
+    # reads its fp32 partitions instead); ZeRO-3 ones and bare DeepSpeed save dirs hold no HF weights
+    "deepspeed": "ckpteval.checkpoint.formats.deepspeed:DeepSpeedFormat",
     "gguf": "ckpteval.checkpoint.formats.gguf:GGUFFormat",
     "lightning": "ckpteval.checkpoint.formats.lightning:LightningFormat",
     "nanogpt": "ckpteval.checkpoint.formats.nanogpt:NanoGPTFormat",
