@@ -37,16 +37,25 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.framework_ckpts import mean_loss, windows  # noqa: E402
+from tests.framework_ckpts import mean_loss, windows
 
 STEPS, SAVE_EVERY, BATCH = 4, 2, 2
 
 
+MODEL_FIELDS: dict = {}  # --model-json: LlamaConfig fields over factories' tiny one (benchmarks/bench_zero_memory.py)
+
+
 def _model(seed: int = 0, tie: bool = False):
+    from transformers import LlamaForCausalLM
+
     from tests import factories
 
-    model = factories.make_model(seed=seed, tie=tie)
-    return model.train()
+    if not MODEL_FIELDS:
+        return factories.make_model(seed=seed, tie=tie).train()
+    torch.manual_seed(seed)
+    config = factories.llama_config(tie=tie)
+    config.update(MODEL_FIELDS)
+    return LlamaForCausalLM(config).train()
 
 
 class _TokenWindows(torch.utils.data.Dataset):
@@ -113,8 +122,8 @@ def write_deepspeed(out: Path, tokens: Path, tokenizer_dir: Path, seq_len: int, 
         "gradient_clipping": 1.0, "steps_per_print": 1000,
     }
     w = windows(tokens, seq_len)
-    trainer = Trainer(model=_model(seed=stage, tie=stage == 2), args=_args(out, deepspeed=ds_config), train_dataset=_TokenWindows(w),
-                      processing_class=AutoTokenizer.from_pretrained(tokenizer_dir))
+    trainer = Trainer(model=_model(seed=stage, tie=stage == 2), args=_args(out, deepspeed=ds_config),
+                      train_dataset=_TokenWindows(w), processing_class=AutoTokenizer.from_pretrained(tokenizer_dir))
 
     def forward(x):
         trainer.model_wrapped.eval()  # the DeepSpeed engine: its own forward (ZeRO-3 gathers the partitions)
@@ -169,10 +178,10 @@ def write_fsdp(out: Path, tokens: Path, tokenizer_dir: Path, seq_len: int) -> No
 def zero_to_fp32(root: Path, dest: Path) -> None:
     """DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint` (what zero_to_fp32.py runs) on every
     root/zero{S}/checkpoint-4 -> the HF dir dest/zero{S} (one process: DeepSpeed imports once)."""
+    import shutil
+
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import save_file
-
-    import shutil
 
     for save_dir in sorted(root.glob("zero*/checkpoint-4")):
         state = get_fp32_state_dict_from_zero_checkpoint(str(save_dir))
@@ -197,7 +206,9 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("args", nargs="*")
     ap.add_argument("--stages", default="1,2,3")
+    ap.add_argument("--model-json", default="")
     a = ap.parse_args()
+    MODEL_FIELDS.update(json.loads(a.model_json or "{}"))
     if a.family == "zero_to_fp32":
         return zero_to_fp32(a.out, Path(a.args[0]))
     if a.family == "merge_fsdp":
@@ -216,14 +227,14 @@ def _env() -> dict:
             "TOKENIZERS_PARALLELISM": "false"}
 
 
-def write(family: str, out: Path, tokens: Path, tokenizer: Path, seq_len: int, timeout: int = 500) -> dict:
+def write(family: str, out: Path, tokens: Path, tokenizer: Path, seq_len: int, *flags: str, timeout: int = 500) -> dict:
     """Train and save under torchrun (2 processes) in a subprocess; returns the reference losses: {checkpoint
     name: loss} for fsdp, {"zero1": {...}, "zero2": ..., "zero3": ...} for deepspeed."""
     import subprocess
 
     from tests.framework_ckpts import torchrun
 
-    proc = subprocess.run([*torchrun(2), __file__, family, str(out), str(tokens), str(tokenizer), str(seq_len)],
+    proc = subprocess.run([*torchrun(2), __file__, family, str(out), str(tokens), str(tokenizer), str(seq_len), *flags],
                           env=_env(), capture_output=True, text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     if family == "fsdp":

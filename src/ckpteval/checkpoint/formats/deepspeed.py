@@ -160,57 +160,80 @@ def _param_shapes(meta: dict) -> list[dict[str, tuple[int, ...]]]:
     return [{name: tuple(shape) for name, shape in g.items()} for g in groups]
 
 
-def _fp32_groups(optim: dict, stage: int, path: Path) -> list[torch.Tensor]:
-    state = optim.get("optimizer_state_dict")
+def _rank_groups(files: list[Path], stage: int):
+    """(rank, its flat fp32 groups, its optimizer state dict) one rank at a time: each file is memory-mapped and only
+    its fp32 groups are read; the caller copies them out before the next rank's file is opened, so the mapped pages
+    (which count in RSS while mapped) never exceed one rank's partition."""
     key = "fp32_flat_groups" if stage == 3 else "single_partition_of_fp32_groups"
-    groups = state.get(key) if isinstance(state, dict) else None
-    if not isinstance(groups, list) or not all(isinstance(g, torch.Tensor) for g in groups):
-        raise CkptEvalError(f"DeepSpeed optimizer states {path} have no {key}: not a ZeRO-{stage} checkpoint's "
-                            "optimizer file")
-    return groups
+    for rank, path in enumerate(files):
+        state = read_ds_file(path).get("optimizer_state_dict")
+        groups = state.get(key) if isinstance(state, dict) else None
+        if not isinstance(groups, list) or not all(isinstance(g, torch.Tensor) for g in groups):
+            raise CkptEvalError(f"DeepSpeed optimizer states {path} have no {key}: not a ZeRO-{stage} checkpoint's "
+                                "optimizer file")
+        yield rank, [g.detach() for g in groups], state
+        del state, groups  # unmaps this rank's file before the next one is opened
 
 
-def _zero12_params(shapes: list[dict], ranks: list[list[torch.Tensor]], paddings, world: int,
-                   path: Path) -> dict[str, torch.Tensor]:
-    """ZeRO-1/2: each param group's flat fp32 vector is the ranks' partitions end to end; parameters lie in it in
-    `param_shapes` order (with `param_alignment_paddings` between them where DeepSpeed recorded some)."""
+def _mismatch(path: Path, what: str) -> CkptEvalError:
+    return CkptEvalError(f"DeepSpeed checkpoint {path}: {what}: the optimizer and model states do not belong together")
+
+
+def _zero12_params(shapes: list[dict], files: list[Path], stage: int, path: Path) -> dict[str, torch.Tensor]:
+    """ZeRO-1/2: each param group's flat fp32 vector is the ranks' equal partitions end to end; parameters lie in it
+    in `param_shapes` order (with `param_alignment_paddings` between them where DeepSpeed recorded some)."""
+    world = len(files)
+    flats: list[torch.Tensor] = []
+    paddings = None
+    for rank, groups, state in _rank_groups(files, stage):
+        if rank == 0:
+            if len(groups) != len(shapes):
+                raise _mismatch(path, f"{len(groups)} fp32 param groups for {len(shapes)} groups of param_shapes")
+            flats = [torch.empty(world * g.numel(), dtype=g.dtype) for g in groups]  # the one fp32 copy
+            paddings = state.get("param_alignment_paddings")
+        for flat, group in zip(flats, groups):
+            part = flat.numel() // world
+            if group.numel() != part:
+                raise _mismatch(path, f"rank {rank}'s partition has {group.numel()} elements, rank 0's {part}")
+            flat[rank * part:(rank + 1) * part].copy_(group)
     out: dict[str, torch.Tensor] = {}
-    for g, group_shapes in enumerate(shapes):
-        flat = torch.cat([rank_groups[g] for rank_groups in ranks]).detach()  # the one fp32 copy of this group
+    for g, (group_shapes, flat) in enumerate(zip(shapes, flats)):
         pads = paddings[g] if paddings is not None else [0] * len(group_shapes)
         offset = 0
         for (name, shape), pad in zip(group_shapes.items(), pads):
             numel = math.prod(shape)
+            if offset + numel > flat.numel():
+                raise _mismatch(path, f"param group {g} has {flat.numel()} fp32 elements, too few for its params")
             out[name] = flat.narrow(0, offset, numel).view(shape)
             offset += numel + pad
         align = 2 * world  # ZeRO-2 pads each group to a multiple of 2 * world (zero_to_fp32's sanity check)
         if math.ceil(offset / align) != math.ceil(flat.numel() / align):
-            raise CkptEvalError(f"DeepSpeed checkpoint {path}: param group {g} has {flat.numel()} fp32 elements but "
-                                f"its param_shapes need {offset}: the optimizer and model states do not belong together")
+            raise _mismatch(path, f"param group {g} has {flat.numel()} fp32 elements but its params need {offset}")
     return out
 
 
-def _zero3_params(shapes: list[dict], ranks: list[list[torch.Tensor]], world: int,
-                  path: Path) -> dict[str, torch.Tensor]:
+def _zero3_params(shapes: list[dict], files: list[Path], path: Path) -> dict[str, torch.Tensor]:
     """ZeRO-3: every parameter is split into `world` pieces of ceil(numel / world) elements (the last padded); each
     rank's flat groups hold its piece of every parameter in `param_shapes` order, crossing group boundaries."""
+    world = len(files)
     flat_shapes = {name: shape for group in shapes for name, shape in group.items()}
-    bounds = [0]
-    for t in ranks[0]:
-        bounds.append(bounds[-1] + t.numel())
-    out: dict[str, torch.Tensor] = {}
-    offset = 0
-    for name, shape in flat_shapes.items():
-        numel = math.prod(shape)
-        part = math.ceil(numel / world)
-        pieces = [_span(rank_groups, bounds, offset, part) for rank_groups in ranks]
-        out[name] = torch.cat([p for rank_pieces in pieces for p in rank_pieces])[:numel].view(shape).clone()
-        offset += part
-    if offset != bounds[-1]:
-        raise CkptEvalError(f"DeepSpeed checkpoint {path}: the ranks' fp32 partitions hold {bounds[-1]} elements "
-                            f"each but param_shapes need {offset}: the optimizer and model states do not belong "
-                            "together")
-    return out
+    parts = {name: math.ceil(math.prod(shape) / world) for name, shape in flat_shapes.items()}
+    padded = {name: torch.empty(world * part, dtype=torch.float32) for name, part in parts.items()}
+    for rank, groups, _ in _rank_groups(files, 3):
+        bounds = [0]
+        for t in groups:
+            bounds.append(bounds[-1] + t.numel())
+        if bounds[-1] != sum(parts.values()):
+            raise _mismatch(path, f"rank {rank}'s fp32 partitions hold {bounds[-1]} elements but param_shapes need "
+                                  f"{sum(parts.values())}")
+        offset = 0
+        for name, part in parts.items():
+            at = rank * part
+            for piece in _span(groups, bounds, offset, part):
+                padded[name][at:at + piece.numel()].copy_(piece)
+                at += piece.numel()
+            offset += part
+    return {name: padded[name][:math.prod(shape)].view(shape) for name, shape in flat_shapes.items()}
 
 
 def _span(groups: list[torch.Tensor], bounds: list[int], start: int, length: int) -> list[torch.Tensor]:
@@ -229,8 +252,8 @@ def _frozen_params(lay: Layout, metas: list[dict]) -> dict[str, torch.Tensor]:
     for name, shape in shapes.items():
         numel = math.prod(tuple(shape))
         if lay.stage == 3:  # each rank's model states hold its fragment
-            frags = [m["frozen_param_fragments"][name] for m in metas]
-            out[name] = torch.cat(frags)[:numel].view(tuple(shape)).clone()
+            frags = [m["frozen_param_fragments"][name].detach() for m in metas]
+            out[name] = torch.cat(frags)[:numel].view(tuple(shape))
         else:
             out[name] = lay.meta["frozen_param_fragments"][name].reshape(tuple(shape))
     return out
@@ -321,14 +344,12 @@ class DeepSpeedFormat(CheckpointFormat):
                      "were saved", path.name, "/".join(dtypes), lay.model_files[0].name)
             return dict(module)
         shapes = _param_shapes(lay.meta)
-        optims = [read_ds_file(f) for f in lay.optim_files]  # memory-mapped: Adam's moments are never paged in
-        ranks = [_fp32_groups(o, lay.stage, f) for o, f in zip(optims, lay.optim_files)]
-        metas = [lay.meta] + [read_ds_file(f) for f in lay.model_files[1:]]
         if lay.stage == 3:
-            params = _zero3_params(shapes, ranks, lay.world, path)
+            params = _zero3_params(shapes, lay.optim_files, path)
         else:
-            paddings = (optims[0].get("optimizer_state_dict") or {}).get("param_alignment_paddings")
-            params = _zero12_params(shapes, ranks, paddings, lay.world, path)
+            params = _zero12_params(shapes, lay.optim_files, lay.stage, path)
+        metas = [lay.meta] + [read_ds_file(f) for f in lay.model_files[1:]] if lay.meta.get("frozen_param_shapes") \
+            else [lay.meta]
         log.info("DeepSpeed checkpoint %s: fp32 weights rebuilt from the ZeRO-%d optimizer partitions of %d rank(s), "
                  "as zero_to_fp32 does", path.name, lay.stage, lay.world)
         state = {**buffers, **_frozen_params(lay, metas), **params}
