@@ -7,8 +7,9 @@ loss at every save as the reference. Run under torchrun (2 processes, gloo on CP
     python tests/sharded_ckpts.py merge_fsdp FSDP_DIR DEST    # accelerate's own merge: DEST/model.safetensors
 
 Each trains a tiny Llama (tests/factories.py's) for 4 optimizer steps with `save_steps=2` into the Trainer's output
-dir (checkpoint-2, checkpoint-4): OUT for FSDP, OUT/zero{1,2,3} for DeepSpeed (ZeRO-2 with tied embeddings; ZeRO-3
-also saved bare by `engine.save_checkpoint(OUT/zero3/bare)`), and writes `reference.json` beside them:
+dir (checkpoint-2, checkpoint-4): OUT for FSDP, OUT/zero{0,1,2,3} for DeepSpeed (stage 0 = no ZeRO partitions, the
+weights only in the model states; ZeRO-2 with tied embeddings; ZeRO-3 also saved bare by
+`engine.save_checkpoint(OUT/zero3/bare)`), and writes `reference.json` beside them:
 {"checkpoint-N": loss}, where loss is the
 token-weighted mean next-token loss of the model *as the framework holds it at that save* (the DeepSpeed engine /
 FSDP2 module forward on every rank; ZeRO-3 and FSDP gather their shards themselves) over every window of the token
@@ -177,13 +178,13 @@ def write_fsdp(out: Path, tokens: Path, tokenizer_dir: Path, seq_len: int) -> No
 
 def zero_to_fp32(root: Path, dest: Path) -> None:
     """DeepSpeed's own `get_fp32_state_dict_from_zero_checkpoint` (what zero_to_fp32.py runs) on every
-    root/zero{S}/checkpoint-4 -> the HF dir dest/zero{S} (one process: DeepSpeed imports once)."""
+    root/zero{1,2,3}/checkpoint-4 -> the HF dir dest/zero{S} (one process: DeepSpeed imports once)."""
     import shutil
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import save_file
 
-    for save_dir in sorted(root.glob("zero*/checkpoint-4")):
+    for save_dir in sorted(root.glob("zero[123]/checkpoint-4")):  # stage 0 has no partitions to convert
         state = get_fp32_state_dict_from_zero_checkpoint(str(save_dir))
         first: dict[int, str] = {}  # a shared (tied) tensor is saved once, under its first name
         kept = {k: v for k, v in state.items() if first.setdefault(id(v), k) == k}
@@ -205,7 +206,7 @@ def main() -> None:
     ap.add_argument("family", choices=["deepspeed", "fsdp", "zero_to_fp32", "merge_fsdp"])
     ap.add_argument("out", type=Path)
     ap.add_argument("args", nargs="*")
-    ap.add_argument("--stages", default="1,2,3")
+    ap.add_argument("--stages", default="0,1,2,3")
     ap.add_argument("--model-json", default="")
     a = ap.parse_args()
     MODEL_FIELDS.update(json.loads(a.model_json or "{}"))

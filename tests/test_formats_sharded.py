@@ -33,8 +33,8 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def ds_run(tmp_path_factory, tiny_token_shards, tiny_tokenizer_dir):
-    """zero{1,2,3}/checkpoint-{2,4} (HF Trainer + DeepSpeed, 2 ranks; ZeRO-2 tied), zero3/bare (engine.save_checkpoint)
-    and {"zero1": {"checkpoint-2": loss, ...}, ...} from the engine's own forward at each save."""
+    """zero{0,1,2,3}/checkpoint-{2,4} (HF Trainer + DeepSpeed, 2 ranks; ZeRO-2 tied), zero3/bare
+    (engine.save_checkpoint) and {"zero1": {"checkpoint-2": loss, ...}, ...} from the engine's own forward."""
     out = tmp_path_factory.mktemp("deepspeed")
     return out, sharded_ckpts.write("deepspeed", out, tiny_token_shards, tiny_tokenizer_dir, SEQ)
 
@@ -123,11 +123,10 @@ def test_ds_weights_equal_deepspeeds_zero_to_fp32(ds_run, stage, tmp_path_factor
 
 
 @pytest.mark.parametrize("stage,rel,extra", [
+    (0, "checkpoint-4", ("ckpt_format=deepspeed",)),  # no ZeRO partitions: the model states' own weights
     (1, "checkpoint-4/global_step4", ()),
     (2, "checkpoint-2", ("ckpt_format=deepspeed",)),  # the fp32 partitions, not the Trainer's model.safetensors
-    (3, "checkpoint-4", ()),
-    (3, "checkpoint-2/global_step2", ()),
-])
+])  # ZeRO-3 checkpoint-N dirs through the app: test_ds_watch_once, test_glob_scan_over_both_families, torchrun
 def test_ds_mode_loss_equals_trained_model(ds_run, stage, rel, extra, tmp_path, tiny_token_shards, monkeypatch, caplog):
     from ckpteval import app
 
@@ -138,7 +137,8 @@ def test_ds_mode_loss_equals_trained_model(ds_run, stage, rel, extra, tmp_path, 
     n = int(rel.split("/")[0].split("-")[1])
     assert result["step"] == n
     assert abs(result["eval/loss"] - ref[f"zero{stage}"][f"checkpoint-{n}"]) < TOL, (result, ref)
-    assert f"fp32 weights rebuilt from the ZeRO-{stage} optimizer partitions of 2 rank(s)" in caplog.text
+    assert (f"fp32 weights rebuilt from the ZeRO-{stage} optimizer partitions of 2 rank(s)" if stage else
+            "the model states' own weights (float32) in mp_rank_00_model_states.pt") in caplog.text
 
 
 def test_ds_bare_dir_needs_ckpt_config(ds_run, tmp_path, tiny_token_shards, monkeypatch, capsys):
@@ -320,16 +320,15 @@ def test_fsdp_weights_equal_accelerates_merge(fsdp_run, tmp_path, tiny_token_sha
     assert sorted(asked) == sorted("model." + name for name in ours)  # model tensors only
 
 
-@pytest.mark.parametrize("rel", ["checkpoint-2", "checkpoint-4/pytorch_model_fsdp_0"])
-def test_fsdp_mode_loss_equals_trained_model(fsdp_run, rel, tmp_path, tiny_token_shards, monkeypatch):
+def test_fsdp_mode_loss_on_the_dcp_dir_itself(fsdp_run, tmp_path, tiny_token_shards, monkeypatch):
+    """Pointed at pytorch_model_fsdp_0 (checkpoint-N dirs through the app: the watch, scan and torchrun tests)."""
     from ckpteval import app
 
     run, ref = fsdp_run
     monkeypatch.chdir(tmp_path)
-    result = app.main(_loss_cfg(tmp_path, run / rel, tiny_token_shards))
-    name = rel.split("/")[0]
-    assert result["step"] == int(name.split("-")[1])
-    assert abs(result["eval/loss"] - ref[name]) < TOL, (result, ref)
+    result = app.main(_loss_cfg(tmp_path, run / "checkpoint-4" / "pytorch_model_fsdp_0", tiny_token_shards))
+    assert result["step"] == 4 and result["tokens_seen"] is None  # the Trainer did not count input tokens
+    assert abs(result["eval/loss"] - ref["checkpoint-4"]) < TOL, (result, ref)
 
 
 def test_fsdp_without_run_config_names_ckpt_config(fsdp_run, tmp_path, tiny_token_shards, monkeypatch, capsys):
@@ -380,7 +379,9 @@ def test_fsdp_wrapper_fragments_in_names(fsdp_run, tmp_path, tiny_token_shards):
     assert abs(factories.reference_loss(model.eval(), _files(tiny_token_shards), SEQ) - ref["checkpoint-4"]) < TOL
 
 
-def test_fsdp_incomplete_dirs_are_refused(fsdp_run, tmp_path):
+def test_fsdp_incomplete_dirs_are_refused_and_skipped(fsdp_run, tmp_path, caplog):
+    from ckpteval.sweep import expand_pattern
+
     run, _ = fsdp_run
     ckpt = _copy(run / "checkpoint-4", tmp_path / "run" / "checkpoint-4")
     inner = ckpt / "pytorch_model_fsdp_0"
@@ -396,6 +397,11 @@ def test_fsdp_incomplete_dirs_are_refused(fsdp_run, tmp_path):
     (per_rank / "pytorch_model_fsdp_0_rank0.bin").write_bytes(b"\0" * 8)
     ok, why = check_complete(per_rank)
     assert not ok and "use_dcp=True" in why, why
+    _copy(run / "checkpoint-2", tmp_path / "run" / "checkpoint-2")
+    shutil.copy(run / "config.json", tmp_path / "run" / "config.json")
+    with caplog.at_level(logging.WARNING):
+        assert [Path(p).name for p in expand_pattern(f"{tmp_path}/run/checkpoint-*")] == ["checkpoint-2"]
+    assert caplog.text.count("skipping incomplete checkpoint") == 2 and "no .metadata" in caplog.text
 
 
 def test_fsdp_crafted_metadata_runs_nothing(tmp_path, tiny_token_shards, monkeypatch, capsys):
