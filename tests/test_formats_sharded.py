@@ -212,6 +212,14 @@ def test_ds_incomplete_dirs_are_refused_and_skipped(ds_run, tmp_path, tiny_token
         assert not ok and __import__("re").search(reason, why), why
     with pytest.raises(CkptEvalError, match=r"no `latest` file beside it naming global_step2"):
         get_format("deepspeed").check_complete(no_latest / "global_step2")
+    bare = tmp_path / "bare"  # one save dir, two tags: `latest` names the newer one, so the older one is finished
+    for n in (2, 4):
+        _copy(run / "zero3" / f"checkpoint-{n}" / f"global_step{n}", bare / f"global_step{n}")
+    (bare / "latest").write_text("global_step4")
+    assert check_complete(bare / "global_step2") == (True, "") and check_complete(bare / "global_step4") == (True, "")
+    (bare / "latest").write_text("global_step2")
+    ok, why = check_complete(bare / "global_step4")
+    assert not ok and "latest names 'global_step2', not 'global_step4'" in why, why
     monkeypatch.chdir(tmp_path)
     line = _error_line(_loss_cfg(tmp_path, rank, tiny_token_shards), capsys)
     assert "rank 1" in line and "missing" in line, line

@@ -122,12 +122,14 @@ def layout(path: Path) -> Layout:
         raise CkptEvalError(f"DeepSpeed checkpoint {path} is incomplete: neither {STAGE12_MODEL} nor "
                             "zero_pp_rank_0_mp_rank_00_model_states.pt is there (still being written?)")
     meta = read_ds_file(first)
-    if int(meta.get("mp_world_size") or 1) > 1:
+    if (_common.int_or_none(meta.get("mp_world_size")) or 1) > 1:
         raise _model_parallel(path, first.name)
-    config_stage = ((meta.get("ds_config") or {}).get("zero_optimization") or {}).get("stage")
-    stage = int(config_stage) if isinstance(config_stage, int) else (3 if ranks["model"] else 1 if ranks["optim"]
-                                                                      else 0)
-    world = int(meta.get("dp_world_size") or max(len(ranks["optim"]), len(ranks["model"]), 1))
+    ds_config = meta.get("ds_config") if isinstance(meta.get("ds_config"), dict) else {}
+    zero = ds_config.get("zero_optimization") if isinstance(ds_config.get("zero_optimization"), dict) else {}
+    stage = _common.int_or_none(zero.get("stage"))
+    if stage is None:  # an older save without its config: the file names say which
+        stage = 3 if ranks["model"] else 1 if ranks["optim"] else 0
+    world = _common.int_or_none(meta.get("dp_world_size")) or max(len(ranks["optim"]), len(ranks["model"]), 1)
     needed = {"optim": stage >= 1 or bool(ranks["optim"]), "model": stage == 3}
     for kind, files in ranks.items():
         extra = sorted(r for r in files if r >= world)
@@ -296,9 +298,10 @@ class DeepSpeedFormat(CheckpointFormat):
         if tag == path.name:
             return
         named, mine = _step(tag), _step(path.name)
-        if named is None or mine is None or named <= mine:  # a later save finished after this one: complete
-            raise CkptEvalError(f"DeepSpeed checkpoint {path} is incomplete: {latest} names {tag!r}, not "
-                                f"{path.name!r} (this tag is still being written, or is left from a crashed save)")
+        if named is not None and mine is not None and named > mine:
+            return  # `latest` names a later save: saves run one after the other, so this one had finished
+        raise CkptEvalError(f"DeepSpeed checkpoint {path} is incomplete: {latest} names {tag!r}, not {path.name!r} "
+                            "(this tag is still being written, or is left from a crashed save)")
 
     def step_tokens(self, path: Path) -> tuple[int | None, int | None]:
         step, tokens = _common.metadata_step_tokens(path.parent)  # the Trainer's checkpoint-N/trainer_state.json
@@ -333,7 +336,7 @@ class DeepSpeedFormat(CheckpointFormat):
         return {name[len(prefix):]: t for name, t in raw.items()}
 
     def _raw_state(self, path: Path, lay: Layout) -> dict[str, Any]:
-        module = lay.meta.get("module") if isinstance(lay.meta.get("module"), dict) else {}
+        module = _module(lay.meta)
         buffers = {n: module[n] for n in lay.meta.get("buffer_names") or () if n in module}
         if not lay.optim_files:
             if lay.stage == 3:
@@ -361,7 +364,7 @@ class DeepSpeedFormat(CheckpointFormat):
 
 def _raw_shapes(lay: Layout) -> dict[str, tuple[int, ...]]:
     """{saved name: shape} of every tensor `read_state` returns, from rank 0's model states alone."""
-    module = lay.meta.get("module") if isinstance(lay.meta.get("module"), dict) else {}
+    module = _module(lay.meta)
     if not lay.optim_files:
         return {n: tuple(t.shape) for n, t in module.items()}
     shapes = {n: tuple(t.shape) for n in lay.meta.get("buffer_names") or () if (t := module.get(n)) is not None}
@@ -372,3 +375,9 @@ def _raw_shapes(lay: Layout) -> dict[str, tuple[int, ...]]:
         if source in shapes:
             shapes[name] = shapes[source]
     return shapes
+
+
+def _module(meta: dict) -> dict[str, torch.Tensor]:
+    """The model states' `module` state dict (its tensors; under ZeRO-3 only empty placeholders)."""
+    module = meta.get("module")
+    return {k: v for k, v in module.items() if isinstance(v, torch.Tensor)} if isinstance(module, dict) else {}
