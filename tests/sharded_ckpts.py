@@ -221,6 +221,18 @@ def main() -> None:
             write_deepspeed(a.out / f"zero{stage}", tokens, tokenizer, seq_len, stage)
     else:
         write_fsdp(a.out, tokens, tokenizer, seq_len)
+    _finish()
+
+
+def _finish() -> None:
+    """Every rank done writing, then the process group closed before the interpreter exits: left to interpreter
+    teardown, a rank sometimes aborts there ("terminate called without an active exception", SIGABRT) after
+    everything was written."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _env() -> dict:

@@ -22,7 +22,7 @@ from ckpteval.errors import CkptEvalError
 from tests import factories, framework_ckpts, sharded_ckpts
 
 factories.require("deepspeed", "deepspeed")
-factories.require("accelerate", "deepspeed")
+factories.require("accelerate", "harness")
 
 # The frameworks write their checkpoints under torchrun in subprocesses (module fixtures): the end-to-end tier.
 pytestmark = pytest.mark.slow
