@@ -297,6 +297,8 @@ class CkptFormat(str, Enum):
     megatron = "megatron"
     olmo_core = "olmo_core"
     litgpt = "litgpt"
+    fsdp = "fsdp"
+    deepspeed = "deepspeed"
 
 
 @dataclass
@@ -319,6 +321,7 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     ckpt: Optional[str] = None  # checkpoint to evaluate: HF dir, DCP dir, .gguf, nanoGPT ckpt.pt, Lightning .ckpt, ... (glob:PATTERN with -m)
     ckpt_format: CkptFormat = CkptFormat.auto  # auto = detect from the path; a family name forces that family
+    ckpt_config: Optional[str] = None  # architecture as a config.json (or its dir) for checkpoints saved without one; wins when set
     tokenizer: Optional[str] = None  # tokenizer override (dir or tokenizer.json); default: from the checkpoint
     seed: int = 1234
 

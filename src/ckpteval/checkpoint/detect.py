@@ -119,9 +119,12 @@ def _find_tokenizer(family: CheckpointFormat, ckpt: Path, override: str | None) 
     return next((d for d in family.tokenizer_dirs(ckpt) if _has_tokenizer(d)), None)
 
 
-def inspect_checkpoint(path, tokenizer_override: str | None = None, ckpt_format: str | None = None) -> CheckpointInfo:
+def inspect_checkpoint(path, tokenizer_override: str | None = None, ckpt_format: str | None = None,
+                       ckpt_config: str | None = None) -> CheckpointInfo:
     """Detect the family (or take `ckpt_format`), check the checkpoint is complete, find its step, tokens seen,
-    config.json and tokenizer. A config.json found in or beside it is validated here, before anything loads it."""
+    config.json and tokenizer. A config.json found in or beside it, or named by `ckpt_config`, is validated here,
+    before anything loads it."""
+    override = _common.ckpt_config_file(ckpt_config) if ckpt_config else None
     if "://" in str(path):  # s3://, gs://, ...: a local copy of just what evaluation reads
         from ckpteval.checkpoint.remote import materialize
 
@@ -136,7 +139,7 @@ def inspect_checkpoint(path, tokenizer_override: str | None = None, ckpt_format:
     return CheckpointInfo(
         path=ckpt, format=family.name, step=path_step if path_step is not None else step, tokens_seen=tokens,
         config_dir=config_dir, tokenizer_path=_find_tokenizer(family, ckpt, tokenizer_override), dcp_prefix=prefix,
-        family=family,
+        family=family, ckpt_config=override,
     )
 
 

@@ -25,3 +25,4 @@ class CheckpointInfo:
     dcp_prefix: str | None = None  # DCP dirs with HF names: the key prefix ("model." or ""); None = not such a DCP
     family: CheckpointFormat | None = None  # the family object (architecture, tensor_specs, read_state)
     arch_source: str | None = None  # where the architecture came from, once `build_config` resolved it
+    ckpt_config: Path | None = None  # the config.json `ckpt_config=` names: the architecture, whatever the family says

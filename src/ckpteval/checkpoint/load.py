@@ -15,7 +15,7 @@ import logging
 import torch
 from torch import nn
 
-from ckpteval.checkpoint.formats._common import compare_tensors
+from ckpteval.checkpoint.formats._common import CKPT_CONFIG_SOURCE, ckpt_config_arch, compare_tensors
 from ckpteval.checkpoint.info import CheckpointInfo
 from ckpteval.errors import CkptEvalError
 
@@ -23,8 +23,12 @@ log = logging.getLogger(__name__)
 
 
 def build_config(info: CheckpointInfo, model_cfg=None):
-    """The transformers config of the checkpoint, from the family's first architecture source (logged once)."""
-    arch = info.family.architecture(info.path, model_cfg)
+    """The transformers config of the checkpoint, from the family's first architecture source, or from
+    `ckpt_config=` when the user named one (logged once)."""
+    if info.ckpt_config is not None:
+        arch = ckpt_config_arch(info.ckpt_config)
+    else:
+        arch = info.family.architecture(info.path, model_cfg)
     if info.arch_source != arch.source:
         log.info("architecture of %s (%s): %s", info.path.name, info.format, arch.source)
     info.arch_source = arch.source
@@ -57,8 +61,11 @@ def _no_init_weights():
 
 
 def _mismatch(info: CheckpointInfo, what: str) -> CkptEvalError:
-    fix = ("describe the checkpoint with model.* overrides (or put its config.json beside it)"
-           if (info.arch_source or "").startswith("the `model` group") else
+    source = info.arch_source or ""
+    fix = ("describe the checkpoint with model.* overrides (or put its config.json beside it, or pass "
+           "ckpt_config=PATH)" if source.startswith("the `model` group") else
+           "ckpt_config= names a different model than the checkpoint's tensors: point it at the run's own config.json"
+           if source.startswith(CKPT_CONFIG_SOURCE) else
            "the architecture source describes a different model than the checkpoint's tensors")
     return CkptEvalError(f"checkpoint {info.path} does not match its architecture from {info.arch_source}: {what}: "
                          f"{fix}")

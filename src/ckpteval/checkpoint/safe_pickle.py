@@ -48,6 +48,18 @@ DCP_METADATA_ALIASES = {
 }
 
 
+class Inert:
+    """Stand-in for a framework's own class named inside a pickle (DeepSpeed's LossScaler and ZeroStageEnum in its
+    optimizer states, ...): it takes the pickled arguments and state and runs nothing, so the file is read without
+    importing the framework or calling anything the file names. Passed to `torch_load` as an extra global."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
 class RefusedPickle(CkptEvalError):
     """A pickle asked for a global that is not on the allow-list (it was not called)."""
 

@@ -55,7 +55,7 @@ def evaluate_checkpoint_harness(cfg, job, ckpt: str, harness_cfg=None) -> dict[s
     """
     hcfg = harness_cfg if harness_cfg is not None else cfg.harness
     start = time.perf_counter()
-    info = inspect_checkpoint(ckpt, cfg.tokenizer, cfg.get("ckpt_format"))
+    info = inspect_checkpoint(ckpt, cfg.tokenizer, cfg.get("ckpt_format"), cfg.get("ckpt_config"))
     job.step = info.step
     _check_setup(cfg, hcfg, job.dist)
     resolved = resolve_tasks(hcfg)  # unknown names, refused code tasks, missing data: fail before loading

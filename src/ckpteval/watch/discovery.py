@@ -10,8 +10,8 @@ candidate is ready when
      shards all present, safetensors not truncated, GGUF parses) through `listing.entry_complete`, which runs
      the same check on remote stores reading only headers and small files;
   2. its architecture source is there: config.json in or beside an HF/DCP dir (`inspect_checkpoint`'s
-     `config_dir`); GGUF carries its own. There is no `model`-group fallback here: a DCP dir whose config.json
-     has not arrived yet waits;
+     `config_dir`), or wherever its family looks (a trainer's run dir), or `ckpt_config=`; GGUF carries its own.
+     There is no `model`-group fallback here: a DCP dir whose config.json has not arrived yet waits;
   3. it is stable: every file's size (and mtime/etag where the store has one) is unchanged across two looks at
      least `watch.stable_s` apart, so a trainer still writing (or a slow copy) is never picked up half-way.
 """
@@ -74,6 +74,7 @@ class Discovery:
     root: str
     stable_s: float
     clock: Callable[[], float] = time.monotonic
+    ckpt_config: str | None = None  # `ckpt_config=`: the architecture of every checkpoint (none is waited for)
     _seen: dict[str, _Seen] = field(default_factory=dict)
     _ignored: set[str] = field(default_factory=set)
     _aliases: dict[str, str] = field(default_factory=dict)  # second name -> first name of the same target
@@ -173,6 +174,8 @@ class Discovery:
             ok, reason = entry_complete(cand.entry)
             if not ok:
                 return False, reason
+            if self.ckpt_config:
+                return True, ""
             if self.local:
                 return _architecture(cand.url, cand.url)
             with header_mirror(cand.entry, with_parent_config=True) as mirror:

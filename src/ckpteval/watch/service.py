@@ -97,7 +97,7 @@ class Watcher:
     def __init__(self, cfg, dist, out_root: Path):
         validate(cfg)
         self.cfg, self.w, self.dist, self.out_root = cfg, cfg.watch, dist, Path(out_root)
-        self.discovery = Discovery(self.w.dir, float(self.w.stable_s))
+        self.discovery = Discovery(self.w.dir, float(self.w.stable_s), ckpt_config=cfg.get("ckpt_config"))
         self.watch_dir = self.discovery.url_of("").rstrip("/")
         self.state_dir = default_state_dir(cfg)
         self.downloads = self.state_dir / "downloads"

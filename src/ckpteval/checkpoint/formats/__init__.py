@@ -24,8 +24,13 @@ REGISTRY: dict[str, str] = {
     # HF config.json, so both come before `dcp` and `hf`.
     "olmo_core": "ckpteval.checkpoint.formats.olmo_core:OLMoCoreFormat",
     "litgpt": "ckpteval.checkpoint.formats.litgpt:LitGPTFormat",
+    # accelerate's pytorch_model_fsdp_0 is a DCP dir too (and its checkpoint-N holds no HF weights)
+    "fsdp": "ckpteval.checkpoint.formats.fsdp:FSDPFormat",
     "dcp": "ckpteval.checkpoint.formats.dcp:DCPFormat",
     "hf": "ckpteval.checkpoint.formats.hf:HFFormat",
+    # after hf: a ZeRO-1/2 Trainer checkpoint-N also holds model.safetensors and stays an HF dir (ckpt_format=deepspeed
+    # reads its fp32 partitions instead); ZeRO-3 ones and bare DeepSpeed save dirs hold no HF weights
+    "deepspeed": "ckpteval.checkpoint.formats.deepspeed:DeepSpeedFormat",
     "gguf": "ckpteval.checkpoint.formats.gguf:GGUFFormat",
     "lightning": "ckpteval.checkpoint.formats.lightning:LightningFormat",
     "nanogpt": "ckpteval.checkpoint.formats.nanogpt:NanoGPTFormat",

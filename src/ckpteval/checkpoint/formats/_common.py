@@ -114,8 +114,43 @@ def model_group_arch(model_cfg, path: Path, family: str, where: str) -> Architec
     """The `model` group as the architecture: the last source, checked against the tensors before any load."""
     if model_cfg is None:
         raise CkptEvalError(f"{family} checkpoint {path} has no architecture source ({where}): put a config.json "
-                            "beside it, or describe it with model=NAME / model.* overrides")
+                            "beside it, pass ckpt_config=PATH, or describe it with model=NAME / model.* overrides")
     return Architecture(config_from_model_cfg(model_cfg), f"the `model` group ({where})")
+
+
+CKPT_CONFIG_SOURCE = "ckpt_config="  # how an Architecture's source starts when the user named the config
+
+
+def ckpt_config_file(value) -> Path:
+    """The config.json that `ckpt_config=VALUE` names (the file, or a dir holding one), validated (a valid JSON
+    object naming a transformers model_type): one clear error before anything is loaded."""
+    given = Path(str(value)).expanduser()
+    path = given / "config.json" if given.is_dir() else given
+    if not path.is_file():
+        raise CkptEvalError(f"ckpt_config={value} is not a config.json nor a dir holding one: point it at the run's "
+                            "config.json (model.config.save_pretrained(DIR) writes one)")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise CkptEvalError(f"ckpt_config={value}: {path} is not valid JSON ({e}): fix or re-save it with "
+                            "config.save_pretrained(DIR)") from None
+    except OSError as e:
+        raise CkptEvalError(f"ckpt_config={value}: {path} is unreadable ({e})") from None
+    check_config_dict(data, f"ckpt_config={value} ({path})")
+    return path.resolve()
+
+
+def ckpt_config_arch(path: Path) -> Architecture:
+    """The architecture `ckpt_config=` names: used instead of every source the checkpoint's family knows (the
+    loader still checks it against the checkpoint's tensors before allocating)."""
+    return config_from_dict(json.loads(Path(path).read_text()), f"{CKPT_CONFIG_SOURCE}{path}")
+
+
+def run_dirs(path: Path, levels: int) -> list[Path]:
+    """The checkpoint dir and up to `levels` dirs above it: where a trainer's run keeps what it did not save in
+    each checkpoint (the output dir's config.json, tokenizer)."""
+    d = path if path.is_dir() else path.parent
+    return [d, *list(d.parents)[:levels]]
 
 
 def metadata_step_tokens(ckpt_dir: Path) -> tuple[int | None, int | None]:
@@ -162,9 +197,11 @@ def check_shapes(config, shapes: dict[str, tuple[int, ...]], source: str, path: 
         detail = [f"{k} is {shapes[k]} in the checkpoint but {expected[k]} there" for k in wrong[:2]] or [
             f"{len(missing)} tensor(s) it needs are absent (e.g. {missing[0]})" if missing
             else f"{len(extra)} tensor(s) have no place in it (e.g. {extra[0]})"]
-        fix = ("describe the model with model.* overrides, or put its config.json beside the checkpoint"
-               if source.startswith("the `model` group") else
-               "fix or remove that config, or put the right config.json beside the checkpoint")
+        fix = ("describe the model with model.* overrides, or put its config.json beside the checkpoint (or pass "
+               "ckpt_config=PATH)" if source.startswith("the `model` group") else
+               "point ckpt_config= at the run's own config.json" if source.startswith(CKPT_CONFIG_SOURCE) else
+               "fix or remove that config, or put the right config.json beside the checkpoint (or pass "
+               "ckpt_config=PATH)")
         raise CkptEvalError(f"checkpoint {path} contradicts its architecture source, {source}: "
                             f"{'; '.join(detail)}: {fix}")
 
