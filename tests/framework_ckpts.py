@@ -3,6 +3,7 @@
 Run in a subprocess (each framework wants a process group, and Megatron's saver spawns helper processes):
 
     python tests/framework_ckpts.py titan OUT TOKENS_DIR SEQ_LEN [--tie] [--no-job-config]
+    python tests/framework_ckpts.py titan-moe OUT TOKENS_DIR SEQ_LEN
     python tests/framework_ckpts.py megatron OUT TOKENS_DIR SEQ_LEN [--tie] [--no-args]
 
 Each writes its checkpoints under OUT and `OUT/reference.json`: the token-weighted mean next-token loss of the
@@ -140,6 +141,132 @@ def write_titan(out: Path, tokens_dir: Path, seq_len: int, tie: bool, job_config
     return {"loss": mean_loss(logits, targets), "windows": len(w)}
 
 
+# ---------------------------------------------------------------------------------------------- torchtitan MoE
+MOE_EXPERTS, MOE_TOP_K, MOE_HIDDEN = 8, 2, 32
+
+
+def titan_qwen3_moe_config():
+    """torchtitan's own Qwen3-MoE layer builder (softmax router, route_norm, aux-loss-free expert_bias) at a tiny
+    size: 2 layers, dim 64, 8 experts, top-2."""
+    import torchtitan.models.qwen3 as Q
+    from torchtitan.models.common import CosSinRoPE, Embedding, Linear
+
+    return Q.Qwen3Model.Config(
+        vocab_size=VOCAB, dim=DIM, norm=Q._qwen3_norm(DIM),
+        tok_embeddings=Embedding.Config(num_embeddings=VOCAB, embedding_dim=DIM, param_init=Q._EMBEDDING_INIT),
+        lm_head=Linear.Config(in_features=DIM, out_features=VOCAB, param_init=Q._LINEAR_INIT),
+        layers=Q._build_qwen3_moe_layers(
+            n_layers=LAYERS, dim=DIM, n_heads=HEADS, n_kv_heads=KV_HEADS, head_dim=DIM // HEADS,
+            moe_hidden_dim=MOE_HIDDEN, num_experts=MOE_EXPERTS, top_k=MOE_TOP_K, attn_backend="flex",
+            moe_comm_backend="standard", rope=CosSinRoPE.Config(dim=DIM // HEADS, max_seq_len=256, theta=1e6)))
+
+
+class float32_experts:
+    """torchtitan's GroupedExperts casts its grouped-GEMM inputs to bfloat16 whatever the model dtype; inside this
+    context `.bfloat16()` is the identity, so its own forward (router, dispatcher, torch._grouped_mm, combine)
+    runs in float32 for the reference. Nothing else is changed."""
+
+    def __enter__(self):
+        self._real = torch.Tensor.bfloat16
+        torch.Tensor.bfloat16 = lambda t, *a, **k: t
+
+    def __exit__(self, *exc):
+        torch.Tensor.bfloat16 = self._real
+
+
+def _titan_moe_weights(model: torch.nn.Module, seed: int) -> None:
+    """Norms moved off 1, routers sharpened (init std 0.02 routes almost uniformly), experts and head scaled up, and an
+    expert_bias that changes routing for some tokens, as a load-balanced run leaves it: a reader that drops it moves
+    the loss by ~1e-2 here (~1e-5 at init scale), so it is seen to be wrong."""
+    _perturb_norms(model, seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("router.gate.weight"):
+                p.mul_(20.0)
+            elif ("qkv_linear" in name or "inner_experts" in name or name.startswith("lm_head")
+                  or name.endswith(("wkv_a.weight", "wq.weight"))):
+                p.mul_(8.0)  # a model far from uniform, whose experts matter to the loss
+        for name, b in model.named_buffers():
+            if name.endswith("expert_bias_E"):
+                b.copy_(0.15 * torch.randn(b.shape, generator=g))
+
+
+def _titan_train_state(seq_len: int):
+    class TrainState:  # the Stateful torchtitan's Trainer registers as "train_state"
+        step, ntokens_seen = 10, 10 * 8 * seq_len
+
+        def state_dict(self):
+            return {"step": self.step, "ntokens_seen": self.ntokens_seen}
+
+        def load_state_dict(self, sd):
+            self.step, self.ntokens_seen = sd["step"], sd["ntokens_seen"]
+
+    return TrainState()
+
+
+def write_titan_moe(out: Path, tokens_dir: Path, seq_len: int) -> dict:
+    """A torchtitan Qwen3-MoE run dir, as for the dense model: checkpoint/step-10 (DCP with optimizer state, by its
+    CheckpointManager), checkpoint/step-20 (its HF export via Qwen3StateDictAdapter), job_config.json. The
+    reference: its own forward in float32 (`float32_experts`), also with its bfloat16 expert GEMMs as written, and
+    with the expert_bias zeroed (what its HF export, which drops the bias, holds)."""
+    import dataclasses
+
+    from torchtitan.components.checkpoint import CheckpointManager
+    from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
+    from torchtitan.models.qwen3 import Qwen3StateDictAdapter
+    from torchtitan.models.qwen3.config_registry import qwen3_moe_debug
+
+    _init_process_group()
+    torch.manual_seed(0)
+    cfg = titan_qwen3_moe_config()
+    model = cfg.build()
+    model.init_states(buffer_device=torch.device("cpu"))
+    _titan_moe_weights(model, 3)
+    opt = default_adamw(lr=1e-3).build(model_parts=[model])
+    lrs = LRSchedulersContainer.Config().build(optimizers=opt, training_steps=20)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-2
+    opt.step()
+    lrs.step()
+    ckpt = CheckpointManager.Config(enable=True, folder="checkpoint", interval=10, last_save_model_only=True,
+                                    last_save_in_hf=True).build(
+        dataloader=None, model_parts=[model], optimizers=opt, lr_schedulers=lrs,
+        states={"train_state": _titan_train_state(seq_len)}, sd_adapter=Qwen3StateDictAdapter(cfg, None),
+        base_folder=str(out))
+    ckpt.save(10)
+    ckpt.save(20, last_step=True)
+    ckpt.close()
+    job = qwen3_moe_debug()
+    job = dataclasses.replace(job, model_spec=dataclasses.replace(job.model_spec, flavor="tiny", model=cfg),
+                              dump_folder=str(out))
+    (out / "job_config.json").write_text(json.dumps(job.to_dict(), indent=2))
+
+    w = windows(tokens_dir, seq_len)
+    inputs, targets = w[:, :-1], w[:, 1:]
+    positions = torch.arange(seq_len).repeat(len(w), 1)
+    model.eval()
+    ref: dict = {"windows": len(w)}
+    with torch.no_grad():
+        torch.save(Qwen3StateDictAdapter(cfg, None).to_hf(model.state_dict()), out / "titan_to_hf.pt")
+        masks = model.get_attention_masks(positions)
+        with float32_experts():
+            ref["loss"] = mean_loss(model(inputs, positions, masks), targets)
+        ref["loss_bf16_experts"] = mean_loss(model(inputs, positions, masks), targets)
+        chosen = set()
+        hook = model.layers[str(LAYERS - 1)].moe.router.register_forward_hook(
+            lambda _m, _i, o: chosen.update(o[1].flatten().tolist()))
+        with float32_experts():
+            model(inputs[:2], positions[:2], model.get_attention_masks(positions[:2]))
+        hook.remove()
+        ref["experts_chosen"] = sorted(chosen)
+        for layer in model.layers.values():
+            layer.moe.expert_bias_E.zero_()
+        with float32_experts():
+            ref["loss_without_expert_bias"] = mean_loss(model(inputs, positions, masks), targets)
+    return ref
+
+
 # ---------------------------------------------------------------------------------------------- Megatron-Core
 
 
@@ -216,7 +343,7 @@ def write_megatron(out: Path, tokens_dir: Path, seq_len: int, tie: bool, save_ar
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("family", choices=["titan", "megatron"])
+    ap.add_argument("family", choices=["titan", "titan-moe", "megatron"])
     ap.add_argument("out", type=Path)
     ap.add_argument("tokens", type=Path)
     ap.add_argument("seq_len", type=int)
@@ -227,6 +354,8 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     if a.family == "titan":
         ref = write_titan(a.out, a.tokens, a.seq_len, a.tie, not a.no_job_config)
+    elif a.family == "titan-moe":
+        ref = write_titan_moe(a.out, a.tokens, a.seq_len)
     else:
         ref = write_megatron(a.out, a.tokens, a.seq_len, a.tie, not a.no_args)
     (a.out / "reference.json").write_text(json.dumps(ref))
@@ -256,14 +385,18 @@ def torchrun(nproc: int = 2) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}"]
 
 
-def stock_harness(hf_dir: Path, limit: int) -> dict[str, float]:
-    """lm-eval alone: `simple_evaluate` with a plain HFLM on an HF dir (the offline tasks in tests/tasks)."""
+def stock_harness(hf_dir, limit: int, tokenizer=None) -> dict[str, float]:
+    """lm-eval alone: `simple_evaluate` with a plain HFLM on an HF dir, or on a model object with its tokenizer
+    (the offline tasks in tests/tasks)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     tasks_dir = Path(__file__).resolve().parent / "tasks"
-    lm = HFLM(pretrained=str(hf_dir), batch_size=8, device="cpu", dtype="float32")
+    if isinstance(hf_dir, (str, Path)):
+        lm = HFLM(pretrained=str(hf_dir), batch_size=8, device="cpu", dtype="float32")
+    else:
+        lm = HFLM(pretrained=hf_dir, tokenizer=tokenizer, batch_size=8)
     ref = simple_evaluate(model=lm, tasks=["ckpteval_mc", "ckpteval_rolling"], limit=limit, log_samples=False,
                           task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
                           random_seed=1234, numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234)
@@ -284,6 +417,21 @@ def harness_vs_stock(ckpt: Path, tmp: Path, limit: int = 6) -> tuple[dict, dict,
         "harness.batch_size=8", "harness.seed=1234", f"harness.limit={limit}", f"tracking.uri=sqlite:///{tmp}/m.db"]))
     hf_dir = Path(converted["convert/out"])
     return ours, stock_harness(hf_dir, limit), hf_dir
+
+
+def harness_vs_hflm(ckpt: Path, tmp: Path, limit: int = 6) -> tuple[dict, dict]:
+    """mode=harness (fast backend) on `ckpt`, and stock lm-eval's HFLM given the model and tokenizer our loader
+    returns for it (for checkpoints mode=convert refuses): (ours, stock)."""
+    from ckpteval import app
+    from ckpteval.checkpoint import inspect_checkpoint, load_model, load_tokenizer
+    from tests import factories
+
+    tasks_dir = Path(__file__).resolve().parent / "tasks"
+    ours = app.main(factories.compose([
+        "mode=harness", f"ckpt={ckpt}", "harness=offline", f"harness.include_path={tasks_dir}", "harness.backend=fast",
+        "harness.batch_size=8", "harness.seed=1234", f"harness.limit={limit}", f"tracking.uri=sqlite:///{tmp}/m.db"]))
+    info = inspect_checkpoint(ckpt)
+    return ours, stock_harness(load_model(info), limit, tokenizer=load_tokenizer(info, required=True))
 
 
 # ---------------------------------------------------------------------------------------------- the app on them

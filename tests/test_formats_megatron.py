@@ -82,7 +82,7 @@ def test_megatron_specs_match_state_and_only_model_tensors_are_read(mg_run, monk
     assert "decoder.layers.self_attention.linear_qkv.weight" in asked  # stacked [L, ...]
     assert not any("_extra_state" in k for k in asked)
     # the fused fc1 split: gate is the first half, as Megatron's SwiGLU (silu(x[:ffn]) * x[ffn:]) reads it
-    fc1 = real(ckpt, {k: m for k, m in mg_fmt.dcp_metadata(ckpt).state_dict_metadata.items()
+    fc1 = real(ckpt, {k: m for k, m in mg_fmt.read_dcp_metadata(ckpt).state_dict_metadata.items()
                       if k == "decoder.layers.mlp.linear_fc1.weight"})["decoder.layers.mlp.linear_fc1.weight"]
     assert torch.equal(state["model.layers.1.mlp.gate_proj.weight"], fc1[1, :160])
     assert torch.equal(state["model.layers.1.mlp.up_proj.weight"], fc1[1, 160:])

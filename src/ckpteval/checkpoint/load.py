@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ckpteval.checkpoint.formats._common import LoadVerdict, load_converted
+from ckpteval.checkpoint.formats._moe import apply_routing
 from ckpteval.checkpoint.info import CheckpointInfo
 from ckpteval.errors import CkptEvalError
 
@@ -43,6 +44,7 @@ def build_model(config, device: torch.device | str = "cpu", dtype: torch.dtype =
 
     with torch.device(device), (contextlib.nullcontext() if init_weights else _no_init_weights()):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        apply_routing(model)  # a trainer's router no transformers class has (formats/_moe.py), when config says so
     return model
 
 

@@ -1,6 +1,7 @@
 """Helpers shared by the family modules: small JSON files, config.json as an architecture source, the `model`
 group as the last one, the one names-and-shapes comparison, the RoPE row permutation, and prefix stripping for
-state dicts saved under a wrapper attribute. Imports nothing of `checkpoint` but `formats.base` (no cycles)."""
+state dicts saved under a wrapper attribute, and the one conversion of checkpoint layout into model parameters
+(transformers' own). Imports nothing of `checkpoint` but `formats.base` and `formats._moe` (no cycles)."""
 
 from __future__ import annotations
 
@@ -141,8 +142,10 @@ def meta_model(config):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from ckpteval.checkpoint.formats._moe import apply_routing
+
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return apply_routing(AutoModelForCausalLM.from_config(config))
 
 
 def meta_state_shapes(config) -> dict[str, tuple[int, ...]]:
@@ -251,16 +254,18 @@ def check_shapes(config, shapes: dict[str, tuple[int, ...]], source: str, path: 
                             f"{'; '.join(detail)}: {fix}")
 
 
-def architecture_from_sources(path: Path, model_cfg, shapes: dict[str, tuple[int, ...]], job_config_fn,
-                              family: str) -> Architecture:
+def architecture_from_sources(path: Path, model_cfg, shapes, job_config_fn, family: str, adjust=None) -> Architecture:
     """config.json in/beside the checkpoint, else `job_config_fn()` (the trainer's own config, or None), else the
-    `model` group; checked against the tensor shapes."""
+    `model` group, checked against the tensor shapes (`shapes`: {name: shape}, or a function of the config giving
+    them); then `adjust(config)` (optional) completes it from the checkpoint (e.g. a routing flag)."""
     d = path if path.is_dir() else path.parent
     cdir = config_dir(d, d.parent)
     arch = config_json_arch(cdir) if cdir is not None else job_config_fn()
     if arch is None:
         arch = model_group_arch(model_cfg, path, family, "no config.json in or beside it, no trainer config")
-    check_shapes(arch.config, shapes, arch.source, path)
+    check_shapes(arch.config, shapes(arch.config) if callable(shapes) else shapes, arch.source, path)
+    if adjust is not None:
+        adjust(arch.config)
     return arch
 
 
