@@ -5,6 +5,7 @@ Run in a subprocess (each framework wants a process group, and Megatron's saver 
     python tests/framework_ckpts.py titan OUT TOKENS_DIR SEQ_LEN [--tie] [--no-job-config]
     python tests/framework_ckpts.py titan-moe OUT TOKENS_DIR SEQ_LEN
     python tests/framework_ckpts.py megatron OUT TOKENS_DIR SEQ_LEN [--tie] [--no-args]
+    python tests/framework_ckpts.py megatron-moe OUT TOKENS_DIR SEQ_LEN    # OUT/{mixtral,qwen2_moe,glm4_moe}/
 
 Each writes its checkpoints under OUT and `OUT/reference.json`: the token-weighted mean next-token loss of the
 framework's own model forward over every window of the token files (window k of a file = tokens [kL, kL+L]),
@@ -341,9 +342,112 @@ def write_megatron(out: Path, tokens_dir: Path, seq_len: int, tie: bool, save_ar
     return {"loss": mean_loss(logits, targets), "windows": len(w)}
 
 
+# ---------------------------------------------------------------------------------------------- Megatron-Core MoE
+# Three router kinds, each mapped onto its own transformers class (see formats/megatron.py):
+MEGATRON_MOE = {
+    # Mixtral: softmax over the top-k logits (moe_router_pre_softmax=False), 4 experts, top-2, SequentialMLP
+    "mixtral": dict(moe_router_pre_softmax=False),
+    # Qwen2-MoE: softmax over all experts before the top-k (no renormalisation) and a gated shared expert
+    "qwen2_moe": dict(moe_router_pre_softmax=True, moe_shared_expert_intermediate_size=80,
+                      moe_shared_expert_gate=True),
+    # GLM-4-MoE: sigmoid scores, an aux-loss-free expert_bias that changes routing, renormalised top-k scaled by
+    # 2.5, an ungated shared expert
+    "glm4_moe": dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                     moe_router_topk_scaling_factor=2.5, moe_shared_expert_intermediate_size=48),
+}
+
+
+def _megatron_moe_cpu_shims() -> None:
+    """Without Transformer Engine, megatron-core's moe_utils never defines its TE helpers (`te_general_gemm`,
+    `fused_*`), yet its router tests `te_general_gemm is not None`; set to None they take its own torch path."""
+    from megatron.core.transformer.moe import moe_utils
+
+    for name in ("te_general_gemm", "fused_compute_score_for_moe_aux_loss", "fused_moe_aux_loss", "fused_permute",
+                 "fused_permute_with_probs", "fused_sort_chunks_by_index", "fused_sort_chunks_by_index_with_probs",
+                 "fused_topk_with_score_function", "fused_unpermute"):
+        if not hasattr(moe_utils, name):
+            setattr(moe_utils, name, None)
+
+
+def write_megatron_moe(out: Path, tokens_dir: Path, seq_len: int) -> dict:
+    """One Megatron run dir per router kind (MEGATRON_MOE): VARIANT/iter_0000010 written by
+    `dist_checkpointing.save` from a `GPTModel` with 4 experts, top-2, SequentialMLP experts (the grouped ones
+    need CUDA grouped_gemm), allgather dispatcher (alltoall builds a CUDA stream), with Megatron-LM's args in
+    common.pt; references from Megatron's own forward (float32)."""
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    _init_process_group()
+    parallel_state.initialize_model_parallel(1, 1)
+    _megatron_cpu_shims()
+    _megatron_moe_cpu_shims()
+    w = windows(tokens_dir, seq_len)
+    inputs, targets = w[:, :-1], w[:, 1:]
+    positions = torch.arange(seq_len).repeat(len(w), 1)
+    causal = torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool), 1)[None, None]
+    refs = {}
+    for seed, (variant, moe) in enumerate(MEGATRON_MOE.items()):
+        torch.manual_seed(seed)
+        args = megatron_args(tie=False)
+        moe = {**dict(num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=48, moe_grouped_gemm=False,
+                      moe_token_dispatcher_type="allgather", moe_aux_loss_coeff=0.0), **moe}
+        for k, v in moe.items():
+            setattr(args, k, v)
+        config_moe = {("num_moe_experts" if k == "num_experts" else k): v for k, v in moe.items()}
+        cfg = TransformerConfig(
+            num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
+            num_query_groups=args.num_query_groups, ffn_hidden_size=args.ffn_hidden_size,
+            kv_channels=args.kv_channels, gated_linear_unit=True, activation_func=torch.nn.functional.silu,
+            normalization="RMSNorm", layernorm_epsilon=args.norm_epsilon, add_bias_linear=False,
+            use_cpu_initialization=True, params_dtype=torch.float32, bias_dropout_fusion=False,
+            apply_rope_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
+            gradient_accumulation_fusion=False, hidden_dropout=0.0, attention_dropout=0.0, **config_moe)
+        model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(
+                             num_experts=args.num_experts, moe_grouped_gemm=False, normalization="RMSNorm"),
+                         vocab_size=VOCAB, max_sequence_length=args.max_position_embeddings,
+                         position_embedding_type="rope", rotary_base=args.rotary_base,
+                         share_embeddings_and_output_weights=False)
+        _perturb_norms(model, 10 + seed)
+        g = torch.Generator().manual_seed(20 + seed)
+        with torch.no_grad():  # routers sharpened, experts and head scaled: tokens spread, experts matter
+            for name, p in model.named_parameters():
+                if name.endswith("router.weight"):
+                    p.mul_(20.0)
+                elif "experts" in name or name.startswith("output_layer") or "linear_qkv" in name:
+                    p.mul_(6.0)
+            for name, b in model.named_buffers():
+                if name.endswith("router.expert_bias"):
+                    b.copy_(0.3 * torch.randn(b.shape, generator=g))
+        run = out / variant
+        ckpt = run / "iter_0000010"
+        ckpt.mkdir(parents=True)
+        dist_checkpointing.save({"model": model.sharded_state_dict(), "iteration": 10, "checkpoint_version": 3.0,
+                                 "args": args}, str(ckpt))
+        (run / "latest_checkpointed_iteration.txt").write_text("10")
+        model.eval()
+        ref: dict = {}
+        with torch.no_grad():  # Megatron's own forward
+            ref["loss"] = mean_loss(model(inputs, positions, causal), targets)
+            chosen: set = set()
+            hook = model.decoder.layers[-1].mlp.router.register_forward_hook(
+                lambda _m, _i, o: chosen.update(o[1].nonzero()[:, 1].tolist()))
+            model(inputs[:2], positions[:2], causal)
+            hook.remove()
+            ref["experts_chosen"] = sorted(chosen)
+            if variant == "glm4_moe":
+                for layer in model.decoder.layers:
+                    layer.mlp.router.expert_bias.zero_()
+                ref["loss_without_expert_bias"] = mean_loss(model(inputs, positions, causal), targets)
+        (run / "reference.json").write_text(json.dumps(ref))
+        refs[variant] = ref
+    return refs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("family", choices=["titan", "titan-moe", "megatron"])
+    ap.add_argument("family", choices=["titan", "titan-moe", "megatron", "megatron-moe"])
     ap.add_argument("out", type=Path)
     ap.add_argument("tokens", type=Path)
     ap.add_argument("seq_len", type=int)
@@ -356,6 +460,8 @@ def main() -> None:
         ref = write_titan(a.out, a.tokens, a.seq_len, a.tie, not a.no_job_config)
     elif a.family == "titan-moe":
         ref = write_titan_moe(a.out, a.tokens, a.seq_len)
+    elif a.family == "megatron-moe":
+        ref = write_megatron_moe(a.out, a.tokens, a.seq_len)
     else:
         ref = write_megatron(a.out, a.tokens, a.seq_len, a.tie, not a.no_args)
     (a.out / "reference.json").write_text(json.dumps(ref))
@@ -454,8 +560,10 @@ def watch_once_losses(watch_dir: Path, shards: Path, seq: int, db: Path) -> tupl
     return summary, losses
 
 
-def glob_scan_points(cwd: Path, pattern: str, shards: Path, seq: int, jobs: int) -> dict[str, tuple[int, float]]:
-    """`python run.py -m mode=loss ckpt=glob:PATTERN` in `cwd`: (step, eval/loss) per child run's checkpoint name."""
+def glob_scan_points(cwd: Path, pattern: str, shards: Path, seq: int, jobs: int,
+                     key=lambda ckpt: Path(ckpt).name) -> dict[str, tuple[int, float]]:
+    """`python run.py -m mode=loss ckpt=glob:PATTERN` in `cwd`: (step, eval/loss) per child run's checkpoint, keyed
+    by `key(ckpt path)` (its name by default)."""
     from tests import factories
 
     db = cwd / "mlflow.db"
@@ -468,7 +576,7 @@ def glob_scan_points(cwd: Path, pattern: str, shards: Path, seq: int, jobs: int)
     for r in runs:
         if r.data.tags.get("mlflow.parentRunId"):
             [point] = client.get_metric_history(r.info.run_id, "eval/loss")
-            points[Path(r.data.tags["ckpt"]).name] = (point.step, point.value)
+            points[key(r.data.tags["ckpt"])] = (point.step, point.value)
     return points
 
 
