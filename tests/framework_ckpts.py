@@ -4,6 +4,7 @@ Run in a subprocess (each framework wants a process group, and Megatron's saver 
 
     python tests/framework_ckpts.py titan OUT TOKENS_DIR SEQ_LEN [--tie] [--no-job-config]
     python tests/framework_ckpts.py titan-moe OUT TOKENS_DIR SEQ_LEN
+    python tests/framework_ckpts.py titan-deepseek OUT TOKENS_DIR SEQ_LEN    # OUT/{sigmoid,softmax}/
     python tests/framework_ckpts.py megatron OUT TOKENS_DIR SEQ_LEN [--tie] [--no-args]
     python tests/framework_ckpts.py megatron-moe OUT TOKENS_DIR SEQ_LEN    # OUT/{mixtral,qwen2_moe,glm4_moe}/
 
@@ -175,7 +176,7 @@ class float32_experts:
         torch.Tensor.bfloat16 = self._real
 
 
-def _titan_moe_weights(model: torch.nn.Module, seed: int) -> None:
+def _titan_moe_weights(model: torch.nn.Module, seed: int, head_scale: float = 8.0, bias_std: float = 0.15) -> None:
     """Norms moved off 1, routers sharpened (init std 0.02 routes almost uniformly), experts and head scaled up, and an
     expert_bias that changes routing for some tokens, as a load-balanced run leaves it: a reader that drops it moves
     the loss by ~1e-2 here (~1e-5 at init scale), so it is seen to be wrong."""
@@ -185,12 +186,13 @@ def _titan_moe_weights(model: torch.nn.Module, seed: int) -> None:
         for name, p in model.named_parameters():
             if name.endswith("router.gate.weight"):
                 p.mul_(20.0)
-            elif ("qkv_linear" in name or "inner_experts" in name or name.startswith("lm_head")
-                  or name.endswith(("wkv_a.weight", "wq.weight"))):
+            elif "qkv_linear" in name or "inner_experts" in name or name.endswith(("wkv_a.weight", "wq.weight")):
                 p.mul_(8.0)  # a model far from uniform, whose experts matter to the loss
+            elif name.startswith("lm_head"):
+                p.mul_(head_scale)
         for name, b in model.named_buffers():
             if name.endswith("expert_bias_E"):
-                b.copy_(0.15 * torch.randn(b.shape, generator=g))
+                b.copy_(bias_std * torch.randn(b.shape, generator=g))
 
 
 def _titan_train_state(seq_len: int):
@@ -266,6 +268,83 @@ def write_titan_moe(out: Path, tokens_dir: Path, seq_len: int) -> dict:
         with float32_experts():
             ref["loss_without_expert_bias"] = mean_loss(model(inputs, positions, masks), targets)
     return ref
+
+
+def titan_deepseek_v3_config(score_func: str):
+    """torchtitan's own DeepSeek-V3 layer builder at a tiny size: MLA with a q LoRA, yarn RoPE, one dense layer
+    then one MoE layer with 8 experts, top-2, a shared expert and an expert_bias; the sigmoid router is also
+    node-limited (2 groups, 1 chosen), renormalised and scaled by 2.5 (DeepSeek-V3's recipe), the softmax one is
+    torchtitan's debugmodel recipe (no renormalisation, scale 1)."""
+    import torchtitan.models.deepseek_v3 as D
+    from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
+
+    sigmoid = score_func == "sigmoid"
+    layers = D._build_dsv3_layers(
+        n_layers=LAYERS, n_dense_layers=1, dim=DIM, n_heads=HEADS, q_lora_rank=32, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, mscale=0.7, dense_hidden_dim=96,
+        moe_hidden_dim=MOE_HIDDEN, num_experts=MOE_EXPERTS, num_shared_experts=1, router_top_k=MOE_TOP_K,
+        router_score_func=score_func, router_num_expert_groups=2 if sigmoid else None,
+        router_num_limited_groups=1 if sigmoid else None, router_route_norm=sigmoid,
+        router_route_scale=2.5 if sigmoid else 1.0, attn_backend="flex", moe_comm_backend="standard",
+        non_blocking_capacity_factor=None,
+        rope=ComplexRoPE.Config(dim=8, max_seq_len=256, theta=10000.0, scaling="yarn", rope_factor=4.0,
+                                beta_fast=32.0, beta_slow=1.0, original_seq_len=64))
+    return D.DeepSeekV3Model.Config(
+        vocab_size=VOCAB, dim=DIM,
+        tok_embeddings=Embedding.Config(num_embeddings=VOCAB, embedding_dim=DIM, param_init=D._EMBEDDING_INIT),
+        norm=RMSNorm.Config(normalized_shape=DIM, param_init=D._NORM_INIT),
+        lm_head=Linear.Config(in_features=DIM, out_features=VOCAB, param_init=D._output_linear_init(DIM)),
+        layers=layers)
+
+
+def write_titan_deepseek(out: Path, tokens_dir: Path, seq_len: int) -> dict:
+    """Two torchtitan DeepSeek-V3 run dirs (OUT/sigmoid, OUT/softmax), each checkpoint/step-10 (DCP by its
+    CheckpointManager) + job_config.json, and its own forward loss (float32 experts) with and without the bias."""
+    import dataclasses
+
+    from torchtitan.components.checkpoint import CheckpointManager
+    from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
+    from torchtitan.models.deepseek_v3 import DeepSeekV3StateDictAdapter
+    from torchtitan.models.deepseek_v3.config_registry import deepseek_v3_debugmodel
+
+    _init_process_group()
+    w = windows(tokens_dir, seq_len)
+    inputs, targets = w[:, :-1], w[:, 1:]
+    positions = torch.arange(seq_len).repeat(len(w), 1)
+    refs = {}
+    for seed, score_func in enumerate(("sigmoid", "softmax")):
+        torch.manual_seed(seed)
+        cfg = titan_deepseek_v3_config(score_func)
+        model = cfg.build()
+        model.init_states(buffer_device=torch.device("cpu"))
+        _titan_moe_weights(model, 5 + seed, head_scale=0.5, bias_std=0.5)  # its embeddings have std 1
+        opt = default_adamw(lr=1e-3).build(model_parts=[model])
+        lrs = LRSchedulersContainer.Config().build(optimizers=opt, training_steps=20)
+        run = out / score_func
+        ckpt = CheckpointManager.Config(enable=True, folder="checkpoint", interval=10).build(
+            dataloader=None, model_parts=[model], optimizers=opt, lr_schedulers=lrs,
+            states={"train_state": _titan_train_state(seq_len)}, sd_adapter=DeepSeekV3StateDictAdapter(cfg, None),
+            base_folder=str(run))
+        ckpt.save(10)
+        ckpt.close()
+        job = deepseek_v3_debugmodel()
+        job = dataclasses.replace(job, model_spec=dataclasses.replace(job.model_spec, flavor="tiny", model=cfg),
+                                  dump_folder=str(run))
+        (run / "job_config.json").write_text(json.dumps(job.to_dict(), indent=2))
+        model.eval()
+        ref: dict = {}
+        with torch.no_grad():
+            torch.save(DeepSeekV3StateDictAdapter(cfg, None).to_hf(model.state_dict()), run / "titan_to_hf.pt")
+            masks = model.get_attention_masks(positions)
+            with float32_experts():
+                ref["loss"] = mean_loss(model(inputs, positions, masks), targets)
+                for layer in model.layers.values():
+                    if layer.moe_enabled:
+                        layer.moe.expert_bias_E.zero_()
+                ref["loss_without_expert_bias"] = mean_loss(model(inputs, positions, masks), targets)
+        (run / "reference.json").write_text(json.dumps(ref))
+        refs[score_func] = ref
+    return refs
 
 
 # ---------------------------------------------------------------------------------------------- Megatron-Core
@@ -447,7 +526,7 @@ def write_megatron_moe(out: Path, tokens_dir: Path, seq_len: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("family", choices=["titan", "titan-moe", "megatron", "megatron-moe"])
+    ap.add_argument("family", choices=["titan", "titan-moe", "titan-deepseek", "megatron", "megatron-moe"])
     ap.add_argument("out", type=Path)
     ap.add_argument("tokens", type=Path)
     ap.add_argument("seq_len", type=int)
@@ -460,6 +539,8 @@ def main() -> None:
         ref = write_titan(a.out, a.tokens, a.seq_len, a.tie, not a.no_job_config)
     elif a.family == "titan-moe":
         ref = write_titan_moe(a.out, a.tokens, a.seq_len)
+    elif a.family == "titan-deepseek":
+        ref = write_titan_deepseek(a.out, a.tokens, a.seq_len)
     elif a.family == "megatron-moe":
         ref = write_megatron_moe(a.out, a.tokens, a.seq_len)
     else:

@@ -367,12 +367,12 @@ def test_titan_moe_wrong_router_detail_is_detectably_wrong(titan_moe_run, tiny_t
     run, ref = titan_moe_run
     model = _moe_model(run / "checkpoint" / "step-10")
     routers = [m for n, m in model.named_modules() if n.endswith("mlp.gate")]
-    assert routers and all(type(r).__name__ == "SelectionBiasRouter" for r in routers)
+    assert routers and all(type(r).__name__ == "TrainerRouter" for r in routers)
     for r in routers:
         if detail == "dropped_expert_bias":
             r.e_score_correction_bias.zero_()
         elif detail == "no_renormalisation":
-            r.norm_topk_prob = False
+            r.route_norm = False
         else:  # the bias added to the logits instead of the softmax probabilities
             def forward(h, r=r):
                 logits = F.linear(h.reshape(-1, r.hidden_dim), r.weight)
@@ -383,6 +383,8 @@ def test_titan_moe_wrong_router_detail_is_detectably_wrong(titan_moe_run, tiny_t
             r.forward = forward
     loss = batch_loss(model, tiny_token_shards)
     assert abs(loss - ref["loss"]) > 1e-4, (detail, loss, ref)
+    if detail == "dropped_expert_bias":  # = torchtitan's own forward with its bias zeroed
+        assert abs(loss - ref["loss_without_expert_bias"]) < 1e-5, (loss, ref)
 
 
 def test_titan_moe_mapping_equals_torchtitans_own_hf_adapter(titan_moe_run):
@@ -516,3 +518,90 @@ def test_titan_moe_torchrun_fsdp(titan_moe_run, tmp_path, tiny_token_shards):
     run, ref = titan_moe_run
     loss = framework_ckpts.torchrun_loss(run / "checkpoint/step-10", "fsdp", tiny_token_shards, SEQ, tmp_path)
     assert abs(loss - ref["loss"]) < 1e-5, (loss, ref)
+
+
+# ---------------------------------------------------------------------------------------------- MoE (DeepSeek-V3)
+
+
+@pytest.fixture(scope="module")
+def titan_ds_run(tmp_path_factory, tiny_token_shards):
+    """torchtitan's DeepSeek-V3 (MLA with a q LoRA, yarn RoPE, 1 dense + 1 MoE layer, 8 experts, top-2, a shared
+    expert, an expert_bias): run/sigmoid (node-limited groups, route_norm, route_scale 2.5: DeepSeek-V3's recipe)
+    and run/softmax (torchtitan's debugmodel recipe), each checkpoint/step-10 + job_config.json."""
+    out = tmp_path_factory.mktemp("titan_ds") / "run"
+    refs = framework_ckpts.run("titan-deepseek", out, tiny_token_shards, SEQ)
+    return out, refs
+
+
+@pytest.mark.parametrize("variant, router", [("sigmoid", "DeepseekV3TopkRouter"), ("softmax", "TrainerRouter")])
+def test_titan_deepseek_loss_equals_torchtitan_forward(titan_ds_run, variant, router, tiny_token_shards):
+    from tests.test_hf_conversion import routed_experts
+
+    run, refs = titan_ds_run
+    model = _moe_model(run / variant / "checkpoint" / "step-10")
+    assert type(model).__name__ == "DeepseekV3ForCausalLM" and model.config.q_lora_rank == 32
+    assert [type(m).__name__ for n, m in model.named_modules() if n.endswith("mlp.gate")] == [router]
+    loss = batch_loss(model, tiny_token_shards)
+    assert abs(loss - refs[variant]["loss"]) < 1e-5, (variant, loss, refs[variant])
+    batch = framework_ckpts.windows(tiny_token_shards, SEQ)[:2, :-1]
+    assert len(routed_experts(model, batch)) >= 2
+
+
+def test_titan_deepseek_mapping_and_router_details(titan_ds_run, tiny_token_shards):
+    """Our hub layout is torchtitan's own DeepSeekV3StateDictAdapter.to_hf (it keeps the expert bias); zeroing the
+    bias gives torchtitan's loss without it, and dropping the node-limited groups is detectably wrong."""
+    run, refs = titan_ds_run
+    step = run / "sigmoid" / "checkpoint" / "step-10"
+    fmt = get_format("torchtitan")
+    ours = fmt.read_state(step, fmt.architecture(step).config)
+    theirs = torch.load(run / "sigmoid" / "titan_to_hf.pt", weights_only=True)
+    assert set(ours) == set(theirs)
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name
+    model = _moe_model(step)
+    gate = model.model.layers[1].mlp.gate
+    bias = gate.e_score_correction_bias.clone()
+    gate.e_score_correction_bias.zero_()
+    loss = batch_loss(model, tiny_token_shards)
+    assert abs(loss - refs["sigmoid"]["loss_without_expert_bias"]) < 1e-5
+    assert abs(loss - refs["sigmoid"]["loss"]) > 1e-3
+    gate.e_score_correction_bias.copy_(bias)
+    gate.num_group = gate.topk_group = 1  # every expert eligible: torchtitan limits each token to 1 of 2 groups
+    assert abs(batch_loss(model, tiny_token_shards) - refs["sigmoid"]["loss"]) > 1e-4
+
+
+def test_titan_deepseek_convert_and_harness(titan_ds_run, tmp_path, tiny_tokenizer_dir,
+                                                          tiny_token_shards, monkeypatch, capsys):
+    """The sigmoid recipe is stock DeepSeek-V3: mode=convert writes an HF dir stock transformers loads with
+    torchtitan's loss, and harness.backend=fast = stock lm-eval on it; the softmax recipe is refused by convert."""
+    from transformers import AutoModelForCausalLM
+
+    from ckpteval import app
+
+    run, refs = titan_ds_run
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "run"
+    shutil.copytree(run / "sigmoid", root)
+    for f in Path(tiny_tokenizer_dir).iterdir():
+        shutil.copy(f, root / f.name)
+    ours, stock, hf_dir = framework_ckpts.harness_vs_stock(root / "checkpoint" / "step-10", tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    assert abs(batch_loss(model, tiny_token_shards) - refs["sigmoid"]["loss"]) < 1e-5
+    assert stock and ours["step"] == 10
+    for key, value in stock.items():
+        assert ours[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
+    with pytest.raises(SystemExit) as exc:
+        app.main(factories.compose(["mode=convert", f"ckpt={run / 'softmax' / 'checkpoint' / 'step-10'}",
+                                    f"convert.out={tmp_path / 'hf_softmax'}", f"tracking.uri=sqlite:///{tmp_path}/m.db"]))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(err) == 1 and "no transformers class" in err[0], err
+    assert not (tmp_path / "hf_softmax").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_titan_deepseek_torchrun_fsdp(titan_ds_run, tmp_path, tiny_token_shards):
+    run, refs = titan_ds_run
+    loss = framework_ckpts.torchrun_loss(run / "sigmoid" / "checkpoint/step-10", "fsdp", tiny_token_shards, SEQ,
+                                         tmp_path)
+    assert abs(loss - refs["sigmoid"]["loss"]) < 1e-5, (loss, refs["sigmoid"])

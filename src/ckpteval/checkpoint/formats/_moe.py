@@ -5,16 +5,17 @@ Grouped experts: torchtitan's `w1_EFD [E, F, D]` / `w3_EFD` / `w2_EDF [E, D, F]`
 split into `mlp.experts.{j}.gate_proj / up_proj / down_proj` (`block_sparse_moe.experts.{j}.w1 / w3 / w2` for
 Mixtral), the layout `save_pretrained` writes; transformers' own conversion fuses them back on load.
 
-Routing: torchtitan's Qwen3-MoE router (and Megatron's with `moe_router_enable_expert_bias` and a softmax score)
-balances load without an auxiliary loss (https://arxiv.org/abs/2408.15664): a rule-updated `expert_bias` is added
-to the softmax probabilities to CHOOSE the top-k experts, while the weights of the chosen experts are the
-probabilities themselves (renormalised over the k when the router normalises). transformers' softmax routers
-(Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE) have no such bias and its biased routers (DeepSeek-V3, GLM-4-MoE, ...) score
-with a sigmoid, so a checkpoint whose bias is non-zero would route differently in every stock class. A family that
-reads one sets `config.ckpteval_softmax_selection_bias = True`, and `build_model` puts a `SelectionBiasRouter` in
-place of each `mlp.gate` (same weight, same outputs, plus the bias as `mlp.gate.e_score_correction_bias`, the name
-DeepSeek-V3 checkpoints give theirs). Such a model evaluates exactly in memory (loss, harness, scans, watcher,
-FSDP); `mode=convert` refuses it, since stock transformers would load its HF dir with another routing.
+Routing: torchtitan's router (and Megatron's sigmoid one) balances load without an auxiliary loss
+(https://arxiv.org/abs/2408.15664): a rule-updated `expert_bias` is added to the scores to CHOOSE the top-k
+experts, while the weights of the chosen experts are the scores themselves (renormalised over the k when the
+router normalises, then scaled). transformers' biased routers (DeepSeek-V3, GLM-4-MoE, ...) all score with a
+sigmoid and its softmax routers (Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-V2) have no bias, so a softmax
+router whose bias is non-zero (torchtitan's Qwen3-MoE and DeepSeek-V3 softmax recipes) routes differently in every
+stock class. A family that reads one sets `config.ckpteval_router = {"score_func", "route_norm", "route_scale"}`,
+and `build_model` puts a `TrainerRouter` in place of each `mlp.gate` (same weight, same outputs, plus the bias as
+`mlp.gate.e_score_correction_bias`, the name DeepSeek-V3 checkpoints give theirs). Such a model evaluates exactly
+in memory (loss, harness, scans, watcher, FSDP); `mode=convert` refuses it, since stock transformers would load its
+HF dir with another routing.
 
 Imports nothing of `ckpteval` (a leaf, like `_common`).
 """
@@ -25,22 +26,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CONFIG_FLAG = "ckpteval_softmax_selection_bias"
-# transformers model types whose `mlp.gate` is a softmax top-k router `SelectionBiasRouter` stands in for
-SOFTMAX_ROUTER_TYPES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+CONFIG_FLAG = "ckpteval_router"
+# transformers model types whose `mlp.gate` is a top-k router (weight [E, H]; forward -> logits, weights, indices)
+# that `TrainerRouter` stands in for
+ROUTER_TYPES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3")
 
 
-class SelectionBiasRouter(nn.Module):
-    """Softmax top-k routing whose expert choice adds `e_score_correction_bias` to the probabilities; drop-in for a
-    transformers softmax router (`forward` returns its (logits, top-k weights, top-k indices))."""
+class TrainerRouter(nn.Module):
+    """torchtitan's `TokenChoiceTopKRouter` (no node-limited groups): softmax or sigmoid scores, experts chosen on
+    scores + `e_score_correction_bias`, weights = the chosen scores, divided by their sum (+1e-20) when
+    `route_norm`, times `route_scale`. Drop-in for a transformers top-k router."""
 
-    not_in_transformers = ("its router adds an aux-loss-free expert bias to softmax probabilities to choose experts, "
-                           "which no transformers class does")
+    not_in_transformers = ("its router (softmax scores with an aux-loss-free expert bias that changes the choice) "
+                           "is computed by no transformers class")
 
-    def __init__(self, router: nn.Module, norm_topk_prob: bool):
+    def __init__(self, router: nn.Module, score_func: str, route_norm: bool, route_scale: float):
         super().__init__()
         self.top_k, self.num_experts, self.hidden_dim = router.top_k, router.num_experts, router.hidden_dim
-        self.norm_topk_prob = norm_topk_prob
+        self.score_func, self.route_norm, self.route_scale = score_func, route_norm, route_scale
         self.weight = router.weight
         self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32,
                                                                     device=router.weight.device))
@@ -48,12 +51,13 @@ class SelectionBiasRouter(nn.Module):
     def forward(self, hidden_states: torch.Tensor):
         hidden_states = hidden_states.reshape(-1, self.hidden_dim)
         router_logits = F.linear(hidden_states, self.weight)
-        probs = F.softmax(router_logits, dtype=torch.float, dim=-1)
-        _, indices = torch.topk(probs + self.e_score_correction_bias, self.top_k, dim=-1)
-        weights = probs.gather(-1, indices)
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return router_logits, weights.to(router_logits.dtype), indices
+        logits = router_logits.float()
+        scores = F.softmax(logits, dim=-1) if self.score_func == "softmax" else torch.sigmoid(logits)
+        _, indices = torch.topk(scores + self.e_score_correction_bias, self.top_k, dim=-1)
+        weights = scores.gather(-1, indices)
+        if self.route_norm:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return router_logits, (weights * self.route_scale).to(router_logits.dtype), indices
 
 
 # hub names of one expert's projections, per transformers model type (gate, up, down)
@@ -75,20 +79,19 @@ def split_experts(layer_prefix: str, model_type: str, gate, up, down) -> dict:
 
 
 def apply_routing(model: nn.Module) -> nn.Module:
-    """Replace each softmax `mlp.gate` by a `SelectionBiasRouter` when the config asks for it (in place)."""
-    config = model.config
-    if not getattr(config, CONFIG_FLAG, False):
+    """Replace each top-k `mlp.gate` by a `TrainerRouter` when the config asks for it (in place)."""
+    spec = getattr(model.config, CONFIG_FLAG, None)
+    if not spec:
         return model
-    # Mixtral's router always renormalises; Qwen-MoE's and OLMoE's when norm_topk_prob
-    norm = bool(getattr(config, "norm_topk_prob", config.model_type == "mixtral"))
     for name, module in list(model.named_modules()):
         gate = getattr(module, "gate", None)
         if name.endswith(".mlp") and gate is not None and hasattr(gate, "top_k") and hasattr(gate, "weight"):
-            module.gate = SelectionBiasRouter(gate, norm)
+            module.gate = TrainerRouter(gate, spec["score_func"], bool(spec["route_norm"]),
+                                        float(spec["route_scale"]))
     return model
 
 
 def not_in_transformers(config) -> str | None:
     """Why stock transformers would compute another function than the model `config` builds here, None when it
     would not (a config, so that mode=convert refuses before anything is allocated)."""
-    return SelectionBiasRouter.not_in_transformers if getattr(config, CONFIG_FLAG, False) else None
+    return TrainerRouter.not_in_transformers if getattr(config, CONFIG_FLAG, None) else None

@@ -161,4 +161,62 @@ def qwen3_config(model: dict, shapes: dict[str, tuple[int, ...]], source: str):
 
 
 def deepseek_v3_config(model: dict, shapes: dict[str, tuple[int, ...]], source: str):
-    raise CkptEvalError(f"torchtitan deepseek_v3 ({source}) is not mapped yet")
+    """DeepSeek-V3: MLA (q LoRA or not, interleaved RoPE on the rotary part: `rope_interleave`), yarn RoPE with
+    torchtitan's softmax-scale mscale (`mscale` = `mscale_all_dim`, so transformers scales the softmax by the same
+    mscale^2 and leaves cos/sin alone, as torchtitan does), the first `first_k_dense_replace` layers dense, shared
+    experts. Its sigmoid router (node-limited groups by top-2 sums, `expert_bias`, route_norm with +1e-20,
+    route_scale) is transformers' own; torchtitan's softmax recipe (debugmodel, 16B) is computed by
+    `_moe.TrainerRouter` on the same model (no transformers DeepSeek class scores with softmax and a bias)."""
+    from transformers import DeepseekV3Config
+
+    from ckpteval.checkpoint.formats._moe import CONFIG_FLAG
+
+    layers = model["layers"]
+    attn = layers[0]["attention"]
+    moe = moe_fields(model, source)
+    if moe is None:
+        raise CkptEvalError(f"{source}: a deepseek_v3 model without MoE layers is not mapped here: not supported")
+    dense = moe["dense_layers"]
+    if dense != list(range(len(dense))):
+        raise CkptEvalError(f"{source}: dense layers {dense} are not the first ones (transformers' DeepSeek-V3 has "
+                            "first_k_dense_replace): not supported")
+    problems = _common_problems(moe)
+    if moe["shared_gate"]:
+        problems.append("a gated shared expert")
+    if moe["shared_hidden"] % moe["hidden"]:
+        problems.append(f"shared experts of width {moe['shared_hidden']}, not a multiple of {moe['hidden']}")
+    if moe["score_func"] == "softmax" and moe["groups"]:
+        problems.append("softmax scores with node-limited groups")
+    if moe["groups"] and moe["num_experts"] // moe["groups"] < 2:
+        problems.append("groups of fewer than 2 experts")
+    _refuse(source, "DeepSeek-V3", problems)
+    rcfg = attn.get("rope") or {}
+    rope = {"rope_type": "default", "rope_theta": float(rcfg.get("theta", 10000.0))}
+    if rcfg.get("scaling", "none") == "yarn" and float(rcfg.get("rope_factor", 1.0)) > 1.0:
+        mscale = float(attn.get("mscale", 1.0))
+        rope = {"rope_type": "yarn", "rope_theta": rope["rope_theta"], "factor": float(rcfg["rope_factor"]),
+                "beta_fast": float(rcfg.get("beta_fast", 32.0)), "beta_slow": float(rcfg.get("beta_slow", 1.0)),
+                "original_max_position_embeddings": int(rcfg.get("original_seq_len", 4096)),
+                "mscale": mscale, "mscale_all_dim": mscale, "truncate": bool(rcfg.get("truncate", True))}
+    elif rcfg.get("scaling", "none") not in ("none", "yarn"):
+        raise CkptEvalError(f"torchtitan RoPE scaling {rcfg['scaling']!r} ({source}) is not mapped for deepseek_v3")
+    q_lora = int(attn.get("q_lora_rank") or 0)
+    ffn = shapes.get(f"model.layers.{dense[0]}.mlp.gate_proj.weight", (moe["hidden"],))[0] if dense else moe["hidden"]
+    config = DeepseekV3Config(
+        vocab_size=shapes.get("model.embed_tokens.weight", (model.get("vocab_size") or 0,))[0],
+        hidden_size=model["dim"], intermediate_size=ffn, moe_intermediate_size=moe["hidden"],
+        num_hidden_layers=len(layers), num_attention_heads=attn["n_heads"], num_key_value_heads=attn["n_heads"],
+        n_shared_experts=moe["shared_hidden"] // moe["hidden"], n_routed_experts=moe["num_experts"],
+        routed_scaling_factor=moe["route_scale"], kv_lora_rank=int(attn["kv_lora_rank"]),
+        q_lora_rank=q_lora or None, qk_rope_head_dim=int(attn["qk_rope_head_dim"]),
+        v_head_dim=int(attn["v_head_dim"]), qk_nope_head_dim=int(attn["qk_nope_head_dim"]),
+        n_group=int(moe["groups"] or 1), topk_group=int(moe["limited_groups"] or 1),
+        num_experts_per_tok=moe["top_k"], first_k_dense_replace=len(dense), norm_topk_prob=moe["route_norm"],
+        rms_norm_eps=float(layers[0]["attention_norm"].get("eps", 1e-6)),
+        max_position_embeddings=int(rcfg.get("max_seq_len", 4096)), rope_parameters=rope, rope_interleave=True,
+        tie_word_embeddings=bool(model.get("enable_weight_tying", False)), attention_bias=False,
+        architectures=["DeepseekV3ForCausalLM"])
+    if moe["score_func"] == "softmax":
+        setattr(config, CONFIG_FLAG, {"score_func": "softmax", "route_norm": moe["route_norm"],
+                                      "route_scale": moe["route_scale"]})
+    return config

@@ -314,18 +314,20 @@ class TorchTitanFormat(CheckpointFormat):
         return {_hf_name(k, model_kind(keys)): v for k, v in read_dcp_tensors(path, wanted).items()} if wanted else {}
 
     def _routing(self, path: Path, config) -> None:
-        """An expert_bias that is non-zero changes which experts a token picks: exact on the classes that have it
-        (DeepSeek-V3), the `_moe.SelectionBiasRouter` on a softmax router class, refused elsewhere."""
-        from ckpteval.checkpoint.formats._moe import CONFIG_FLAG, SOFTMAX_ROUTER_TYPES
+        """An expert_bias that is non-zero changes which experts a token picks: exact on the classes that hold one
+        (DeepSeek-V3's sigmoid router), else torchtitan's own router computed by `_moe.TrainerRouter` in place of
+        a softmax router (torchtitan's Qwen3-MoE), refused elsewhere."""
+        from ckpteval.checkpoint.formats._moe import CONFIG_FLAG, ROUTER_TYPES
 
         if not any(bool(b.any()) for b in self._expert_bias(path).values()) or _has_bias(config):
             return
-        if config.model_type not in SOFTMAX_ROUTER_TYPES:
+        if config.model_type not in ROUTER_TYPES:
             raise CkptEvalError(f"torchtitan checkpoint {path} routes with a non-zero aux-loss-free expert_bias, "
                                 f"which transformers' {config.model_type} has no place for: not supported")
-        log.info("torchtitan checkpoint %s: its expert_bias changes routing; no transformers softmax router has "
+        log.info("torchtitan checkpoint %s: its expert_bias changes routing and no transformers softmax router has "
                  "one, so its router is computed exactly as torchtitan does (mode=convert refuses it)", path.name)
-        setattr(config, CONFIG_FLAG, True)
+        setattr(config, CONFIG_FLAG, {"score_func": "softmax", "route_scale": 1.0,
+                                      "route_norm": bool(getattr(config, "norm_topk_prob", True))})
 
     def architecture(self, path: Path, model_cfg=None) -> Architecture:
         path = Path(path)
@@ -394,7 +396,7 @@ def _has_bias(config) -> bool:
     """Does the model of `config` hold an expert_bias (`mlp.gate.e_score_correction_bias`)?"""
     from ckpteval.checkpoint.formats._moe import CONFIG_FLAG
 
-    return bool(getattr(config, CONFIG_FLAG, False)) or config.model_type in ("deepseek_v3",)
+    return bool(getattr(config, CONFIG_FLAG, None)) or config.model_type in ("deepseek_v3",)
 
 
 def _job_layers(path: Path) -> list[dict]:
