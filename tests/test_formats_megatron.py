@@ -424,7 +424,10 @@ def test_megatron_moe_glob_scan_cli(mg_moe_run, tmp_path, tiny_token_shards):
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_megatron_moe_torchrun_fsdp(mg_moe_run, tmp_path, tiny_token_shards):
+@pytest.mark.parametrize("layout", ["fsdp", "ep"])
+def test_megatron_moe_torchrun_layouts(mg_moe_run, layout, tmp_path, tiny_token_shards):
+    """parallel=fsdp (experts sharded with the rest) and parallel=ep (2 experts per rank, tokens all-to-all over
+    gloo) on GLM-4-MoE (sigmoid router with expert_bias, shared expert): Megatron's own loss."""
     out, refs = mg_moe_run
-    loss = framework_ckpts.torchrun_loss(out / "glm4_moe" / "iter_0000010", "fsdp", tiny_token_shards, SEQ, tmp_path)
-    assert abs(loss - refs["glm4_moe"]["loss"]) < 1e-5, (loss, refs["glm4_moe"])
+    loss = framework_ckpts.torchrun_loss(out / "glm4_moe" / "iter_0000010", layout, tiny_token_shards, SEQ, tmp_path)
+    assert abs(loss - refs["glm4_moe"]["loss"]) < 1e-5, (layout, loss, refs["glm4_moe"])
