@@ -425,14 +425,14 @@ def write_megatron(out: Path, tokens_dir: Path, seq_len: int, tie: bool, save_ar
 # Three router kinds, each mapped onto its own transformers class (see formats/megatron.py):
 MEGATRON_MOE = {
     # Mixtral: softmax over the top-k logits (moe_router_pre_softmax=False), 4 experts, top-2, SequentialMLP
-    "mixtral": dict(moe_router_pre_softmax=False),
+    "mixtral": {"moe_router_pre_softmax": False},
     # Qwen2-MoE: softmax over all experts before the top-k (no renormalisation) and a gated shared expert
-    "qwen2_moe": dict(moe_router_pre_softmax=True, moe_shared_expert_intermediate_size=80,
-                      moe_shared_expert_gate=True),
+    "qwen2_moe": {"moe_router_pre_softmax": True, "moe_shared_expert_intermediate_size": 80,
+                      "moe_shared_expert_gate": True},
     # GLM-4-MoE: sigmoid scores, an aux-loss-free expert_bias that changes routing, renormalised top-k scaled by
     # 2.5, an ungated shared expert
-    "glm4_moe": dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
-                     moe_router_topk_scaling_factor=2.5, moe_shared_expert_intermediate_size=48),
+    "glm4_moe": {"moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True,
+                     "moe_router_topk_scaling_factor": 2.5, "moe_shared_expert_intermediate_size": 48},
 }
 
 
@@ -470,8 +470,8 @@ def write_megatron_moe(out: Path, tokens_dir: Path, seq_len: int) -> dict:
     for seed, (variant, moe) in enumerate(MEGATRON_MOE.items()):
         torch.manual_seed(seed)
         args = megatron_args(tie=False)
-        moe = {**dict(num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=48, moe_grouped_gemm=False,
-                      moe_token_dispatcher_type="allgather", moe_aux_loss_coeff=0.0), **moe}
+        moe = {"num_experts": 4, "moe_router_topk": 2, "moe_ffn_hidden_size": 48, "moe_grouped_gemm": False,
+               "moe_token_dispatcher_type": "allgather", "moe_aux_loss_coeff": 0.0, **moe}
         for k, v in moe.items():
             setattr(args, k, v)
         config_moe = {("num_moe_experts" if k == "num_experts" else k): v for k, v in moe.items()}
@@ -511,7 +511,7 @@ def write_megatron_moe(out: Path, tokens_dir: Path, seq_len: int) -> dict:
             ref["loss"] = mean_loss(model(inputs, positions, causal), targets)
             chosen: set = set()
             hook = model.decoder.layers[-1].mlp.router.register_forward_hook(
-                lambda _m, _i, o: chosen.update(o[1].nonzero()[:, 1].tolist()))
+                lambda _m, _i, o, chosen=chosen: chosen.update(o[1].nonzero()[:, 1].tolist()))
             model(inputs[:2], positions[:2], causal)
             hook.remove()
             ref["experts_chosen"] = sorted(chosen)

@@ -390,23 +390,29 @@ def test_megatron_moe_routers_transformers_cannot_compute_are_refused(mg_moe_run
         get_format("megatron").architecture(ckpt)
 
 
-def test_megatron_moe_app_loss_watch_and_harness(mg_moe_run, tmp_path, tiny_tokenizer_dir, tiny_token_shards,
-                                                monkeypatch):
-    """GLM-4-MoE (sigmoid + expert_bias + shared expert): mode=loss, the watcher, and harness.backend=fast =
-    stock lm-eval on its mode=convert output, which stock transformers loads with Megatron's loss."""
-    from ckpteval import app
+def test_megatron_moe_watch_convert_and_harness(mg_moe_run, tmp_path, tiny_tokenizer_dir, tiny_token_shards,
+                                               monkeypatch):
+    """GLM-4-MoE (sigmoid + expert_bias + shared expert): the watcher (the job path mode=loss runs) scores it with
+    Megatron's loss; harness.backend=fast = stock lm-eval on its mode=convert output, which stock transformers
+    loads with Megatron's loss."""
+    from transformers import AutoModelForCausalLM
 
     out, refs = mg_moe_run
     ref = refs["glm4_moe"]
     monkeypatch.chdir(tmp_path)
-    result = app.main(_loss_cfg(tmp_path, out / "glm4_moe" / "iter_0000010", tiny_token_shards))
-    assert result["step"] == 10 and abs(result["eval/loss"] - ref["loss"]) < 1e-5, (result, ref)
-    shutil.copytree(out / "glm4_moe", tmp_path / "watch")
-    summary, losses = framework_ckpts.watch_once_losses(tmp_path / "watch", tiny_token_shards, SEQ, tmp_path / "w.db")
+    root = tmp_path / "run"
+    shutil.copytree(out / "glm4_moe", root)
+    summary, losses = framework_ckpts.watch_once_losses(root, tiny_token_shards, SEQ, tmp_path / "w.db")
     assert summary["watch/evaluated"] == 1 and summary["watch/failed"] == 0, summary
     assert abs(losses["iter_0000010"] - ref["loss"]) < 1e-5, losses
-    framework_ckpts.assert_harness_equals_stock(out / "glm4_moe", "iter_0000010", tmp_path, tiny_tokenizer_dir,
-                                                _files(tiny_token_shards), SEQ, ref["loss"], step=10)
+    for f in Path(tiny_tokenizer_dir).iterdir():
+        shutil.copy(f, root / f.name)
+    ours, stock, hf_dir = framework_ckpts.harness_vs_stock(root / "iter_0000010", tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    assert type(model).__name__ == "Glm4MoeForCausalLM" and abs(batch_loss(model, tiny_token_shards) - ref["loss"]) < 1e-5
+    assert stock and ours["step"] == 10
+    for key, value in stock.items():  # perplexities of a random model are ~1e3..1e9: 1e-5 relative
+        assert ours[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
 
 
 @pytest.mark.slow
@@ -431,3 +437,27 @@ def test_megatron_moe_torchrun_layouts(mg_moe_run, layout, tmp_path, tiny_token_
     out, refs = mg_moe_run
     loss = framework_ckpts.torchrun_loss(out / "glm4_moe" / "iter_0000010", layout, tiny_token_shards, SEQ, tmp_path)
     assert abs(loss - refs["glm4_moe"]["loss"]) < 1e-5, (layout, loss, refs["glm4_moe"])
+
+
+def test_megatron_moe_sigmoid_router_without_expert_bias(mg_moe_run, tmp_path, tiny_token_shards):
+    """A sigmoid router trained without `moe_router_enable_expert_bias` has no bias tensor: GLM-4-MoE's at zero,
+    Megatron's own loss with its bias zeroed."""
+    import json as _json
+
+    import torch.distributed.checkpoint as dcp
+
+    out, refs = mg_moe_run
+    src = out / "glm4_moe" / "iter_0000010"
+    meta = mg_fmt.read_dcp_metadata(src).state_dict_metadata
+    tensors = mg_fmt.read_dcp_tensors(src, {k: m for k, m in meta.items()
+                                            if k.startswith(mg_fmt.MODEL_PREFIXES) and "_extra_state" not in k
+                                            and not k.endswith("router.expert_bias") and hasattr(m, "size")})
+    dest = tmp_path / "iter_0000010"
+    dcp.save(tensors, checkpoint_id=str(dest), no_dist=True)
+    (dest / "metadata.json").write_text(_json.dumps({"sharded_backend": "torch_dist"}))
+    args = mg_fmt._args(mg_fmt.read_common(src))
+    torch.save({"args": argparse.Namespace(**{**args, "moe_router_enable_expert_bias": False}), "iteration": 10},
+               dest / "common.pt")
+    model = _moe_model(dest)
+    assert type(model).__name__ == "Glm4MoeForCausalLM"
+    assert abs(batch_loss(model, tiny_token_shards) - refs["glm4_moe"]["loss_without_expert_bias"]) < 1e-5

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import re
 import shutil
 from pathlib import Path
 
@@ -464,18 +463,15 @@ def test_titan_moe_unknown_model_tensor_is_named(titan_moe_run, tmp_path):
         get_format("torchtitan").tensor_specs(dest, None)
 
 
-def test_titan_moe_mode_loss_convert_and_watch(titan_moe_run, tmp_path, tiny_token_shards, monkeypatch, capsys):
-    """mode=loss on the DCP step; mode=convert refuses it in one line (its routing is not any transformers
-    class's) and converts the HF export, which stock transformers loads; the watcher scores both steps."""
+def test_titan_moe_convert_and_watch(titan_moe_run, tmp_path, tiny_token_shards, monkeypatch, capsys):
+    """mode=convert refuses the DCP step in one line (its routing is not any transformers class's) and converts the
+    HF export, which stock transformers loads; the watcher (the job path mode=loss runs) scores both steps."""
     from transformers import AutoModelForCausalLM
 
     from ckpteval import app
 
     run, ref = titan_moe_run
     monkeypatch.chdir(tmp_path)
-    result = app.main(_loss_cfg(tmp_path, run / "checkpoint" / "step-10", tiny_token_shards))
-    assert result["step"] == 10 and abs(result["eval/loss"] - ref["loss"]) < 1e-5, (result, ref)
-
     convert = ["mode=convert", f"tracking.uri=sqlite:///{tmp_path}/m.db"]
     with pytest.raises(SystemExit) as exc:
         app.main(factories.compose([*convert, f"ckpt={run / 'checkpoint' / 'step-10'}",
@@ -570,38 +566,45 @@ def test_titan_deepseek_mapping_and_router_details(titan_ds_run, tiny_token_shar
     assert abs(batch_loss(model, tiny_token_shards) - refs["sigmoid"]["loss"]) > 1e-4
 
 
-def test_titan_deepseek_convert_and_harness(titan_ds_run, tmp_path, tiny_tokenizer_dir,
-                                                          tiny_token_shards, monkeypatch, capsys):
+def test_titan_deepseek_convert(titan_ds_run, tmp_path, tiny_token_shards, monkeypatch, capsys):
     """The sigmoid recipe is stock DeepSeek-V3: mode=convert writes an HF dir stock transformers loads with
-    torchtitan's loss, and harness.backend=fast = stock lm-eval on it; the softmax recipe is refused by convert."""
+    torchtitan's loss; the softmax recipe (TrainerRouter) is refused by convert in one line."""
     from transformers import AutoModelForCausalLM
 
     from ckpteval import app
 
     run, refs = titan_ds_run
     monkeypatch.chdir(tmp_path)
-    root = tmp_path / "run"
-    shutil.copytree(run / "sigmoid", root)
-    for f in Path(tiny_tokenizer_dir).iterdir():
-        shutil.copy(f, root / f.name)
-    ours, stock, hf_dir = framework_ckpts.harness_vs_stock(root / "checkpoint" / "step-10", tmp_path)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    out = app.main(factories.compose(["mode=convert", f"ckpt={run / 'sigmoid' / 'checkpoint' / 'step-10'}",
+                                      f"convert.out={tmp_path / 'hf'}", f"tracking.uri=sqlite:///{tmp_path}/m.db"]))
+    model = AutoModelForCausalLM.from_pretrained(out["convert/out"], dtype=torch.float32).eval()
     assert abs(batch_loss(model, tiny_token_shards) - refs["sigmoid"]["loss"]) < 1e-5
-    assert stock and ours["step"] == 10
-    for key, value in stock.items():
-        assert ours[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
     with pytest.raises(SystemExit) as exc:
         app.main(factories.compose(["mode=convert", f"ckpt={run / 'softmax' / 'checkpoint' / 'step-10'}",
-                                    f"convert.out={tmp_path / 'hf_softmax'}", f"tracking.uri=sqlite:///{tmp_path}/m.db"]))
+                                    f"convert.out={tmp_path / 'hf_softmax'}",
+                                    f"tracking.uri=sqlite:///{tmp_path}/m.db"]))
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert exc.value.code == 2 and len(err) == 1 and "no transformers class" in err[0], err
     assert not (tmp_path / "hf_softmax").exists()
 
 
-@pytest.mark.slow
-@pytest.mark.dist
-def test_titan_deepseek_torchrun_fsdp(titan_ds_run, tmp_path, tiny_token_shards):
+def test_titan_deepseek_trained_without_expert_bias(titan_ds_run, tmp_path, tiny_token_shards):
+    """load_balance_coeff=None: no expert_bias_E in the checkpoint; DeepSeek-V3's bias at zero gives torchtitan's
+    own loss with its bias zeroed."""
+    import torch.distributed.checkpoint as dcp
+
     run, refs = titan_ds_run
-    loss = framework_ckpts.torchrun_loss(run / "sigmoid" / "checkpoint/step-10", "fsdp", tiny_token_shards, SEQ,
-                                         tmp_path)
-    assert abs(loss - refs["sigmoid"]["loss"]) < 1e-5, (loss, refs["sigmoid"])
+    src = run / "sigmoid" / "checkpoint" / "step-10"
+    meta = titan_fmt.read_dcp_metadata(src).state_dict_metadata
+    tensors = titan_fmt.read_dcp_tensors(src, {k: m for k, m in meta.items() if hasattr(m, "size")
+                                               and k.startswith(("tok_", "layers.", "norm.", "lm_head."))
+                                               and not k.endswith("expert_bias_E")})
+    dest = tmp_path / "checkpoint" / "step-10"
+    dcp.save(tensors, checkpoint_id=str(dest), no_dist=True)
+    job = json.loads((run / "sigmoid" / "job_config.json").read_text())
+    for layer in job["model_spec"]["model"]["layers"]:
+        if layer.get("moe"):
+            layer["moe"]["load_balance_coeff"] = None
+    (tmp_path / "job_config.json").write_text(json.dumps(job))
+    model = _moe_model(dest)
+    assert abs(batch_loss(model, tiny_token_shards) - refs["sigmoid"]["loss_without_expert_bias"]) < 1e-5

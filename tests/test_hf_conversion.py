@@ -16,14 +16,14 @@ from ckpteval.checkpoint import inspect_checkpoint, load_model
 from ckpteval.errors import CkptEvalError
 from tests import factories
 
-SMALL = dict(vocab_size=factories.VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-             max_position_embeddings=256, tie_word_embeddings=False)
+SMALL = {"vocab_size": factories.VOCAB, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "max_position_embeddings": 256, "tie_word_embeddings": False}
 
 
 def _configs() -> dict:
     import transformers as T
 
-    moe = dict(num_key_value_heads=2, intermediate_size=96, num_experts_per_tok=2)
+    moe = {"num_key_value_heads": 2, "intermediate_size": 96, "num_experts_per_tok": 2}
     return {
         "mixtral": T.MixtralConfig(**SMALL, **moe, num_local_experts=4),
         "qwen3_moe": T.Qwen3MoeConfig(**SMALL, **moe, moe_intermediate_size=48, num_experts=8, norm_topk_prob=True,
@@ -32,7 +32,8 @@ def _configs() -> dict:
                                       shared_expert_intermediate_size=80),
         "olmoe": T.OlmoeConfig(**SMALL, **moe, num_experts=8),
         # MLA + 1 dense layer + a sigmoid router with a selection bias (e_score_correction_bias) and groups
-        "deepseek_v3": T.DeepseekV3Config(**SMALL, **{**moe, "num_key_value_heads": 4}, moe_intermediate_size=32, n_routed_experts=8,
+        "deepseek_v3": T.DeepseekV3Config(**SMALL, **{**moe, "num_key_value_heads": 4}, moe_intermediate_size=32,
+                                          n_routed_experts=8,
                                           n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1,
                                           q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
                                           v_head_dim=16, routed_scaling_factor=2.5),

@@ -5,8 +5,9 @@ One path for every family (see `checkpoint/formats/`): the family names the arch
 against the family's `tensor_specs` (metadata only), and only then is real memory allocated and the family's
 `read_state` loaded. Families speak their checkpoint's layout (for HF dirs the hub's names, e.g. per-expert MoE
 tensors); `load_converted` turns it into the model's parameters with transformers' own weight conversion (what
-`from_pretrained` applies), for the meta check and the real load alike. A config that contradicts the checkpoint (a vocab_size of 2e9, another hidden size) is
-one clear error naming both, in about a second, whatever size it claims.
+`from_pretrained` applies), for the meta check and the real load alike. A config that contradicts the checkpoint
+(a vocab_size of 2e9, another hidden size) is one clear error naming both, in about a second, whatever size it
+claims.
 """
 
 from __future__ import annotations
@@ -80,10 +81,14 @@ def raise_on(verdict: LoadVerdict, info: CheckpointInfo, names: list[str]) -> No
     if verdict.wrong:
         items = list(verdict.wrong.items())
         shown = ", ".join(f"{k} {found} vs {want}" for k, (found, want) in items[:3])
+        fused = any(k.endswith(("experts.gate_up_proj", "experts.down_proj")) for k, _ in items)
+        why = (" (MoE experts as transformers fuses the checkpoint's per-expert tensors: one is missing, or the "
+               "config counts another number of them)") if fused else ""
         raise _mismatch(info, f"tensor shape mismatch (checkpoint vs architecture) for {shown}"
-                              f"{' ...' if len(items) > 3 else ''}")
+                              f"{' ...' if len(items) > 3 else ''}{why}")
     if verdict.missing or verdict.unexpected:
-        parts = [f"{len(found)} {what} tensor(s) (e.g. {found[0]}{'; it holds e.g. ' + str(names[:3]) if what == 'missing' else ''})"
+        holds = f"; it holds e.g. {names[:3]}"
+        parts = [f"{len(found)} {what} tensor(s) (e.g. {found[0]}{holds if what == 'missing' else ''})"
                  for what, found in (("missing", verdict.missing), ("unexpected", verdict.unexpected)) if found]
         raise _mismatch(info, ", ".join(parts))
 

@@ -47,8 +47,8 @@ def check_ep(model_config, ep: int) -> None:
                             f"{model_config.model_type} has none (or no expert-parallel plan in transformers): use "
                             "parallel=fsdp")
     if experts % ep:
-        raise CkptEvalError(f"parallel.ep={ep} does not divide the model's {experts} experts: choose an expert-parallel "
-                            "degree that divides it")
+        raise CkptEvalError(f"parallel.ep={ep} does not divide the model's {experts} experts: choose an "
+                            "expert-parallel degree that divides it")
 
 
 def apply_ep(model: nn.Module, ep: int, device_type: str, tp_mesh) -> nn.Module:

@@ -153,7 +153,7 @@ def meta_state_shapes(config) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in meta_model(config).state_dict().items()}
 
 
-# ---------------------------------------------------------------------------------------------- transformers' conversion
+# ------------------------------------------------------------------------------------ transformers' conversion
 
 
 @dataclass

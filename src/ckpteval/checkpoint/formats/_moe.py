@@ -17,7 +17,7 @@ and `build_model` puts a `TrainerRouter` in place of each `mlp.gate` (same weigh
 in memory (loss, harness, scans, watcher, FSDP); `mode=convert` refuses it, since stock transformers would load its
 HF dir with another routing.
 
-Imports nothing of `ckpteval` (a leaf, like `_common`).
+Imports nothing of `ckpteval` but `errors` (a leaf, like `_common`).
 """
 
 from __future__ import annotations
@@ -83,11 +83,18 @@ def apply_routing(model: nn.Module) -> nn.Module:
     spec = getattr(model.config, CONFIG_FLAG, None)
     if not spec:
         return model
+    replaced = 0
     for name, module in list(model.named_modules()):
         gate = getattr(module, "gate", None)
         if name.endswith(".mlp") and gate is not None and hasattr(gate, "top_k") and hasattr(gate, "weight"):
             module.gate = TrainerRouter(gate, spec["score_func"], bool(spec["route_norm"]),
                                         float(spec["route_scale"]))
+            replaced += 1
+    if not replaced:  # transformers 4's MoE blocks route inside the block (`gate` is a plain Linear)
+        from ckpteval.errors import CkptEvalError
+
+        raise CkptEvalError(f"this checkpoint's router needs transformers' top-k router modules (transformers >= 5) "
+                            f"to be computed exactly; {model.config.model_type} here has none: upgrade transformers")
     return model
 
 

@@ -132,12 +132,13 @@ def qwen3_config(model: dict, shapes: dict[str, tuple[int, ...]], source: str):
     n_heads = attn["n_heads"]
     head_dim = attn.get("head_dim") or (attn.get("qkv_linear") or {}).get("head_dim") or model["dim"] // n_heads
     theta, max_pos, _ = _rope(attn.get("rope") or {}, source, allow_llama_scaling=False)
-    common = dict(
-        vocab_size=shapes.get("model.embed_tokens.weight", (model.get("vocab_size") or 0,))[0],
-        hidden_size=model["dim"], num_hidden_layers=len(model["layers"]), num_attention_heads=n_heads,
-        num_key_value_heads=attn.get("n_kv_heads") or n_heads, head_dim=head_dim,
-        rms_norm_eps=layer["attention_norm"].get("eps", 1e-6), rope_theta=theta, max_position_embeddings=max_pos,
-        tie_word_embeddings=bool(model.get("enable_weight_tying", False)), attention_bias=False)
+    common = {
+        "vocab_size": shapes.get("model.embed_tokens.weight", (model.get("vocab_size") or 0,))[0],
+        "hidden_size": model["dim"], "num_hidden_layers": len(model["layers"]), "num_attention_heads": n_heads,
+        "num_key_value_heads": attn.get("n_kv_heads") or n_heads, "head_dim": head_dim,
+        "rms_norm_eps": layer["attention_norm"].get("eps", 1e-6), "rope_theta": theta,
+        "max_position_embeddings": max_pos, "tie_word_embeddings": bool(model.get("enable_weight_tying", False)),
+        "attention_bias": False}
     moe = moe_fields(model, source)
     if moe is None:
         ffn = shapes.get("model.layers.0.mlp.gate_proj.weight", (None,))[0]

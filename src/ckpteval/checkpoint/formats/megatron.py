@@ -45,9 +45,9 @@ from typing import Any
 
 import torch
 
-from ckpteval.checkpoint.formats.base import Architecture, CheckpointFormat
 from ckpteval.checkpoint.formats._common import check_shapes, rope_pairs_to_halves
 from ckpteval.checkpoint.formats._dcp import read_dcp_metadata, read_dcp_tensors
+from ckpteval.checkpoint.formats.base import Architecture, CheckpointFormat
 from ckpteval.errors import CkptEvalError
 
 ITER_DIR = re.compile(r"^iter_(\d+)$")
@@ -135,14 +135,14 @@ def _base_fields(a: dict, vocab: int) -> dict:
         rope = {"rope_type": "llama3", "factor": float(a.get("rope_scaling_factor", 8.0)), "low_freq_factor": 1.0,
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     max_pos = int(a.get("max_position_embeddings") or a.get("seq_length") or 2048)
-    return dict(
-        vocab_size=int(a.get("padded_vocab_size") or vocab), hidden_size=a["hidden_size"],
-        num_hidden_layers=a["num_layers"], num_attention_heads=heads,
-        num_key_value_heads=a.get("num_query_groups") if a.get("group_query_attention") else heads,
-        head_dim=a.get("kv_channels") or a["hidden_size"] // heads, rms_norm_eps=float(a.get("norm_epsilon", 1e-5)),
-        rope_theta=float(a.get("rotary_base", 10000)), rope_scaling=rope,
-        max_position_embeddings=max(max_pos, 8193 if rope else 0),
-        tie_word_embeddings=not a.get("untie_embeddings_and_output_weights", False))
+    return {
+        "vocab_size": int(a.get("padded_vocab_size") or vocab), "hidden_size": a["hidden_size"],
+        "num_hidden_layers": a["num_layers"], "num_attention_heads": heads,
+        "num_key_value_heads": a.get("num_query_groups") if a.get("group_query_attention") else heads,
+        "head_dim": a.get("kv_channels") or a["hidden_size"] // heads,
+        "rms_norm_eps": float(a.get("norm_epsilon", 1e-5)), "rope_theta": float(a.get("rotary_base", 10000)),
+        "rope_scaling": rope, "max_position_embeddings": max(max_pos, 8193 if rope else 0),
+        "tie_word_embeddings": not a.get("untie_embeddings_and_output_weights", False)}
 
 
 def config_from_args(a: dict, vocab: int):
@@ -227,10 +227,11 @@ def moe_config_from_args(a: dict, base: dict):
                                            num_experts=experts, num_experts_per_tok=top_k, norm_topk_prob=norm,
                                            attention_bias=False, architectures=["Qwen3MoeForCausalLM"])
     if kind == "qwen2_moe":
+        shared = int(a["moe_shared_expert_intermediate_size"])
         return transformers.Qwen2MoeConfig(**base, intermediate_size=dense, moe_intermediate_size=hidden,
                                            num_experts=experts, num_experts_per_tok=top_k, norm_topk_prob=norm,
-                                           shared_expert_intermediate_size=int(a["moe_shared_expert_intermediate_size"]),
-                                           qkv_bias=bool(a.get("add_qkv_bias")), architectures=["Qwen2MoeForCausalLM"])
+                                           shared_expert_intermediate_size=shared, qkv_bias=bool(a.get("add_qkv_bias")),
+                                           architectures=["Qwen2MoeForCausalLM"])
     rope = {"rope_type": "default", "rope_theta": base.pop("rope_theta"), "partial_rotary_factor": 1.0}
     if base.pop("rope_scaling"):
         raise CkptEvalError("Megatron MoE with use_rope_scaling and a sigmoid router: not supported")
@@ -424,6 +425,8 @@ def _moe_layer(t: dict, p: str, model_type: str) -> dict[str, torch.Tensor]:
     out[p + ("block_sparse_moe.gate.weight" if model_type == "mixtral" else "mlp.gate.weight")] = t["router"]
     if t["expert_bias"] is not None:
         out[p + "mlp.gate.e_score_correction_bias"] = t["expert_bias"]
+    elif model_type == "glm4_moe":  # a sigmoid router trained without the bias: GLM-4-MoE's, at zero
+        out[p + "mlp.gate.e_score_correction_bias"] = torch.zeros(t["router"].shape[0], device=t["router"].device)
     if t["shared_fc1"] is not None:
         shared = p + ("mlp.shared_expert." if model_type == "qwen2_moe" else "mlp.shared_experts.")
         gate, up = t["shared_fc1"].chunk(2, dim=0)

@@ -39,7 +39,12 @@ from typing import Any
 import torch
 
 from ckpteval.checkpoint.formats._common import architecture_from_sources, rope_pairs_to_halves
-from ckpteval.checkpoint.formats._dcp import TRAINER_ENTRIES, read_dcp_metadata, read_dcp_object, read_dcp_tensors
+from ckpteval.checkpoint.formats._dcp import (
+    TRAINER_ENTRIES,
+    read_dcp_metadata,
+    read_dcp_object,
+    read_dcp_tensors,
+)
 from ckpteval.checkpoint.formats._titan_arch import config_from_titan
 from ckpteval.checkpoint.formats.base import Architecture, CheckpointFormat
 from ckpteval.errors import CkptEvalError
@@ -60,7 +65,8 @@ GQA_MAP = {
     "attention.qkv_linear.wv.weight": "self_attn.v_proj.weight",
     "attention.wo.weight": "self_attn.o_proj.weight",
 }
-QK_NORM_MAP = {"attention.q_norm.weight": "self_attn.q_norm.weight", "attention.k_norm.weight": "self_attn.k_norm.weight"}
+QK_NORM_MAP = {"attention.q_norm.weight": "self_attn.q_norm.weight",
+               "attention.k_norm.weight": "self_attn.k_norm.weight"}
 MLA_MAP = {  # torchtitan's DeepSeekV3StateDictAdapter names
     "attention.wq.weight": "self_attn.q_proj.weight",
     "attention.wq_a.weight": "self_attn.q_a_proj.weight",
@@ -352,8 +358,10 @@ class TorchTitanFormat(CheckpointFormat):
     @staticmethod
     def _specs(shapes: dict[str, tuple[int, ...]], config) -> dict[str, tuple[int, ...]]:
         """The shapes the model of `config` takes: no expert_bias where it has no place (all zero: checked when
-        read), no head when tied."""
+        read), a zero one where the class has one and the run trained without (`_bias_defaults`), no head when
+        tied."""
         out = {k: v for k, v in shapes.items() if _has_bias(config) or not k.endswith(EXPERT_BIAS)}
+        out.update(_bias_defaults(out, config))
         if getattr(config, "tie_word_embeddings", False):
             out.pop("lm_head.weight", None)
         return out
@@ -382,6 +390,7 @@ class TorchTitanFormat(CheckpointFormat):
                         state[name] = rope_pairs_to_halves(state[name], n_heads)
                     elif name.endswith("self_attn.k_proj.weight"):
                         state[name] = rope_pairs_to_halves(state[name], n_kv)
+        state.update({k: torch.zeros(shape) for k, shape in _bias_defaults(state, config).items()})
         if not _has_bias(config):
             for name in [k for k in state if k.endswith(EXPERT_BIAS)]:
                 if bool(state.pop(name).any()):  # only an architecture source that ignored it gets here
@@ -397,6 +406,17 @@ def _has_bias(config) -> bool:
     from ckpteval.checkpoint.formats._moe import CONFIG_FLAG
 
     return bool(getattr(config, CONFIG_FLAG, None)) or config.model_type in ("deepseek_v3",)
+
+
+def _bias_defaults(state: dict, config) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of zero expert biases for the MoE layers of a class that holds one (DeepSeek-V3) when the run
+    trained without (`load_balance_coeff=None`): a zero bias routes exactly as none. `state`: names -> tensors or
+    shapes."""
+    if not _has_bias(config):
+        return {}
+    gates = [k.removesuffix("weight") for k in state if k.endswith("mlp.gate.weight")]
+    return {g + "e_score_correction_bias": (tuple(getattr(state[g + "weight"], "shape", state[g + "weight"]))[0],)
+            for g in gates if g + "e_score_correction_bias" not in state}
 
 
 def _job_layers(path: Path) -> list[dict]:
