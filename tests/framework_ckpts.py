@@ -3,8 +3,7 @@
 Run in a subprocess (each framework wants a process group, and Megatron's saver spawns helper processes):
 
     python tests/framework_ckpts.py titan OUT TOKENS_DIR SEQ_LEN [--tie] [--no-job-config]
-    python tests/framework_ckpts.py titan-moe OUT TOKENS_DIR SEQ_LEN
-    python tests/framework_ckpts.py titan-deepseek OUT TOKENS_DIR SEQ_LEN    # OUT/{sigmoid,softmax}/
+    python tests/framework_ckpts.py titan-moe OUT TOKENS_DIR SEQ_LEN    # OUT/qwen3/, OUT/deepseek/{sigmoid,softmax}/
     python tests/framework_ckpts.py megatron OUT TOKENS_DIR SEQ_LEN [--tie] [--no-args]
     python tests/framework_ckpts.py megatron-moe OUT TOKENS_DIR SEQ_LEN    # OUT/{mixtral,qwen2_moe,glm4_moe}/
 
@@ -307,7 +306,8 @@ def write_titan_deepseek(out: Path, tokens_dir: Path, seq_len: int) -> dict:
     from torchtitan.models.deepseek_v3 import DeepSeekV3StateDictAdapter
     from torchtitan.models.deepseek_v3.config_registry import deepseek_v3_debugmodel
 
-    _init_process_group()
+    if not torch.distributed.is_initialized():
+        _init_process_group()
     w = windows(tokens_dir, seq_len)
     inputs, targets = w[:, :-1], w[:, 1:]
     positions = torch.arange(seq_len).repeat(len(w), 1)
@@ -526,7 +526,7 @@ def write_megatron_moe(out: Path, tokens_dir: Path, seq_len: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("family", choices=["titan", "titan-moe", "titan-deepseek", "megatron", "megatron-moe"])
+    ap.add_argument("family", choices=["titan", "titan-moe", "megatron", "megatron-moe"])
     ap.add_argument("out", type=Path)
     ap.add_argument("tokens", type=Path)
     ap.add_argument("seq_len", type=int)
@@ -537,10 +537,9 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     if a.family == "titan":
         ref = write_titan(a.out, a.tokens, a.seq_len, a.tie, not a.no_job_config)
-    elif a.family == "titan-moe":
-        ref = write_titan_moe(a.out, a.tokens, a.seq_len)
-    elif a.family == "titan-deepseek":
-        ref = write_titan_deepseek(a.out, a.tokens, a.seq_len)
+    elif a.family == "titan-moe":  # one process (and one torchtitan import) for both MoE models
+        ref = {"qwen3": write_titan_moe(a.out / "qwen3", a.tokens, a.seq_len),
+               "deepseek": write_titan_deepseek(a.out / "deepseek", a.tokens, a.seq_len)}
     elif a.family == "megatron-moe":
         ref = write_megatron_moe(a.out, a.tokens, a.seq_len)
     else:

@@ -318,12 +318,18 @@ def test_titan_mode_harness_fast_equals_stock_lm_eval(titan_run, tmp_path, tiny_
 
 
 @pytest.fixture(scope="module")
-def titan_moe_run(tmp_path_factory, tiny_token_shards):
+def titan_moe_runs(tmp_path_factory, tiny_token_shards):
+    """Both torchtitan MoE models, written by one subprocess (framework_ckpts.py titan-moe)."""
+    out = tmp_path_factory.mktemp("titan_moe")
+    return out, framework_ckpts.run("titan-moe", out, tiny_token_shards, SEQ, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def titan_moe_run(titan_moe_runs):
     """torchtitan's Qwen3-MoE (2 layers, 8 experts, top-2, softmax + route_norm, an expert_bias that changes
     routing): run/checkpoint/step-10 (DCP), run/checkpoint/step-20 (its HF export), run/job_config.json."""
-    out = tmp_path_factory.mktemp("titan_moe") / "run"
-    ref = framework_ckpts.run("titan-moe", out, tiny_token_shards, SEQ)
-    return out, ref
+    out, refs = titan_moe_runs
+    return out / "qwen3", refs["qwen3"]
 
 
 def _moe_model(path: Path):
@@ -441,7 +447,7 @@ def test_titan_moe_without_architecture_source_is_one_error_line(titan_moe_run, 
     step = _copy_step(run, tmp_path)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
-        app.main(_loss_cfg(tmp_path, step, tiny_token_shards))
+        app.main(_loss_cfg(tmp_path, step, tiny_token_shards, "tracking.enabled=false"))
     assert exc.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "contradicts its architecture source, the `model` group" in err[0], err
@@ -520,13 +526,12 @@ def test_titan_moe_torchrun_fsdp(titan_moe_run, tmp_path, tiny_token_shards):
 
 
 @pytest.fixture(scope="module")
-def titan_ds_run(tmp_path_factory, tiny_token_shards):
+def titan_ds_run(titan_moe_runs):
     """torchtitan's DeepSeek-V3 (MLA with a q LoRA, yarn RoPE, 1 dense + 1 MoE layer, 8 experts, top-2, a shared
     expert, an expert_bias): run/sigmoid (node-limited groups, route_norm, route_scale 2.5: DeepSeek-V3's recipe)
     and run/softmax (torchtitan's debugmodel recipe), each checkpoint/step-10 + job_config.json."""
-    out = tmp_path_factory.mktemp("titan_ds") / "run"
-    refs = framework_ckpts.run("titan-deepseek", out, tiny_token_shards, SEQ)
-    return out, refs
+    out, refs = titan_moe_runs
+    return out / "deepseek", refs["deepseek"]
 
 
 @pytest.mark.parametrize("variant, router", [("sigmoid", "DeepseekV3TopkRouter"), ("softmax", "TrainerRouter")])
