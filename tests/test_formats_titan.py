@@ -437,6 +437,16 @@ def test_titan_moe_routers_transformers_cannot_compute_are_refused(titan_moe_run
         get_format("torchtitan").architecture(step)
 
 
+def test_titan_moe_malformed_job_config_is_one_error(titan_moe_run, tmp_path):
+    """A dump missing a field (or one transformers' strict config validation rejects) is one error, not a
+    traceback."""
+    run, _ = titan_moe_run
+    step = _edit_job(run, tmp_path, lambda moe: moe["router"].pop("top_k"))
+    with pytest.raises(CkptEvalError, match=r"job_config\.json .* does not describe a qwen3 model transformers can "
+                                            r"build \(KeyError: 'top_k'\): put a transformers config\.json"):
+        get_format("torchtitan").architecture(step)
+
+
 def test_titan_moe_without_architecture_source_is_one_error_line(titan_moe_run, tmp_path, tiny_token_shards,
                                                                  monkeypatch, capsys):
     """The issue's traceback (`intermediate_size ... NoneType`): now one line naming the source and the fix (the

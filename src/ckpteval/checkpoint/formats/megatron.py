@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from ckpteval.checkpoint.formats._common import check_shapes, rope_pairs_to_halves
+from ckpteval.checkpoint.formats._common import check_shapes, one_line, rope_pairs_to_halves
 from ckpteval.checkpoint.formats._dcp import read_dcp_metadata, read_dcp_tensors
 from ckpteval.checkpoint.formats.base import Architecture, CheckpointFormat
 from ckpteval.errors import CkptEvalError
@@ -369,7 +369,14 @@ class MegatronFormat(CheckpointFormat):
             a = _args(read_common(path))
             if not a:
                 return None
-            return Architecture(config_from_args(a, raw_shapes[EMB][0]), f"Megatron args in {path / 'common.pt'}")
+            source = f"Megatron args in {path / 'common.pt'}"
+            try:
+                return Architecture(config_from_args(a, raw_shapes[EMB][0]), source)
+            except CkptEvalError:
+                raise
+            except Exception as e:  # noqa: BLE001 - args missing a field, transformers' strict config validation
+                raise CkptEvalError(f"{source} do not describe a model transformers can build ({type(e).__name__}: "
+                                    f"{one_line(e)}): put a transformers config.json beside the checkpoint") from None
 
         # Megatron's own args first (the brief's order for this family), then config.json, then the model group
         arch = from_args()

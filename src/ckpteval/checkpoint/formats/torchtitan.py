@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from ckpteval.checkpoint.formats._common import architecture_from_sources, rope_pairs_to_halves
+from ckpteval.checkpoint.formats._common import architecture_from_sources, one_line, rope_pairs_to_halves
 from ckpteval.checkpoint.formats._dcp import (
     TRAINER_ENTRIES,
     read_dcp_metadata,
@@ -344,7 +344,14 @@ class TorchTitanFormat(CheckpointFormat):
             if job is None:
                 return None
             name, model, source = _model_dict_from_job(job, _read_job_config(job))
-            return Architecture(config_from_titan(name, model, shapes, source), source)
+            try:
+                return Architecture(config_from_titan(name, model, shapes, source), source)
+            except CkptEvalError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a dump missing a field, transformers' strict config validation
+                raise CkptEvalError(f"{source} does not describe a {name} model transformers can build "
+                                    f"({type(e).__name__}: {one_line(e)}): put a transformers config.json beside the "
+                                    "checkpoint") from None
 
         arch = architecture_from_sources(path, model_cfg, lambda config: self._specs(shapes, config), from_job,
                                          "torchtitan", adjust=lambda config: self._routing(path, config))
