@@ -112,7 +112,9 @@ def test_routing_differs_across_tokens(saved, name):
 
 
 def test_mode_loss_on_a_hub_moe_dir(saved, tmp_path, tiny_token_shards, monkeypatch):
-    """The issue's case: a Mixtral dir with per-expert tensors was refused by the pre-load check."""
+    """The issue's case: a Mixtral dir with per-expert tensors was refused by the pre-load check. mode=loss = a plain
+    from_pretrained forward over the same windows (one batch: the windows of factories.reference_loss)."""
+    import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
     from ckpteval import app
@@ -120,11 +122,16 @@ def test_mode_loss_on_a_hub_moe_dir(saved, tmp_path, tiny_token_shards, monkeypa
     monkeypatch.chdir(tmp_path)
     result = app.main(factories.compose(["mode=loss", f"ckpt={saved['mixtral']}", "data=local",
                                          f"data.dataset_path={tiny_token_shards}", "eval.seq_len=64",
-                                         "eval.batch_size=8", "eval.steps=-1",
-                                         f"tracking.uri=sqlite:///{tmp_path}/m.db"]))
+                                         "eval.batch_size=8", "eval.steps=-1", "tracking.enabled=false"]))
     ref = AutoModelForCausalLM.from_pretrained(str(saved["mixtral"]), dtype=torch.float32).eval()
-    files = [np.fromfile(f, dtype=np.uint16) for f in sorted(Path(tiny_token_shards).glob("*.bin"))]
-    assert abs(result["eval/loss"] - factories.reference_loss(ref, files, 64)) < 1e-6
+    windows = [torch.from_numpy(a[k * 64: k * 64 + 65].astype(np.int64))
+               for a in (np.fromfile(f, dtype=np.uint16) for f in sorted(Path(tiny_token_shards).glob("*.bin")))
+               for k in range((len(a) - 1) // 64)]
+    w = torch.stack(windows)
+    with torch.no_grad():
+        logits = ref(input_ids=w[:, :-1]).logits
+    loss = F.cross_entropy(logits.double().reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1)).item()
+    assert abs(result["eval/loss"] - loss) < 1e-6, (result, loss)
 
 
 def _rewrite(src: Path, dest: Path, edit) -> Path:

@@ -421,9 +421,13 @@ def _bias_defaults(state: dict, config) -> dict[str, tuple[int, ...]]:
     shapes."""
     if not _has_bias(config):
         return {}
-    gates = [k.removesuffix("weight") for k in state if k.endswith("mlp.gate.weight")]
-    return {g + "e_score_correction_bias": (tuple(getattr(state[g + "weight"], "shape", state[g + "weight"]))[0],)
-            for g in gates if g + "e_score_correction_bias" not in state}
+    out = {}
+    for name, value in state.items():
+        gate = name.removesuffix("weight")
+        if name.endswith("mlp.gate.weight") and gate + "e_score_correction_bias" not in state:
+            rows = value.shape[0] if hasattr(value, "shape") else value[0]  # experts
+            out[gate + "e_score_correction_bias"] = (rows,)
+    return out
 
 
 def _job_layers(path: Path) -> list[dict]:
