@@ -3,9 +3,11 @@
 Run in a subprocess (each framework wants a process group, and Megatron's saver spawns helper processes):
 
     python tests/framework_ckpts.py titan OUT TOKENS_DIR SEQ_LEN [--tie] [--no-job-config]
+    python tests/framework_ckpts.py titan-moe OUT TOKENS_DIR SEQ_LEN    # OUT/qwen3/, OUT/deepseek/{sigmoid,softmax}/
     python tests/framework_ckpts.py megatron OUT TOKENS_DIR SEQ_LEN [--tie] [--no-args]
     python tests/framework_ckpts.py litgpt OUT TOKENS_DIR SEQ_LEN --tokenizer DIR
     python tests/framework_ckpts.py olmo_core OUT TOKENS_DIR SEQ_LEN [--tokenizer DIR]
+    python tests/framework_ckpts.py megatron-moe OUT TOKENS_DIR SEQ_LEN    # OUT/{mixtral,qwen2_moe,glm4_moe}/
 
 Each writes its checkpoints under OUT and `OUT/reference.json`: the token-weighted mean next-token loss of the
 framework's own model forward over every window of the token files (window k of a file = tokens [kL, kL+L]),
@@ -140,6 +142,211 @@ def write_titan(out: Path, tokens_dir: Path, seq_len: int, tie: bool, job_config
         hf = Llama3StateDictAdapter(cfg, None).to_hf(model.state_dict())  # its own HF mapping, as a cross-check
     torch.save(hf, out / "titan_to_hf.pt")
     return {"loss": mean_loss(logits, targets), "windows": len(w)}
+
+
+# ---------------------------------------------------------------------------------------------- torchtitan MoE
+MOE_EXPERTS, MOE_TOP_K, MOE_HIDDEN = 8, 2, 32
+
+
+def titan_qwen3_moe_config():
+    """torchtitan's own Qwen3-MoE layer builder (softmax router, route_norm, aux-loss-free expert_bias) at a tiny
+    size: 2 layers, dim 64, 8 experts, top-2."""
+    import torchtitan.models.qwen3 as Q
+    from torchtitan.models.common import CosSinRoPE, Embedding, Linear
+
+    return Q.Qwen3Model.Config(
+        vocab_size=VOCAB, dim=DIM, norm=Q._qwen3_norm(DIM),
+        tok_embeddings=Embedding.Config(num_embeddings=VOCAB, embedding_dim=DIM, param_init=Q._EMBEDDING_INIT),
+        lm_head=Linear.Config(in_features=DIM, out_features=VOCAB, param_init=Q._LINEAR_INIT),
+        layers=Q._build_qwen3_moe_layers(
+            n_layers=LAYERS, dim=DIM, n_heads=HEADS, n_kv_heads=KV_HEADS, head_dim=DIM // HEADS,
+            moe_hidden_dim=MOE_HIDDEN, num_experts=MOE_EXPERTS, top_k=MOE_TOP_K, attn_backend="flex",
+            moe_comm_backend="standard", rope=CosSinRoPE.Config(dim=DIM // HEADS, max_seq_len=256, theta=1e6)))
+
+
+class float32_experts:
+    """torchtitan's GroupedExperts casts its grouped-GEMM inputs to bfloat16 whatever the model dtype; inside this
+    context `.bfloat16()` is the identity, so its own forward (router, dispatcher, torch._grouped_mm, combine)
+    runs in float32 for the reference. Nothing else is changed."""
+
+    def __enter__(self):
+        self._real = torch.Tensor.bfloat16
+        torch.Tensor.bfloat16 = lambda t, *a, **k: t
+
+    def __exit__(self, *exc):
+        torch.Tensor.bfloat16 = self._real
+
+
+def _titan_moe_weights(model: torch.nn.Module, seed: int, head_scale: float = 8.0, bias_std: float = 0.15) -> None:
+    """Norms moved off 1, routers sharpened (init std 0.02 routes almost uniformly), experts and head scaled up, and an
+    expert_bias that changes routing for some tokens, as a load-balanced run leaves it: a reader that drops it moves
+    the loss by ~1e-2 here (~1e-5 at init scale), so it is seen to be wrong."""
+    _perturb_norms(model, seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("router.gate.weight"):
+                p.mul_(20.0)
+            elif "qkv_linear" in name or "inner_experts" in name or name.endswith(("wkv_a.weight", "wq.weight")):
+                p.mul_(8.0)  # a model far from uniform, whose experts matter to the loss
+            elif name.startswith("lm_head"):
+                p.mul_(head_scale)
+        for name, b in model.named_buffers():
+            if name.endswith("expert_bias_E"):
+                b.copy_(bias_std * torch.randn(b.shape, generator=g))
+
+
+def _titan_train_state(seq_len: int):
+    class TrainState:  # the Stateful torchtitan's Trainer registers as "train_state"
+        step, ntokens_seen = 10, 10 * 8 * seq_len
+
+        def state_dict(self):
+            return {"step": self.step, "ntokens_seen": self.ntokens_seen}
+
+        def load_state_dict(self, sd):
+            self.step, self.ntokens_seen = sd["step"], sd["ntokens_seen"]
+
+    return TrainState()
+
+
+def write_titan_moe(out: Path, tokens_dir: Path, seq_len: int) -> dict:
+    """A torchtitan Qwen3-MoE run dir, as for the dense model: checkpoint/step-10 (DCP with optimizer state, by its
+    CheckpointManager), checkpoint/step-20 (its HF export via Qwen3StateDictAdapter), job_config.json. The
+    reference: its own forward in float32 (`float32_experts`), also with its bfloat16 expert GEMMs as written, and
+    with the expert_bias zeroed (what its HF export, which drops the bias, holds)."""
+    import dataclasses
+
+    from torchtitan.components.checkpoint import CheckpointManager
+    from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
+    from torchtitan.models.qwen3 import Qwen3StateDictAdapter
+    from torchtitan.models.qwen3.config_registry import qwen3_moe_debug
+
+    _init_process_group()
+    torch.manual_seed(0)
+    cfg = titan_qwen3_moe_config()
+    model = cfg.build()
+    model.init_states(buffer_device=torch.device("cpu"))
+    _titan_moe_weights(model, 3)
+    opt = default_adamw(lr=1e-3).build(model_parts=[model])
+    lrs = LRSchedulersContainer.Config().build(optimizers=opt, training_steps=20)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-2
+    opt.step()
+    lrs.step()
+    ckpt = CheckpointManager.Config(enable=True, folder="checkpoint", interval=10, last_save_model_only=True,
+                                    last_save_in_hf=True).build(
+        dataloader=None, model_parts=[model], optimizers=opt, lr_schedulers=lrs,
+        states={"train_state": _titan_train_state(seq_len)}, sd_adapter=Qwen3StateDictAdapter(cfg, None),
+        base_folder=str(out))
+    ckpt.save(10)
+    ckpt.save(20, last_step=True)
+    ckpt.close()
+    job = qwen3_moe_debug()
+    job = dataclasses.replace(job, model_spec=dataclasses.replace(job.model_spec, flavor="tiny", model=cfg),
+                              dump_folder=str(out))
+    (out / "job_config.json").write_text(json.dumps(job.to_dict(), indent=2))
+
+    w = windows(tokens_dir, seq_len)
+    inputs, targets = w[:, :-1], w[:, 1:]
+    positions = torch.arange(seq_len).repeat(len(w), 1)
+    model.eval()
+    ref: dict = {"windows": len(w)}
+    with torch.no_grad():
+        torch.save(Qwen3StateDictAdapter(cfg, None).to_hf(model.state_dict()), out / "titan_to_hf.pt")
+        masks = model.get_attention_masks(positions)
+        with float32_experts():
+            ref["loss"] = mean_loss(model(inputs, positions, masks), targets)
+        ref["loss_bf16_experts"] = mean_loss(model(inputs, positions, masks), targets)
+        chosen = set()
+        hook = model.layers[str(LAYERS - 1)].moe.router.register_forward_hook(
+            lambda _m, _i, o: chosen.update(o[1].flatten().tolist()))
+        with float32_experts():
+            model(inputs[:2], positions[:2], model.get_attention_masks(positions[:2]))
+        hook.remove()
+        ref["experts_chosen"] = sorted(chosen)
+        for layer in model.layers.values():
+            layer.moe.expert_bias_E.zero_()
+        with float32_experts():
+            ref["loss_without_expert_bias"] = mean_loss(model(inputs, positions, masks), targets)
+    return ref
+
+
+def titan_deepseek_v3_config(score_func: str):
+    """torchtitan's own DeepSeek-V3 layer builder at a tiny size: MLA with a q LoRA, yarn RoPE, one dense layer
+    then one MoE layer with 8 experts, top-2, a shared expert and an expert_bias; the sigmoid router is also
+    node-limited (2 groups, 1 chosen), renormalised and scaled by 2.5 (DeepSeek-V3's recipe), the softmax one is
+    torchtitan's debugmodel recipe (no renormalisation, scale 1)."""
+    import torchtitan.models.deepseek_v3 as D
+    from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
+
+    sigmoid = score_func == "sigmoid"
+    layers = D._build_dsv3_layers(
+        n_layers=LAYERS, n_dense_layers=1, dim=DIM, n_heads=HEADS, q_lora_rank=32, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, mscale=0.7, dense_hidden_dim=96,
+        moe_hidden_dim=MOE_HIDDEN, num_experts=MOE_EXPERTS, num_shared_experts=1, router_top_k=MOE_TOP_K,
+        router_score_func=score_func, router_num_expert_groups=2 if sigmoid else None,
+        router_num_limited_groups=1 if sigmoid else None, router_route_norm=sigmoid,
+        router_route_scale=2.5 if sigmoid else 1.0, attn_backend="flex", moe_comm_backend="standard",
+        non_blocking_capacity_factor=None,
+        rope=ComplexRoPE.Config(dim=8, max_seq_len=256, theta=10000.0, scaling="yarn", rope_factor=4.0,
+                                beta_fast=32.0, beta_slow=1.0, original_seq_len=64))
+    return D.DeepSeekV3Model.Config(
+        vocab_size=VOCAB, dim=DIM,
+        tok_embeddings=Embedding.Config(num_embeddings=VOCAB, embedding_dim=DIM, param_init=D._EMBEDDING_INIT),
+        norm=RMSNorm.Config(normalized_shape=DIM, param_init=D._NORM_INIT),
+        lm_head=Linear.Config(in_features=DIM, out_features=VOCAB, param_init=D._output_linear_init(DIM)),
+        layers=layers)
+
+
+def write_titan_deepseek(out: Path, tokens_dir: Path, seq_len: int) -> dict:
+    """Two torchtitan DeepSeek-V3 run dirs (OUT/sigmoid, OUT/softmax), each checkpoint/step-10 (DCP by its
+    CheckpointManager) + job_config.json, and its own forward loss (float32 experts) with and without the bias."""
+    import dataclasses
+
+    from torchtitan.components.checkpoint import CheckpointManager
+    from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
+    from torchtitan.models.deepseek_v3 import DeepSeekV3StateDictAdapter
+    from torchtitan.models.deepseek_v3.config_registry import deepseek_v3_debugmodel
+
+    if not torch.distributed.is_initialized():
+        _init_process_group()
+    w = windows(tokens_dir, seq_len)
+    inputs, targets = w[:, :-1], w[:, 1:]
+    positions = torch.arange(seq_len).repeat(len(w), 1)
+    refs = {}
+    for seed, score_func in enumerate(("sigmoid", "softmax")):
+        torch.manual_seed(seed)
+        cfg = titan_deepseek_v3_config(score_func)
+        model = cfg.build()
+        model.init_states(buffer_device=torch.device("cpu"))
+        _titan_moe_weights(model, 5 + seed, head_scale=0.5, bias_std=0.5)  # its embeddings have std 1
+        opt = default_adamw(lr=1e-3).build(model_parts=[model])
+        lrs = LRSchedulersContainer.Config().build(optimizers=opt, training_steps=20)
+        run = out / score_func
+        ckpt = CheckpointManager.Config(enable=True, folder="checkpoint", interval=10).build(
+            dataloader=None, model_parts=[model], optimizers=opt, lr_schedulers=lrs,
+            states={"train_state": _titan_train_state(seq_len)}, sd_adapter=DeepSeekV3StateDictAdapter(cfg, None),
+            base_folder=str(run))
+        ckpt.save(10)
+        ckpt.close()
+        job = deepseek_v3_debugmodel()
+        job = dataclasses.replace(job, model_spec=dataclasses.replace(job.model_spec, flavor="tiny", model=cfg),
+                                  dump_folder=str(run))
+        (run / "job_config.json").write_text(json.dumps(job.to_dict(), indent=2))
+        model.eval()
+        ref: dict = {}
+        with torch.no_grad():
+            torch.save(DeepSeekV3StateDictAdapter(cfg, None).to_hf(model.state_dict()), run / "titan_to_hf.pt")
+            masks = model.get_attention_masks(positions)
+            with float32_experts():
+                ref["loss"] = mean_loss(model(inputs, positions, masks), targets)
+                for layer in model.layers.values():
+                    if layer.moe_enabled:
+                        layer.moe.expert_bias_E.zero_()
+                ref["loss_without_expert_bias"] = mean_loss(model(inputs, positions, masks), targets)
+        (run / "reference.json").write_text(json.dumps(ref))
+        refs[score_func] = ref
+    return refs
 
 
 # ---------------------------------------------------------------------------------------------- Megatron-Core
@@ -415,11 +622,112 @@ def write_olmo_core(out: Path, tokens_dir: Path, seq_len: int, tokenizer_dir: Pa
                     (out / "hf_export" / f.name).write_bytes(f.read_bytes())
     teardown_training_environment()
     return ref
+# ---------------------------------------------------------------------------------------------- Megatron-Core MoE
+# Three router kinds, each mapped onto its own transformers class (see formats/megatron.py):
+MEGATRON_MOE = {
+    # Mixtral: softmax over the top-k logits (moe_router_pre_softmax=False), 4 experts, top-2, SequentialMLP
+    "mixtral": {"moe_router_pre_softmax": False},
+    # Qwen2-MoE: softmax over all experts before the top-k (no renormalisation) and a gated shared expert
+    "qwen2_moe": {"moe_router_pre_softmax": True, "moe_shared_expert_intermediate_size": 80,
+                      "moe_shared_expert_gate": True},
+    # GLM-4-MoE: sigmoid scores, an aux-loss-free expert_bias that changes routing, renormalised top-k scaled by
+    # 2.5, an ungated shared expert
+    "glm4_moe": {"moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": True,
+                     "moe_router_topk_scaling_factor": 2.5, "moe_shared_expert_intermediate_size": 48},
+}
+
+
+def _megatron_moe_cpu_shims() -> None:
+    """Without Transformer Engine, megatron-core's moe_utils never defines its TE helpers (`te_general_gemm`,
+    `fused_*`), yet its router tests `te_general_gemm is not None`; set to None they take its own torch path."""
+    from megatron.core.transformer.moe import moe_utils
+
+    for name in ("te_general_gemm", "fused_compute_score_for_moe_aux_loss", "fused_moe_aux_loss", "fused_permute",
+                 "fused_permute_with_probs", "fused_sort_chunks_by_index", "fused_sort_chunks_by_index_with_probs",
+                 "fused_topk_with_score_function", "fused_unpermute"):
+        if not hasattr(moe_utils, name):
+            setattr(moe_utils, name, None)
+
+
+def write_megatron_moe(out: Path, tokens_dir: Path, seq_len: int) -> dict:
+    """One Megatron run dir per router kind (MEGATRON_MOE): VARIANT/iter_0000010 written by
+    `dist_checkpointing.save` from a `GPTModel` with 4 experts, top-2, SequentialMLP experts (the grouped ones
+    need CUDA grouped_gemm), allgather dispatcher (alltoall builds a CUDA stream), with Megatron-LM's args in
+    common.pt; references from Megatron's own forward (float32)."""
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    _init_process_group()
+    parallel_state.initialize_model_parallel(1, 1)
+    _megatron_cpu_shims()
+    _megatron_moe_cpu_shims()
+    w = windows(tokens_dir, seq_len)
+    inputs, targets = w[:, :-1], w[:, 1:]
+    positions = torch.arange(seq_len).repeat(len(w), 1)
+    causal = torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool), 1)[None, None]
+    refs = {}
+    for seed, (variant, moe) in enumerate(MEGATRON_MOE.items()):
+        torch.manual_seed(seed)
+        args = megatron_args(tie=False)
+        moe = {"num_experts": 4, "moe_router_topk": 2, "moe_ffn_hidden_size": 48, "moe_grouped_gemm": False,
+               "moe_token_dispatcher_type": "allgather", "moe_aux_loss_coeff": 0.0, **moe}
+        for k, v in moe.items():
+            setattr(args, k, v)
+        config_moe = {("num_moe_experts" if k == "num_experts" else k): v for k, v in moe.items()}
+        cfg = TransformerConfig(
+            num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
+            num_query_groups=args.num_query_groups, ffn_hidden_size=args.ffn_hidden_size,
+            kv_channels=args.kv_channels, gated_linear_unit=True, activation_func=torch.nn.functional.silu,
+            normalization="RMSNorm", layernorm_epsilon=args.norm_epsilon, add_bias_linear=False,
+            use_cpu_initialization=True, params_dtype=torch.float32, bias_dropout_fusion=False,
+            apply_rope_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
+            gradient_accumulation_fusion=False, hidden_dropout=0.0, attention_dropout=0.0, **config_moe)
+        model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(
+                             num_experts=args.num_experts, moe_grouped_gemm=False, normalization="RMSNorm"),
+                         vocab_size=VOCAB, max_sequence_length=args.max_position_embeddings,
+                         position_embedding_type="rope", rotary_base=args.rotary_base,
+                         share_embeddings_and_output_weights=False)
+        _perturb_norms(model, 10 + seed)
+        g = torch.Generator().manual_seed(20 + seed)
+        with torch.no_grad():  # routers sharpened, experts and head scaled: tokens spread, experts matter
+            for name, p in model.named_parameters():
+                if name.endswith("router.weight"):
+                    p.mul_(20.0)
+                elif "experts" in name or name.startswith("output_layer") or "linear_qkv" in name:
+                    p.mul_(6.0)
+            for name, b in model.named_buffers():
+                if name.endswith("router.expert_bias"):
+                    b.copy_(0.3 * torch.randn(b.shape, generator=g))
+        run = out / variant
+        ckpt = run / "iter_0000010"
+        ckpt.mkdir(parents=True)
+        dist_checkpointing.save({"model": model.sharded_state_dict(), "iteration": 10, "checkpoint_version": 3.0,
+                                 "args": args}, str(ckpt))
+        (run / "latest_checkpointed_iteration.txt").write_text("10")
+        model.eval()
+        ref: dict = {}
+        with torch.no_grad():  # Megatron's own forward
+            ref["loss"] = mean_loss(model(inputs, positions, causal), targets)
+            chosen: set = set()
+            hook = model.decoder.layers[-1].mlp.router.register_forward_hook(
+                lambda _m, _i, o, chosen=chosen: chosen.update(o[1].nonzero()[:, 1].tolist()))
+            model(inputs[:2], positions[:2], causal)
+            hook.remove()
+            ref["experts_chosen"] = sorted(chosen)
+            if variant == "glm4_moe":
+                for layer in model.decoder.layers:
+                    layer.mlp.router.expert_bias.zero_()
+                ref["loss_without_expert_bias"] = mean_loss(model(inputs, positions, causal), targets)
+        (run / "reference.json").write_text(json.dumps(ref))
+        refs[variant] = ref
+    return refs
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("family", choices=["titan", "megatron", "litgpt", "olmo_core"])
+    ap.add_argument("family", choices=["titan", "titan-moe", "megatron", "megatron-moe", "litgpt", "olmo_core"])
     ap.add_argument("out", type=Path)
     ap.add_argument("tokens", type=Path)
     ap.add_argument("seq_len", type=int)
@@ -435,6 +743,11 @@ def main() -> None:
         ref = write_litgpt(a.out, a.tokens, a.seq_len, a.tokenizer)
     elif a.family == "olmo_core":
         ref = write_olmo_core(a.out, a.tokens, a.seq_len, a.tokenizer)
+    elif a.family == "titan-moe":  # one process (and one torchtitan import) for both MoE models
+        ref = {"qwen3": write_titan_moe(a.out / "qwen3", a.tokens, a.seq_len),
+               "deepseek": write_titan_deepseek(a.out / "deepseek", a.tokens, a.seq_len)}
+    elif a.family == "megatron-moe":
+        ref = write_megatron_moe(a.out, a.tokens, a.seq_len)
     else:
         ref = write_megatron(a.out, a.tokens, a.seq_len, a.tie, not a.no_args)
     (a.out / "reference.json").write_text(json.dumps(ref))
@@ -464,14 +777,18 @@ def torchrun(nproc: int = 2) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}"]
 
 
-def stock_harness(hf_dir: Path, limit: int) -> dict[str, float]:
-    """lm-eval alone: `simple_evaluate` with a plain HFLM on an HF dir (the offline tasks in tests/tasks)."""
+def stock_harness(hf_dir, limit: int, tokenizer=None) -> dict[str, float]:
+    """lm-eval alone: `simple_evaluate` with a plain HFLM on an HF dir, or on a model object with its tokenizer
+    (the offline tasks in tests/tasks)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     tasks_dir = Path(__file__).resolve().parent / "tasks"
-    lm = HFLM(pretrained=str(hf_dir), batch_size=8, device="cpu", dtype="float32")
+    if isinstance(hf_dir, (str, Path)):
+        lm = HFLM(pretrained=str(hf_dir), batch_size=8, device="cpu", dtype="float32")
+    else:
+        lm = HFLM(pretrained=hf_dir, tokenizer=tokenizer, batch_size=8)
     ref = simple_evaluate(model=lm, tasks=["ckpteval_mc", "ckpteval_rolling"], limit=limit, log_samples=False,
                           task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
                           random_seed=1234, numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234)
@@ -494,6 +811,21 @@ def harness_vs_stock(ckpt: Path, tmp: Path, limit: int = 6) -> tuple[dict, dict,
     return ours, stock_harness(hf_dir, limit), hf_dir
 
 
+def harness_vs_hflm(ckpt: Path, tmp: Path, limit: int = 6) -> tuple[dict, dict]:
+    """mode=harness (fast backend) on `ckpt`, and stock lm-eval's HFLM given the model and tokenizer our loader
+    returns for it (for checkpoints mode=convert refuses): (ours, stock)."""
+    from ckpteval import app
+    from ckpteval.checkpoint import inspect_checkpoint, load_model, load_tokenizer
+    from tests import factories
+
+    tasks_dir = Path(__file__).resolve().parent / "tasks"
+    ours = app.main(factories.compose([
+        "mode=harness", f"ckpt={ckpt}", "harness=offline", f"harness.include_path={tasks_dir}", "harness.backend=fast",
+        "harness.batch_size=8", "harness.seed=1234", f"harness.limit={limit}", f"tracking.uri=sqlite:///{tmp}/m.db"]))
+    info = inspect_checkpoint(ckpt)
+    return ours, stock_harness(load_model(info), limit, tokenizer=load_tokenizer(info, required=True))
+
+
 # ---------------------------------------------------------------------------------------------- the app on them
 # The same end-to-end checks for every framework's checkpoints (tests/test_formats_{titan,megatron}.py).
 def _eval_args(shards: Path, seq: int, batch: int = 8) -> list[str]:
@@ -514,8 +846,10 @@ def watch_once_losses(watch_dir: Path, shards: Path, seq: int, db: Path) -> tupl
     return summary, losses
 
 
-def glob_scan_points(cwd: Path, pattern: str, shards: Path, seq: int, jobs: int) -> dict[str, tuple[int, float]]:
-    """`python run.py -m mode=loss ckpt=glob:PATTERN` in `cwd`: (step, eval/loss) per child run's checkpoint name."""
+def glob_scan_points(cwd: Path, pattern: str, shards: Path, seq: int, jobs: int,
+                     key=lambda ckpt: Path(ckpt).name) -> dict[str, tuple[int, float]]:
+    """`python run.py -m mode=loss ckpt=glob:PATTERN` in `cwd`: (step, eval/loss) per child run's checkpoint, keyed
+    by `key(ckpt path)` (its name by default)."""
     from tests import factories
 
     db = cwd / "mlflow.db"
@@ -528,7 +862,7 @@ def glob_scan_points(cwd: Path, pattern: str, shards: Path, seq: int, jobs: int)
     for r in runs:
         if r.data.tags.get("mlflow.parentRunId"):
             [point] = client.get_metric_history(r.info.run_id, "eval/loss")
-            points[Path(r.data.tags["ckpt"]).name] = (point.step, point.value)
+            points[key(r.data.tags["ckpt"])] = (point.step, point.value)
     return points
 
 

@@ -273,3 +273,191 @@ def test_megatron_mode_harness_fast_equals_stock_lm_eval(mg_run, tmp_path, tiny_
     monkeypatch.chdir(tmp_path)
     framework_ckpts.assert_harness_equals_stock(run, "iter_0000010", tmp_path, tiny_tokenizer_dir, _files(tiny_token_shards),
                                                 SEQ, ref["loss"], step=10)
+
+
+# ---------------------------------------------------------------------------------------------- MoE
+
+
+@pytest.fixture(scope="module")
+def mg_moe_run(tmp_path_factory, tiny_token_shards):
+    """OUT/{mixtral,qwen2_moe,glm4_moe}/iter_0000010: Megatron GPTModels with 4 experts, top-2, SequentialMLP
+    experts, one router kind each (framework_ckpts.MEGATRON_MOE), and Megatron's own forward loss per variant."""
+    out = tmp_path_factory.mktemp("megatron_moe")
+    refs = framework_ckpts.run("megatron-moe", out, tiny_token_shards, SEQ, timeout=600)
+    return out, refs
+
+
+def _moe_model(path: Path):
+    from ckpteval.checkpoint import inspect_checkpoint, load_model
+
+    return load_model(inspect_checkpoint(path))
+
+
+def batch_loss(model, shards: Path) -> float:
+    """Mean next-token loss of every window in one plain transformers forward (the windows and weights of
+    `factories.reference_loss`, in one batch)."""
+    w = framework_ckpts.windows(shards, SEQ)
+    with torch.no_grad():
+        return framework_ckpts.mean_loss(model(input_ids=w[:, :-1]).logits, w[:, 1:])
+
+
+@pytest.mark.parametrize("variant, cls", [("mixtral", "MixtralForCausalLM"), ("qwen2_moe", "Qwen2MoeForCausalLM"),
+                                          ("glm4_moe", "Glm4MoeForCausalLM")])
+def test_megatron_moe_loss_equals_megatron_forward(mg_moe_run, variant, cls, tiny_token_shards):
+    from tests.test_hf_conversion import routed_experts
+
+    out, refs = mg_moe_run
+    ckpt = out / variant / "iter_0000010"
+    fmt = detect_format(ckpt)
+    assert fmt is not None and fmt.name == "megatron" and fmt.step_tokens(ckpt) == (10, None)
+    model = _moe_model(ckpt)
+    assert type(model).__name__ == cls
+    loss = batch_loss(model, tiny_token_shards)
+    assert abs(loss - refs[variant]["loss"]) < 1e-5, (variant, loss, refs[variant])
+    assert len(refs[variant]["experts_chosen"]) >= 2  # Megatron's own router spreads tokens over experts
+    batch = framework_ckpts.windows(tiny_token_shards, SEQ)[:2, :-1]
+    assert len(routed_experts(model, batch)) >= 2
+
+
+def test_megatron_moe_specs_match_state(mg_moe_run):
+    out, _ = mg_moe_run
+    fmt = get_format("megatron")
+    for variant in ("mixtral", "qwen2_moe", "glm4_moe"):
+        ckpt = out / variant / "iter_0000010"
+        config = fmt.architecture(ckpt).config
+        state = fmt.read_state(ckpt, config)
+        assert {k: tuple(v.shape) for k, v in state.items()} == fmt.tensor_specs(ckpt, config), variant
+    # Megatron's expert fc1 is [gate; up] per expert, as its SwiGLU reads it (silu(x[:F]) * x[F:])
+    raw = mg_fmt.read_dcp_tensors(ckpt, {k: m for k, m in mg_fmt.read_dcp_metadata(ckpt).state_dict_metadata.items()
+                                         if k == "decoder.layers.mlp.experts.experts.linear_fc1.weight"})
+    fc1 = raw["decoder.layers.mlp.experts.experts.linear_fc1.weight"]  # [L, E, 2F, H]
+    assert torch.equal(state["model.layers.1.mlp.experts.3.gate_proj.weight"], fc1[1, 3, :48])
+    assert torch.equal(state["model.layers.1.mlp.experts.3.up_proj.weight"], fc1[1, 3, 48:])
+
+
+def _routers(model):
+    return [m for n, m in model.named_modules() if n.endswith(("mlp.gate", "block_sparse_moe.gate"))]
+
+
+def test_megatron_moe_wrong_router_details_are_detectably_wrong(mg_moe_run, tmp_path, tiny_token_shards):
+    """Softmax before instead of after the top-k, no renormalisation, a dropped expert_bias: each moves the loss
+    well past the 1e-5 tolerance (and the dropped bias lands on Megatron's own loss without it)."""
+    import torch.nn.functional as F
+
+    out, refs = mg_moe_run
+    # no renormalisation over the top k (Mixtral's router, minus its last step)
+    model = _moe_model(out / "mixtral" / "iter_0000010")
+    for r in _routers(model):
+        def forward(h, r=r):
+            logits = F.linear(h.reshape(-1, r.hidden_dim), r.weight)
+            top, idx = torch.topk(F.softmax(logits.float(), dim=-1), r.top_k, dim=-1)
+            return logits, top, idx
+        r.forward = forward
+    assert abs(batch_loss(model, tiny_token_shards) - refs["mixtral"]["loss"]) > 1e-4
+    # the args say softmax after the top-k (moe_router_pre_softmax=False) for the pre-softmax checkpoint
+    ckpt = _copy(out / "qwen2_moe", tmp_path, "iter_0000010")
+    args = mg_fmt._args(mg_fmt.read_common(ckpt))
+    torch.save({"args": argparse.Namespace(**{**args, "moe_router_pre_softmax": False}), "iteration": 10,
+                "checkpoint_version": 3.0}, ckpt / "common.pt")
+    wrong = _moe_model(ckpt)
+    assert wrong.config.norm_topk_prob and not _moe_model(out / "qwen2_moe" / "iter_0000010").config.norm_topk_prob
+    assert abs(batch_loss(wrong, tiny_token_shards) - refs["qwen2_moe"]["loss"]) > 1e-4
+    # the expert_bias dropped: Megatron's own loss with its bias zeroed, not the checkpoint's
+    model = _moe_model(out / "glm4_moe" / "iter_0000010")
+    for r in _routers(model):
+        r.e_score_correction_bias.zero_()
+    loss = batch_loss(model, tiny_token_shards)
+    assert abs(loss - refs["glm4_moe"]["loss_without_expert_bias"]) < 1e-5
+    assert abs(loss - refs["glm4_moe"]["loss"]) > 1e-3
+
+
+@pytest.mark.parametrize("variant, changes, message", [
+    ("mixtral", {"moe_expert_capacity_factor": 1.0}, r"moe_expert_capacity_factor=1\.0 \(drops tokens over capacity"),
+    ("mixtral", {"moe_input_jitter_eps": 0.01}, r"random noise, at evaluation too"),
+    ("mixtral", {"moe_router_pre_softmax": True}, r"Mixtral renormalises"),
+    ("mixtral", {"moe_router_load_balancing_type": "sinkhorn"}, r"sinkhorn"),
+    ("qwen2_moe", {"moe_shared_expert_gate": False}, r"ungated shared expert with a softmax router"),
+    ("glm4_moe", {"moe_router_num_groups": 2, "moe_router_group_topk": 1}, r"group-limited routing"),
+])
+def test_megatron_moe_routers_transformers_cannot_compute_are_refused(mg_moe_run, tmp_path, variant, changes,
+                                                                     message):
+    out, _ = mg_moe_run
+    ckpt = _copy(out / variant, tmp_path, "iter_0000010")
+    args = mg_fmt._args(mg_fmt.read_common(ckpt))
+    torch.save({"args": argparse.Namespace(**{**args, **changes}), "iteration": 10, "checkpoint_version": 3.0},
+               ckpt / "common.pt")
+    with pytest.raises(CkptEvalError, match=r"Megatron MoE router with .*" + message + r".*not supported"):
+        get_format("megatron").architecture(ckpt)
+
+
+def test_megatron_moe_watch_convert_and_harness(mg_moe_run, tmp_path, tiny_tokenizer_dir, tiny_token_shards,
+                                               monkeypatch):
+    """GLM-4-MoE (sigmoid + expert_bias + shared expert): the watcher (the job path mode=loss runs) scores it with
+    Megatron's loss; harness.backend=fast = stock lm-eval on its mode=convert output, which stock transformers
+    loads with Megatron's loss."""
+    from transformers import AutoModelForCausalLM
+
+    out, refs = mg_moe_run
+    ref = refs["glm4_moe"]
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "run"
+    shutil.copytree(out / "glm4_moe", root)
+    summary, losses = framework_ckpts.watch_once_losses(root, tiny_token_shards, SEQ, tmp_path / "w.db")
+    assert summary["watch/evaluated"] == 1 and summary["watch/failed"] == 0, summary
+    assert abs(losses["iter_0000010"] - ref["loss"]) < 1e-5, losses
+    for f in Path(tiny_tokenizer_dir).iterdir():
+        shutil.copy(f, root / f.name)
+    ours, stock, hf_dir = framework_ckpts.harness_vs_stock(root / "iter_0000010", tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    assert type(model).__name__ == "Glm4MoeForCausalLM" and abs(batch_loss(model, tiny_token_shards) - ref["loss"]) < 1e-5
+    assert stock and ours["step"] == 10
+    for key, value in stock.items():  # perplexities of a random model are ~1e3..1e9: 1e-5 relative
+        assert ours[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
+
+
+@pytest.mark.slow
+def test_megatron_moe_glob_scan_cli(mg_moe_run, tmp_path, tiny_token_shards):
+    """One scan over the three router kinds (three transformers classes), each child = Megatron's own loss."""
+    out, refs = mg_moe_run
+    for variant in refs:
+        shutil.copytree(out / variant / "iter_0000010", tmp_path / "runs" / variant / "iter_0000010")
+    points = framework_ckpts.glob_scan_points(tmp_path, "runs/*/iter_*", tiny_token_shards, SEQ, jobs=3,
+                                              key=lambda ckpt: Path(ckpt).parent.name)
+    assert set(points) == set(refs)
+    for variant, (step, loss) in points.items():
+        assert step == 10 and abs(loss - refs[variant]["loss"]) < 1e-5, variant
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("layout", ["fsdp", "ep"])
+def test_megatron_moe_torchrun_layouts(mg_moe_run, layout, tmp_path, tiny_token_shards):
+    """parallel=fsdp (experts sharded with the rest) and parallel=ep (2 experts per rank, tokens all-to-all over
+    gloo) on GLM-4-MoE (sigmoid router with expert_bias, shared expert): Megatron's own loss."""
+    out, refs = mg_moe_run
+    loss = framework_ckpts.torchrun_loss(out / "glm4_moe" / "iter_0000010", layout, tiny_token_shards, SEQ, tmp_path)
+    assert abs(loss - refs["glm4_moe"]["loss"]) < 1e-5, (layout, loss, refs["glm4_moe"])
+
+
+def test_megatron_moe_sigmoid_router_without_expert_bias(mg_moe_run, tmp_path, tiny_token_shards):
+    """A sigmoid router trained without `moe_router_enable_expert_bias` has no bias tensor: GLM-4-MoE's at zero,
+    Megatron's own loss with its bias zeroed."""
+    import json as _json
+
+    import torch.distributed.checkpoint as dcp
+
+    out, refs = mg_moe_run
+    src = out / "glm4_moe" / "iter_0000010"
+    meta = mg_fmt.read_dcp_metadata(src).state_dict_metadata
+    tensors = mg_fmt.read_dcp_tensors(src, {k: m for k, m in meta.items()
+                                            if k.startswith(mg_fmt.MODEL_PREFIXES) and "_extra_state" not in k
+                                            and not k.endswith("router.expert_bias") and hasattr(m, "size")})
+    dest = tmp_path / "iter_0000010"
+    dcp.save(tensors, checkpoint_id=str(dest), no_dist=True)
+    (dest / "metadata.json").write_text(_json.dumps({"sharded_backend": "torch_dist"}))
+    args = mg_fmt._args(mg_fmt.read_common(src))
+    torch.save({"args": argparse.Namespace(**{**args, "moe_router_enable_expert_bias": False}), "iteration": 10},
+               dest / "common.pt")
+    model = _moe_model(dest)
+    assert type(model).__name__ == "Glm4MoeForCausalLM"
+    assert abs(batch_loss(model, tiny_token_shards) - refs["glm4_moe"]["loss_without_expert_bias"]) < 1e-5

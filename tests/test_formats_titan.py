@@ -312,3 +312,314 @@ def test_titan_mode_harness_fast_equals_stock_lm_eval(titan_run, tmp_path, tiny_
     monkeypatch.chdir(tmp_path)
     framework_ckpts.assert_harness_equals_stock(run, "checkpoint/step-10", tmp_path, tiny_tokenizer_dir, _files(tiny_token_shards),
                                                 SEQ, ref["loss"], step=10)
+
+
+# ---------------------------------------------------------------------------------------------- MoE (Qwen3-MoE)
+
+
+@pytest.fixture(scope="module")
+def titan_moe_runs(tmp_path_factory, tiny_token_shards):
+    """Both torchtitan MoE models, written by one subprocess (framework_ckpts.py titan-moe)."""
+    out = tmp_path_factory.mktemp("titan_moe")
+    return out, framework_ckpts.run("titan-moe", out, tiny_token_shards, SEQ, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def titan_moe_run(titan_moe_runs):
+    """torchtitan's Qwen3-MoE (2 layers, 8 experts, top-2, softmax + route_norm, an expert_bias that changes
+    routing): run/checkpoint/step-10 (DCP), run/checkpoint/step-20 (its HF export), run/job_config.json."""
+    out, refs = titan_moe_runs
+    return out / "qwen3", refs["qwen3"]
+
+
+def _moe_model(path: Path):
+    from ckpteval.checkpoint import inspect_checkpoint, load_model
+
+    return load_model(inspect_checkpoint(path))
+
+
+def batch_loss(model, shards: Path, seq: int = SEQ) -> float:
+    """Mean next-token loss of every window in one plain transformers forward (same windows and weights as
+    `factories.reference_loss`, one batch: MoE layers loop over experts, so per-window forwards are slow)."""
+    w = framework_ckpts.windows(shards, seq)
+    with torch.no_grad():
+        return framework_ckpts.mean_loss(model(input_ids=w[:, :-1]).logits, w[:, 1:])
+
+
+def test_titan_moe_dcp_loss_equals_torchtitan_forward(titan_moe_run, tiny_token_shards):
+    from tests.test_hf_conversion import routed_experts
+
+    run, ref = titan_moe_run
+    step10 = run / "checkpoint" / "step-10"
+    fmt = detect_format(step10)
+    assert fmt is not None and fmt.name == "torchtitan" and fmt.step_tokens(step10) == (10, 10 * 8 * SEQ)
+    model = _moe_model(step10)
+    assert type(model).__name__ == "Qwen3MoeForCausalLM" and model.config.num_experts_per_tok == 2
+    loss = batch_loss(model, tiny_token_shards)
+    assert abs(loss - ref["loss"]) < 1e-5, (loss, ref)
+    # the comparison means something: tokens take different experts, and the bias changed some choices
+    assert len(ref["experts_chosen"]) >= 2
+    batch = torch.from_numpy(_files(tiny_token_shards)[0][: 2 * SEQ].astype(np.int64)).view(2, SEQ)
+    assert len(routed_experts(model, batch)) >= 2
+    assert abs(ref["loss_without_expert_bias"] - ref["loss"]) > 1e-3
+
+
+@pytest.mark.parametrize("detail", ["dropped_expert_bias", "no_renormalisation", "bias_on_logits"])
+def test_titan_moe_wrong_router_detail_is_detectably_wrong(titan_moe_run, tiny_token_shards, detail):
+    """Each way of getting torchtitan's router slightly wrong moves the loss well beyond the 1e-5 tolerance."""
+    import torch.nn.functional as F
+
+    run, ref = titan_moe_run
+    model = _moe_model(run / "checkpoint" / "step-10")
+    routers = [m for n, m in model.named_modules() if n.endswith("mlp.gate")]
+    assert routers and all(type(r).__name__ == "TrainerRouter" for r in routers)
+    for r in routers:
+        if detail == "dropped_expert_bias":
+            r.e_score_correction_bias.zero_()
+        elif detail == "no_renormalisation":
+            r.route_norm = False
+        else:  # the bias added to the logits instead of the softmax probabilities
+            def forward(h, r=r):
+                logits = F.linear(h.reshape(-1, r.hidden_dim), r.weight)
+                probs = F.softmax(logits, dtype=torch.float, dim=-1)
+                idx = torch.topk(logits + r.e_score_correction_bias, r.top_k, dim=-1)[1]
+                w = probs.gather(-1, idx)
+                return logits, w / w.sum(-1, keepdim=True), idx
+            r.forward = forward
+    loss = batch_loss(model, tiny_token_shards)
+    assert abs(loss - ref["loss"]) > 1e-4, (detail, loss, ref)
+    if detail == "dropped_expert_bias":  # = torchtitan's own forward with its bias zeroed
+        assert abs(loss - ref["loss_without_expert_bias"]) < 1e-5, (loss, ref)
+
+
+def test_titan_moe_mapping_equals_torchtitans_own_hf_adapter(titan_moe_run):
+    """Our hub layout is exactly torchtitan's Qwen3StateDictAdapter.to_hf, plus the expert bias it drops."""
+    run, _ = titan_moe_run
+    step10 = run / "checkpoint" / "step-10"
+    fmt = get_format("torchtitan")
+    ours = fmt.read_state(step10, fmt.architecture(step10).config)
+    theirs = torch.load(run / "titan_to_hf.pt", weights_only=True)
+    assert set(ours) - set(theirs) == {f"model.layers.{i}.mlp.gate.e_score_correction_bias" for i in range(2)}
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name
+
+
+def test_titan_moe_hf_export_is_what_it_holds(titan_moe_run, tiny_token_shards, caplog):
+    """torchtitan's own HF export drops the expert_bias: read as written (a warning says so), its loss is
+    torchtitan's forward with the bias zeroed."""
+    run, ref = titan_moe_run
+    with caplog.at_level("WARNING"):
+        model = _moe_model(run / "checkpoint" / "step-20")
+    assert any("drops the aux-loss-free expert_bias" in r.message for r in caplog.records)
+    loss = batch_loss(model, tiny_token_shards)
+    assert abs(loss - ref["loss_without_expert_bias"]) < 1e-5, (loss, ref)
+
+
+def _edit_job(run: Path, dest: Path, edit) -> Path:
+    step = _copy_step(run, dest)
+    job = json.loads((run / "job_config.json").read_text())
+    for layer in job["model_spec"]["model"]["layers"]:
+        edit(layer["moe"])
+    (dest / "job_config.json").write_text(json.dumps(job))
+    return step
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda moe: moe["router"].update(score_func="sigmoid"), r"score_func=sigmoid"),
+    (lambda moe: moe["router"].update(route_scale=2.5), r"route_scale=2\.5"),
+    (lambda moe: moe["routed_experts"]["token_dispatcher"].update(non_blocking_capacity_factor=1.0),
+     r"non_blocking_capacity_factor=1\.0 \(drops tokens"),
+])
+def test_titan_moe_routers_transformers_cannot_compute_are_refused(titan_moe_run, tmp_path, edit, message):
+    run, _ = titan_moe_run
+    step = _edit_job(run, tmp_path, edit)
+    with pytest.raises(CkptEvalError, match=r"torchtitan MoE router .*" + message + r".*Qwen3-MoE .*not supported"):
+        get_format("torchtitan").architecture(step)
+
+
+def test_titan_moe_malformed_job_config_is_one_error(titan_moe_run, tmp_path):
+    """A dump missing a field (or one transformers' strict config validation rejects) is one error, not a
+    traceback."""
+    run, _ = titan_moe_run
+    step = _edit_job(run, tmp_path, lambda moe: moe["router"].pop("top_k"))
+    with pytest.raises(CkptEvalError, match=r"job_config\.json .* does not describe a qwen3 model transformers can "
+                                            r"build \(KeyError: 'top_k'\): put a transformers config\.json"):
+        get_format("torchtitan").architecture(step)
+
+
+def test_titan_moe_without_architecture_source_is_one_error_line(titan_moe_run, tmp_path, tiny_token_shards,
+                                                                 monkeypatch, capsys):
+    """The issue's traceback (`intermediate_size ... NoneType`): now one line naming the source and the fix (the
+    app's default `model` group is the last source, and it contradicts these tensors)."""
+    from ckpteval import app
+
+    run, _ = titan_moe_run
+    step = _copy_step(run, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        app.main(_loss_cfg(tmp_path, step, tiny_token_shards, "tracking.enabled=false"))
+    assert exc.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "contradicts its architecture source, the `model` group" in err[0], err
+    assert "describe the model with model.* overrides, or put its config.json beside the checkpoint" in err[0], err
+
+
+def test_titan_moe_unknown_model_tensor_is_named(titan_moe_run, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    run, _ = titan_moe_run
+    step10 = run / "checkpoint" / "step-10"
+    meta = titan_fmt.read_dcp_metadata(step10).state_dict_metadata
+    tensors = titan_fmt.read_dcp_tensors(step10, {k: m for k, m in meta.items() if k.startswith(("tok_", "layers."))})
+    tensors["layers.0.moe.router.temperature"] = torch.ones(1)
+    dest = tmp_path / "checkpoint" / "step-10"
+    dcp.save(tensors, checkpoint_id=str(dest), no_dist=True)
+    with pytest.raises(CkptEvalError, match=r"holds layers\.0\.moe\.router\.temperature, which has no transformers "
+                                            r"qwen3 counterpart"):
+        get_format("torchtitan").tensor_specs(dest, None)
+
+
+def test_titan_moe_convert_and_watch(titan_moe_run, tmp_path, tiny_token_shards, monkeypatch, capsys):
+    """mode=convert refuses the DCP step in one line (its routing is not any transformers class's) and converts the
+    HF export, which stock transformers loads; the watcher (the job path mode=loss runs) scores both steps."""
+    from transformers import AutoModelForCausalLM
+
+    from ckpteval import app
+
+    run, ref = titan_moe_run
+    monkeypatch.chdir(tmp_path)
+    convert = ["mode=convert", f"tracking.uri=sqlite:///{tmp_path}/m.db"]
+    with pytest.raises(SystemExit) as exc:
+        app.main(factories.compose([*convert, f"ckpt={run / 'checkpoint' / 'step-10'}",
+                                    f"convert.out={tmp_path / 'hf10'}"]))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(err) == 1 and "expert bias" in err[0] and "Nothing was written" in err[0]
+    assert not (tmp_path / "hf10").exists()
+    out = app.main(factories.compose([*convert, f"ckpt={run / 'checkpoint' / 'step-20'}",
+                                      f"convert.out={tmp_path / 'hf20'}"]))
+    model = AutoModelForCausalLM.from_pretrained(out["convert/out"], dtype=torch.float32).eval()
+    loss = batch_loss(model, tiny_token_shards)
+    assert abs(loss - ref["loss_without_expert_bias"]) < 1e-5
+
+    shutil.copytree(run, tmp_path / "run")
+    summary, losses = framework_ckpts.watch_once_losses(tmp_path / "run" / "checkpoint", tiny_token_shards, SEQ,
+                                                        tmp_path / "w.db")
+    assert summary["watch/evaluated"] == 2 and summary["watch/failed"] == 0, summary
+    assert abs(losses["step-10"] - ref["loss"]) < 1e-5 and abs(losses["step-20"] - ref["loss_without_expert_bias"]) \
+        < 1e-5, losses
+
+
+def test_titan_moe_harness_fast_equals_lm_eval_on_the_same_model(titan_moe_run, tmp_path, tiny_tokenizer_dir,
+                                                                 monkeypatch):
+    """harness.backend=fast on the DCP step = lm-eval's own HFLM given the model we load (convert refuses it)."""
+    run, _ = titan_moe_run
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "run"
+    shutil.copytree(run, root)
+    for f in Path(tiny_tokenizer_dir).iterdir():
+        shutil.copy(f, root / f.name)
+    ours, stock = framework_ckpts.harness_vs_hflm(root / "checkpoint" / "step-10", tmp_path)
+    assert stock and ours["step"] == 10
+    for key, value in stock.items():  # perplexities of a random model are ~1e9: 1e-5 relative = 1e-5 in log-lik.
+        assert ours[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_titan_moe_torchrun_fsdp(titan_moe_run, tmp_path, tiny_token_shards):
+    run, ref = titan_moe_run
+    loss = framework_ckpts.torchrun_loss(run / "checkpoint/step-10", "fsdp", tiny_token_shards, SEQ, tmp_path)
+    assert abs(loss - ref["loss"]) < 1e-5, (loss, ref)
+
+
+# ---------------------------------------------------------------------------------------------- MoE (DeepSeek-V3)
+
+
+@pytest.fixture(scope="module")
+def titan_ds_run(titan_moe_runs):
+    """torchtitan's DeepSeek-V3 (MLA with a q LoRA, yarn RoPE, 1 dense + 1 MoE layer, 8 experts, top-2, a shared
+    expert, an expert_bias): run/sigmoid (node-limited groups, route_norm, route_scale 2.5: DeepSeek-V3's recipe)
+    and run/softmax (torchtitan's debugmodel recipe), each checkpoint/step-10 + job_config.json."""
+    out, refs = titan_moe_runs
+    return out / "deepseek", refs["deepseek"]
+
+
+@pytest.mark.parametrize("variant, router", [("sigmoid", "DeepseekV3TopkRouter"), ("softmax", "TrainerRouter")])
+def test_titan_deepseek_loss_equals_torchtitan_forward(titan_ds_run, variant, router, tiny_token_shards):
+    from tests.test_hf_conversion import routed_experts
+
+    run, refs = titan_ds_run
+    model = _moe_model(run / variant / "checkpoint" / "step-10")
+    assert type(model).__name__ == "DeepseekV3ForCausalLM" and model.config.q_lora_rank == 32
+    assert [type(m).__name__ for n, m in model.named_modules() if n.endswith("mlp.gate")] == [router]
+    loss = batch_loss(model, tiny_token_shards)
+    assert abs(loss - refs[variant]["loss"]) < 1e-5, (variant, loss, refs[variant])
+    batch = framework_ckpts.windows(tiny_token_shards, SEQ)[:2, :-1]
+    assert len(routed_experts(model, batch)) >= 2
+
+
+def test_titan_deepseek_mapping_and_router_details(titan_ds_run, tiny_token_shards):
+    """Our hub layout is torchtitan's own DeepSeekV3StateDictAdapter.to_hf (it keeps the expert bias); zeroing the
+    bias gives torchtitan's loss without it, and dropping the node-limited groups is detectably wrong."""
+    run, refs = titan_ds_run
+    step = run / "sigmoid" / "checkpoint" / "step-10"
+    fmt = get_format("torchtitan")
+    ours = fmt.read_state(step, fmt.architecture(step).config)
+    theirs = torch.load(run / "sigmoid" / "titan_to_hf.pt", weights_only=True)
+    assert set(ours) == set(theirs)
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name
+    model = _moe_model(step)
+    gate = model.model.layers[1].mlp.gate
+    bias = gate.e_score_correction_bias.clone()
+    gate.e_score_correction_bias.zero_()
+    loss = batch_loss(model, tiny_token_shards)
+    assert abs(loss - refs["sigmoid"]["loss_without_expert_bias"]) < 1e-5
+    assert abs(loss - refs["sigmoid"]["loss"]) > 1e-3
+    gate.e_score_correction_bias.copy_(bias)
+    gate.num_group = gate.topk_group = 1  # every expert eligible: torchtitan limits each token to 1 of 2 groups
+    assert abs(batch_loss(model, tiny_token_shards) - refs["sigmoid"]["loss"]) > 1e-4
+
+
+def test_titan_deepseek_convert(titan_ds_run, tmp_path, tiny_token_shards, monkeypatch, capsys):
+    """The sigmoid recipe is stock DeepSeek-V3: mode=convert writes an HF dir stock transformers loads with
+    torchtitan's loss; the softmax recipe (TrainerRouter) is refused by convert in one line."""
+    from transformers import AutoModelForCausalLM
+
+    from ckpteval import app
+
+    run, refs = titan_ds_run
+    monkeypatch.chdir(tmp_path)
+    out = app.main(factories.compose(["mode=convert", f"ckpt={run / 'sigmoid' / 'checkpoint' / 'step-10'}",
+                                      f"convert.out={tmp_path / 'hf'}", f"tracking.uri=sqlite:///{tmp_path}/m.db"]))
+    model = AutoModelForCausalLM.from_pretrained(out["convert/out"], dtype=torch.float32).eval()
+    assert abs(batch_loss(model, tiny_token_shards) - refs["sigmoid"]["loss"]) < 1e-5
+    with pytest.raises(SystemExit) as exc:
+        app.main(factories.compose(["mode=convert", f"ckpt={run / 'softmax' / 'checkpoint' / 'step-10'}",
+                                    f"convert.out={tmp_path / 'hf_softmax'}",
+                                    f"tracking.uri=sqlite:///{tmp_path}/m.db"]))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(err) == 1 and "no transformers class" in err[0], err
+    assert not (tmp_path / "hf_softmax").exists()
+
+
+def test_titan_deepseek_trained_without_expert_bias(titan_ds_run, tmp_path, tiny_token_shards):
+    """load_balance_coeff=None: no expert_bias_E in the checkpoint; DeepSeek-V3's bias at zero gives torchtitan's
+    own loss with its bias zeroed."""
+    import torch.distributed.checkpoint as dcp
+
+    run, refs = titan_ds_run
+    src = run / "sigmoid" / "checkpoint" / "step-10"
+    meta = titan_fmt.read_dcp_metadata(src).state_dict_metadata
+    tensors = titan_fmt.read_dcp_tensors(src, {k: m for k, m in meta.items() if hasattr(m, "size")
+                                               and k.startswith(("tok_", "layers.", "norm.", "lm_head."))
+                                               and not k.endswith("expert_bias_E")})
+    dest = tmp_path / "checkpoint" / "step-10"
+    dcp.save(tensors, checkpoint_id=str(dest), no_dist=True)
+    job = json.loads((run / "sigmoid" / "job_config.json").read_text())
+    for layer in job["model_spec"]["model"]["layers"]:
+        if layer.get("moe"):
+            layer["moe"]["load_balance_coeff"] = None
+    (tmp_path / "job_config.json").write_text(json.dumps(job))
+    model = _moe_model(dest)
+    assert abs(batch_loss(model, tiny_token_shards) - refs["sigmoid"]["loss_without_expert_bias"]) < 1e-5

@@ -28,6 +28,7 @@ class ParallelName(Choice):
     fsdp = "fsdp"
     tp = "tp"
     pp = "pp"
+    ep = "ep"
 
 
 class DataKind(Choice):
@@ -69,10 +70,11 @@ class ModeConfig:
 
 @dataclass
 class ParallelConfig:
-    name: ParallelName = ParallelName.none  # none | fsdp | tp | pp (launch under torchrun for anything but none)
+    name: ParallelName = ParallelName.none  # none | fsdp | tp | pp | ep (launch under torchrun for anything but none)
     dp: int = -1  # data-parallel degree; -1 = world_size / (tp * pp)
     tp: int = 1  # tensor-parallel degree (parallel=tp)
     pp: int = 1  # pipeline stages (parallel=pp)
+    ep: int = 1  # expert-parallel degree (parallel=ep): MoE experts split over groups of ep ranks, tokens all-to-all
     pp_schedule: str = "GPipe"  # GPipe | 1F1B (single-stage schedules of torch.distributed.pipelining)
     microbatches: int = 4  # pipeline microbatches per batch (batch_size must be divisible)
     param_dtype: Optional[str] = None  # FSDP mixed precision: parameter dtype for compute (bfloat16, ...)

@@ -22,9 +22,10 @@ import torch
 
 from ckpteval.checkpoint.detect import checkpoint_identity
 from ckpteval.checkpoint.formats._common import position_limit
+from ckpteval.checkpoint.formats._moe import not_in_transformers
 from ckpteval.checkpoint.formats.hf import hf_weight_files
 from ckpteval.checkpoint.info import CheckpointInfo
-from ckpteval.checkpoint.load import load_model, load_tokenizer
+from ckpteval.checkpoint.load import build_config, load_model, load_tokenizer
 from ckpteval.checkpoint.save import save_hf_atomic
 from ckpteval.errors import CkptEvalError
 from ckpteval.fsutil import publish_dir
@@ -113,6 +114,10 @@ def convert_to_hf(info: CheckpointInfo, out, model_cfg=None, dtype="float32", to
         raise CkptEvalError(f"convert.out={out} exists and was not written by mode=convert: pick another path or "
                             "remove it")
     identity = checkpoint_identity(info.path)
+    why = not_in_transformers(build_config(info, model_cfg))
+    if why:  # stock transformers would load the HF dir with another function (formats/_moe.py)
+        raise CkptEvalError(f"{info.path} cannot be converted to an HF dir that stock transformers evaluates the same: "
+                            f"{why}; mode=loss and mode=harness evaluate it exactly. Nothing was written")
     model = load_model(info, model_cfg, device="cpu", dtype=torch.float32)
     tokenizer = load_tokenizer(info)
     if tokenizer is None:

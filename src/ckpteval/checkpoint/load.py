@@ -3,8 +3,11 @@
 One path for every family (see `checkpoint/formats/`): the family names the architecture and where it came from
 (logged once), the model is first built on the `meta` device and its tensor names and shapes are checked
 against the family's `tensor_specs` (metadata only), and only then is real memory allocated and the family's
-`read_state` copied in. A config that contradicts the checkpoint (a vocab_size of 2e9, another hidden size) is
-one clear error naming both, in about a second, whatever size it claims.
+`read_state` loaded. Families speak their checkpoint's layout (for HF dirs the hub's names, e.g. per-expert MoE
+tensors); `load_converted` turns it into the model's parameters with transformers' own weight conversion (what
+`from_pretrained` applies), for the meta check and the real load alike. A config that contradicts the checkpoint
+(a vocab_size of 2e9, another hidden size) is one clear error naming both, in about a second, whatever size it
+claims.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import logging
 import torch
 from torch import nn
 
-from ckpteval.checkpoint.formats._common import CKPT_CONFIG_SOURCE, ckpt_config_arch, compare_tensors
+from ckpteval.checkpoint.formats._common import CKPT_CONFIG_SOURCE, LoadVerdict, ckpt_config_arch, load_converted
+from ckpteval.checkpoint.formats._moe import apply_routing
 from ckpteval.checkpoint.info import CheckpointInfo
 from ckpteval.errors import CkptEvalError
 
@@ -45,6 +49,7 @@ def build_model(config, device: torch.device | str = "cpu", dtype: torch.dtype =
 
     with torch.device(device), (contextlib.nullcontext() if init_weights else _no_init_weights()):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        apply_routing(model)  # a trainer's router no transformers class has (formats/_moe.py), when config says so
     return model
 
 
@@ -72,16 +77,26 @@ def _mismatch(info: CheckpointInfo, what: str) -> CkptEvalError:
 
 
 def check_specs(model: nn.Module, specs: dict[str, tuple[int, ...]], info: CheckpointInfo) -> None:
-    """Names and shapes of `model` (usually on `meta`) against the checkpoint's; tied heads may be absent."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    wrong, missing, unexpected = compare_tensors(expected, specs, getattr(model.config, "tie_word_embeddings", False))
-    if wrong:
-        shown = ", ".join(f"{k} {tuple(specs[k])} vs {expected[k]}" for k in wrong[:3])
+    """Names and shapes of the checkpoint's tensors (its own layout) against `model` on the `meta` device, after
+    transformers' own weight conversion (`load_converted`); tied heads may be absent."""
+    raise_on(load_converted(model, {k: torch.empty(tuple(v), device="meta") for k, v in specs.items()}), info,
+             list(specs))
+
+
+def raise_on(verdict: LoadVerdict, info: CheckpointInfo, names: list[str]) -> None:
+    """One error naming what does not fit (shapes first, then missing / unexpected names)."""
+    if verdict.wrong:
+        items = list(verdict.wrong.items())
+        shown = ", ".join(f"{k} {found} vs {want}" for k, (found, want) in items[:3])
+        fused = any(k.endswith(("experts.gate_up_proj", "experts.down_proj")) for k, _ in items)
+        why = (" (MoE experts as transformers fuses the checkpoint's per-expert tensors: one is missing, or the "
+               "config counts another number of them)") if fused else ""
         raise _mismatch(info, f"tensor shape mismatch (checkpoint vs architecture) for {shown}"
-                              f"{' ...' if len(wrong) > 3 else ''}")
-    if missing or unexpected:
-        parts = [f"{len(names)} {what} tensor(s) (e.g. {names[0]}{'; it holds e.g. ' + str(list(specs)[:3]) if what == 'missing' else ''})"
-                 for what, names in (("missing", missing), ("unexpected", unexpected)) if names]
+                              f"{' ...' if len(items) > 3 else ''}{why}")
+    if verdict.missing or verdict.unexpected:
+        holds = f"; it holds e.g. {names[:3]}"
+        parts = [f"{len(found)} {what} tensor(s) (e.g. {found[0]}{holds if what == 'missing' else ''})"
+                 for what, found in (("missing", verdict.missing), ("unexpected", verdict.unexpected)) if found]
         raise _mismatch(info, ", ".join(parts))
 
 
@@ -103,14 +118,12 @@ def validated_model(info: CheckpointInfo, model_cfg=None, device: torch.device |
 
 
 def load_weights(model: nn.Module, info: CheckpointInfo) -> nn.Module:
-    """Fill a plain (unsharded) model with the checkpoint's model tensors, in HF names and layouts."""
+    """Fill a plain (unsharded) model with the checkpoint's model tensors: the family reads them in checkpoint
+    layout, transformers' own conversion (`load_converted`, what from_pretrained applies) makes them the model's
+    parameters."""
     state = info.family.read_state(info.path, model.config)
-    check_specs(model, {k: tuple(v.shape) for k, v in state.items()}, info)
-    expected = model.state_dict()
-    with torch.no_grad():
-        for name, param in expected.items():
-            if name in state:
-                param.copy_(state[name].to(param.dtype))
+    raise_on(load_converted(model, state), info, list(state))
+    del state
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     return model

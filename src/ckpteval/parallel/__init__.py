@@ -2,7 +2,8 @@
 
 `none` is a full replica per rank (plain data parallel when launched by torchrun); `fsdp` shards parameters
 over the data-parallel ranks (fsdp.py); `tp` splits each decoder layer over the "tp" dim and replicates over
-the rest (tp.py); `pp` gives each "pp" rank a slice of the layers (pp.py). Modes never branch on the layout:
+the rest (tp.py); `pp` gives each "pp" rank a slice of the layers (pp.py); `ep` splits the experts of a MoE model
+over groups of `parallel.ep` ranks and replicates the rest (ep.py). Modes never branch on the layout:
 they get a model and a scorer and call the same `run_eval`.
 
 Weights: families whose checkpoint is a DCP dir with HF names (`sharded_dcp_prefix`) are read straight into the
@@ -51,7 +52,7 @@ def load_eval_model(cfg, info, dist: DistContext) -> tuple[nn.Module, Scorer]:
     with fail_together(f"loading {info.path}"):
         # Local work only (no collectives) until the layout is applied: a bad file fails every rank together.
         model = _unsharded_model(cfg, info, dtype)
-        check_model_fits(dist.dims, model.config)
+        check_model_fits(dist.dims, model.config, int(cfg.parallel.ep) if layout == "ep" else 1)
         doc_sep = document_sep_id(cfg.eval, model.config)
         if layout == "pp":
             from ckpteval.parallel.mesh import check_microbatches
@@ -65,6 +66,12 @@ def load_eval_model(cfg, info, dist: DistContext) -> tuple[nn.Module, Scorer]:
         root = apply_fsdp(model, dist.mesh["dp"], cfg.parallel, cfg.eval.logits_chunk, doc_sep)
         _load_weights(model, info, dist, no_dist=False)
         return model.eval(), root.scorer()
+    if layout == "ep":
+        from ckpteval.parallel.ep import apply_ep
+
+        apply_ep(model.to(dist.device), int(cfg.parallel.ep), dist.device.type, dist.mesh["tp"])
+        _load_weights(model, info, dist, no_dist=False)
+        return model.eval(), causal_lm_scorer(model, cfg.eval.logits_chunk, doc_sep)
     if layout == "tp":
         from ckpteval.parallel.tp import apply_tp
 

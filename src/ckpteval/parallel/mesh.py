@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ckpteval.errors import CkptEvalError
 
-LAYOUTS = ("none", "fsdp", "tp", "pp")
+LAYOUTS = ("none", "fsdp", "tp", "pp", "ep")
 DIM_NAMES = ("dp", "pp", "tp")
 
 
@@ -36,8 +36,14 @@ def resolve_mesh_dims(parallel_cfg, world_size: int) -> MeshDims:
     if tp < 1 or pp < 1 or (dp < 1 and dp != -1):
         raise CkptEvalError(f"parallel.tp={tp}, parallel.pp={pp}, parallel.dp={dp}: degrees must be >= 1 "
                             "(parallel.dp=-1 = the ranks tp x pp leave)")
-    allowed = {"none": (), "fsdp": (), "tp": ("tp",), "pp": ("pp",)}[name]
-    for dim, degree in (("tp", tp), ("pp", pp)):
+    allowed = {"none": (), "fsdp": (), "tp": ("tp",), "pp": ("pp",), "ep": ("ep",)}[name]
+    ep = int(getattr(parallel_cfg, "ep", 1) or 1)
+    if ep < 1:
+        raise CkptEvalError(f"parallel.ep={ep}: the expert-parallel degree must be >= 1")
+    if name == "ep" and world_size % ep != 0:
+        raise CkptEvalError(f"world size {world_size} is not divisible by parallel.ep={ep}: launch a multiple of {ep} "
+                            "processes (torchrun --nproc_per_node=N) or change the degree")
+    for dim, degree in (("tp", tp), ("pp", pp), ("ep", ep)):
         if degree > 1 and dim not in allowed:
             raise CkptEvalError(f"parallel.{dim}={degree} does not apply to parallel={name}: set parallel.{dim}=1, "
                                 f"or use parallel={dim} (one layout per job)")
@@ -54,8 +60,13 @@ def resolve_mesh_dims(parallel_cfg, world_size: int) -> MeshDims:
     return MeshDims(dp=dp, pp=pp, tp=tp)
 
 
-def check_model_fits(dims: MeshDims, model_config) -> None:
-    """The model must split evenly: heads, KV heads and the MLP width over tp; decoder layers over pp."""
+def check_model_fits(dims: MeshDims, model_config, ep: int = 1) -> None:
+    """The model must split evenly: heads, KV heads and the MLP width over tp; decoder layers over pp; experts over
+    ep (parallel=ep)."""
+    if ep > 1:
+        from ckpteval.parallel.ep import check_ep
+
+        check_ep(model_config, ep)
     if dims.tp > 1:
         for attr in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
             value = getattr(model_config, attr, None)

@@ -1,10 +1,12 @@
 """Helpers shared by the family modules: small JSON files, config.json as an architecture source, the `model`
 group as the last one, the one names-and-shapes comparison, the RoPE row permutation, and prefix stripping for
-state dicts saved under a wrapper attribute. Imports nothing of `checkpoint` but `formats.base` (no cycles)."""
+state dicts saved under a wrapper attribute, and the one conversion of checkpoint layout into model parameters
+(transformers' own). Imports nothing of `checkpoint` but `formats.base` and `formats._moe` (no cycles)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from ckpteval.checkpoint.formats.base import Architecture
@@ -177,26 +179,116 @@ def compare_tensors(expected: dict[str, tuple[int, ...]], found: dict[str, tuple
     return wrong, missing, unexpected
 
 
-def meta_state_shapes(config) -> dict[str, tuple[int, ...]]:
-    """{name: shape} of the transformers causal LM `config` describes, built on the meta device (no memory)."""
+def meta_model(config):
+    """The transformers causal LM `config` describes, built on the meta device (no memory)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from ckpteval.checkpoint.formats._moe import apply_routing
+
     with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+        return apply_routing(AutoModelForCausalLM.from_config(config))
+
+
+def meta_state_shapes(config) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of the transformers causal LM `config` describes, built on the meta device (no memory)."""
+    return {k: tuple(v.shape) for k, v in meta_model(config).state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------ transformers' conversion
+
+
+@dataclass
+class LoadVerdict:
+    """What loading a checkpoint-layout state dict into a model found: names whose shapes (after conversion) differ
+    as {name: (checkpoint, model)} (a conversion that could not run gives its one-line reason as the checkpoint
+    side), model tensors nothing filled, checkpoint tensors with no place in the model."""
+
+    wrong: dict[str, tuple]
+    missing: list[str]
+    unexpected: list[str]
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.wrong or self.missing or self.unexpected)
+
+
+def load_converted(model, state: dict, tied: bool | None = None) -> LoadVerdict:
+    """Put `state` (checkpoint names and layouts, as `save_pretrained` writes them) into `model` through the weight
+    conversion transformers' own `from_pretrained` applies: its conversion mapping for the model's class and
+    `convert_and_load_state_dict_in_model`, the function `from_pretrained` calls (transformers 5: per-expert MoE
+    tensors `experts.{j}.w1` / `gate_proj` fused into `experts.gate_up_proj [E, 2I, H]`, legacy renames, a missing
+    or extra base-model prefix). Every family returns checkpoint layout and this is the one place that turns it
+    into the model's parameters. Meta tensors into a meta model check names and shapes without allocating.
+    transformers 4 has no conversion on load (its checkpoint names are its parameter names): a plain copy.
+    A tied head may be absent. Nothing is set for a wrong name; the caller raises on a non-empty verdict."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False)) if tied is None else tied
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+    except ImportError:  # transformers 4
+        return _load_plain(model, state, tied)
+    device = str(next(iter(state.values())).device) if state else "cpu"
+    load_config = LoadStateDictConfig(device_map={"": device}, weight_mapping=get_model_conversion_mapping(model))
+    with _transformers_quiet():
+        info, _ = convert_and_load_state_dict_in_model(model, state, load_config)
+    wrong: dict[str, tuple] = {name: (tuple(found), tuple(want)) for name, found, want in info.mismatched_keys}
+    for name, text in info.conversion_errors.items():
+        wrong[name] = (one_line(text.strip().splitlines()[-1]), tuple(model.state_dict()[name].shape)
+                       if name in model.state_dict() else ())
+    missing = sorted(k for k in info.missing_keys if k not in wrong and not (tied and k.endswith("lm_head.weight")))
+    return LoadVerdict(dict(sorted(wrong.items())), missing, sorted(info.unexpected_keys))
+
+
+def _load_plain(model, state: dict, tied: bool) -> LoadVerdict:
+    import torch
+
+    expected = model.state_dict()
+    wrong, missing, unexpected = compare_tensors({k: tuple(v.shape) for k, v in expected.items()},
+                                                 {k: tuple(v.shape) for k, v in state.items()}, tied)
+    verdict = LoadVerdict({k: (tuple(state[k].shape), tuple(expected[k].shape)) for k in wrong}, missing, unexpected)
+    if not verdict.failed and next(iter(expected.values())).device.type != "meta":
+        with torch.no_grad():
+            for name, param in expected.items():
+                if name in state:
+                    param.copy_(state[name].to(param.dtype))
+    return verdict
+
+
+class _transformers_quiet:
+    """No "Loading weights" progress bar per checkpoint (a scan loads hundreds)."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self._was = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging as hf_logging
+
+        if self._was:
+            hf_logging.enable_progress_bar()
+
+
+def converted_shapes_verdict(config, shapes: dict[str, tuple[int, ...]]) -> LoadVerdict:
+    """The names-and-shapes verdict of checkpoint-layout `shapes` against the model `config` describes, after
+    transformers' conversion, on the meta device."""
+    import torch
+
+    model = meta_model(config)
+    return load_converted(model, {k: torch.empty(tuple(v), device="meta") for k, v in shapes.items()})
 
 
 def check_shapes(config, shapes: dict[str, tuple[int, ...]], source: str, path: Path) -> None:
     """The tensors must be the model `config` describes: a contradiction names both (no silent fallback)."""
-    expected = meta_state_shapes(config)
-    if getattr(config, "tie_word_embeddings", False):
-        expected.pop("lm_head.weight", None)
-        shapes = {k: v for k, v in shapes.items() if k != "lm_head.weight"}
-    wrong, missing, extra = compare_tensors(expected, shapes)
-    if wrong or missing or extra:
-        detail = [f"{k} is {shapes[k]} in the checkpoint but {expected[k]} there" for k in wrong[:2]] or [
-            f"{len(missing)} tensor(s) it needs are absent (e.g. {missing[0]})" if missing
-            else f"{len(extra)} tensor(s) have no place in it (e.g. {extra[0]})"]
+    verdict = converted_shapes_verdict(config, shapes)
+    if verdict.failed:
+        detail = [f"{k} is {found} in the checkpoint but {want} there" for k, (found, want) in
+                  list(verdict.wrong.items())[:2]] or [
+            f"{len(verdict.missing)} tensor(s) it needs are absent (e.g. {verdict.missing[0]})" if verdict.missing
+            else f"{len(verdict.unexpected)} tensor(s) have no place in it (e.g. {verdict.unexpected[0]})"]
         fix = ("describe the model with model.* overrides, or put its config.json beside the checkpoint (or pass "
                "ckpt_config=PATH)" if source.startswith("the `model` group") else
                "point ckpt_config= at the run's own config.json" if source.startswith(CKPT_CONFIG_SOURCE) else
@@ -206,16 +298,18 @@ def check_shapes(config, shapes: dict[str, tuple[int, ...]], source: str, path: 
                             f"{'; '.join(detail)}: {fix}")
 
 
-def architecture_from_sources(path: Path, model_cfg, shapes: dict[str, tuple[int, ...]], job_config_fn,
-                              family: str) -> Architecture:
+def architecture_from_sources(path: Path, model_cfg, shapes, job_config_fn, family: str, adjust=None) -> Architecture:
     """config.json in/beside the checkpoint, else `job_config_fn()` (the trainer's own config, or None), else the
-    `model` group; checked against the tensor shapes."""
+    `model` group, checked against the tensor shapes (`shapes`: {name: shape}, or a function of the config giving
+    them); then `adjust(config)` (optional) completes it from the checkpoint (e.g. a routing flag)."""
     d = path if path.is_dir() else path.parent
     cdir = config_dir(d, d.parent)
     arch = config_json_arch(cdir) if cdir is not None else job_config_fn()
     if arch is None:
         arch = model_group_arch(model_cfg, path, family, "no config.json in or beside it, no trainer config")
-    check_shapes(arch.config, shapes, arch.source, path)
+    check_shapes(arch.config, shapes(arch.config) if callable(shapes) else shapes, arch.source, path)
+    if adjust is not None:
+        adjust(arch.config)
     return arch
 
 

@@ -9,8 +9,10 @@ A family answers five questions about a path, each cheaply except the last:
    (config.json, the trainer's saved config, the `model` group, ...). Raises naming the override that fixes it.
 5. `tensor_specs(path, config)` / `read_state(path, config)`: {HF tensor name: shape} from metadata only (so a
    model built on the meta device is checked before any real allocation), and the model tensors themselves in
-   HF names and layouts (renames, fused QKV / gate-up splits, per-layer un-stacking, RoPE permutes, tied heads
-   done here). Only model tensors are ever read; optimizer and trainer state never.
+   HF checkpoint names and layouts, i.e. what `save_pretrained` writes to the hub (renames, fused QKV / gate-up
+   splits, per-layer un-stacking, per-expert splits, RoPE permutes, tied heads done here). `load.py` turns that
+   layout into the model's own parameters with transformers' weight conversion (transformers 5 fuses MoE experts
+   on load), for the meta check and the load alike. Only model tensors are ever read; trainer state never.
 
 `sharded_dcp_prefix` is set by families whose DCP tensors already carry HF names in HF layout: those are read
 straight into FSDP/TP-sharded models (each rank reads its own shards). Every other family is read whole and
@@ -54,12 +56,13 @@ class CheckpointFormat:
         raise NotImplementedError
 
     def tensor_specs(self, path: Path, config) -> dict[str, tuple[int, ...]] | None:
-        """{HF name: shape} of every tensor `read_state` will return, from metadata only (None: the family's own
-        reader checks names and shapes against the architecture it read from the same file, e.g. GGUF)."""
+        """{HF checkpoint name: shape} of every tensor `read_state` will return, from metadata only (None: the
+        family's own reader checks names and shapes against the architecture it read from the same file, e.g.
+        GGUF)."""
         raise NotImplementedError
 
     def read_state(self, path: Path, config) -> dict[str, torch.Tensor]:
-        """The model tensors in HF names and layouts (full, unsharded, on CPU)."""
+        """The model tensors in HF checkpoint names and layouts (full, unsharded, on CPU)."""
         raise NotImplementedError
 
     def sharded_dcp_prefix(self, path: Path) -> str | None:
