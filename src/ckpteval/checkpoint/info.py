@@ -25,3 +25,4 @@ class CheckpointInfo:
     dcp_prefix: str | None = None  # DCP dirs with HF names: the key prefix ("model." or ""); None = not such a DCP
     family: CheckpointFormat | None = None  # the family object (architecture, tensor_specs, read_state)
     arch_source: str | None = None  # where the architecture came from, once `build_config` resolved it
+    base: CheckpointInfo | None = None  # an adapter's base checkpoint (inspected like any); None for a whole model

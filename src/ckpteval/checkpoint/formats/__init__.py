@@ -21,6 +21,8 @@ REGISTRY: dict[str, str] = {
     "torchtitan": "ckpteval.checkpoint.formats.torchtitan:TorchTitanFormat",
     "megatron": "ckpteval.checkpoint.formats.megatron:MegatronFormat",
     "dcp": "ckpteval.checkpoint.formats.dcp:DCPFormat",
+    # a PEFT adapter dir holds no whole-model weights; asked before `hf`, which would call it a model without weights
+    "peft": "ckpteval.checkpoint.formats.peft:PeftFormat",
     "hf": "ckpteval.checkpoint.formats.hf:HFFormat",
     "gguf": "ckpteval.checkpoint.formats.gguf:GGUFFormat",
     "lightning": "ckpteval.checkpoint.formats.lightning:LightningFormat",
