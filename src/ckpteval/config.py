@@ -264,6 +264,7 @@ class CkptFormat(str, Enum):
     lightning = "lightning"
     torchtitan = "torchtitan"
     megatron = "megatron"
+    peft = "peft"
 
 
 @dataclass
@@ -283,6 +284,7 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     ckpt: Optional[str] = None  # checkpoint to evaluate: HF dir, DCP dir, .gguf, nanoGPT ckpt.pt, Lightning .ckpt, ... (glob:PATTERN with -m)
     ckpt_format: CkptFormat = CkptFormat.auto  # auto = detect from the path; a family name forces that family
+    ckpt_base: Optional[str] = None  # base model of an adapter checkpoint (PEFT); default: the one the adapter names, if local
     tokenizer: Optional[str] = None  # tokenizer override (dir or tokenizer.json); default: from the checkpoint
     seed: int = 1234
 
