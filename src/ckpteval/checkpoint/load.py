@@ -130,6 +130,10 @@ def load_model(info: CheckpointInfo, model_cfg=None, device: torch.device | str 
     loading the next checkpoint."""
     if info.base is not None:
         return _load_adapted(info, model_cfg, device, dtype, shared_base)
+    if shared_base:  # a whole model in a scan of adapters: one model in memory at a time
+        from ckpteval.checkpoint import base_cache
+
+        base_cache.release()
     model = validated_model(info, model_cfg, device="cpu", dtype=dtype, init_weights=False)
     load_weights(model, info)
     return model.to(device).eval()
@@ -144,7 +148,8 @@ def _load_adapted(info: CheckpointInfo, model_cfg, device, dtype: torch.dtype, s
     def base() -> nn.Module:
         model = load_model(info.base, model_cfg, device, dtype)
         if model.config.vocab_size != config.vocab_size:  # added tokens: resize first, as users do
-            with torch.random.fork_rng(devices=[]):  # the new rows are the adapter's; keep the caller's RNG
+            dev = torch.device(device)  # the new rows are the adapter's: keep the caller's random state
+            with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
                 model.resize_token_embeddings(config.vocab_size, mean_resizing=False)
         return model
 
