@@ -33,9 +33,9 @@ TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 @pytest.fixture(autouse=True)
 def _fresh_base_cache():
     """Every test starts and ends with no base held (the cache is process-wide)."""
-    base_cache.release()
+    base_cache.release(collect=False)
     yield
-    base_cache.release()
+    base_cache.release(collect=False)
 
 
 def _files(shards: Path) -> list[np.ndarray]:
@@ -436,16 +436,21 @@ def test_watch_once_over_the_run_dir(trained, tmp_path, tiny_token_shards, monke
 @pytest.mark.slow
 def test_harness_equals_lm_eval_on_peftmodel_and_convert_loads_in_stock_tools(trained, tmp_path, monkeypatch,
                                                                              tiny_token_shards):
-    """mode=harness (fast backend) = lm-eval's HFLM with `peft=` (PEFT's own PeftModel) = HFLM on the mode=convert
-    output, which stock transformers loads with PEFT's logits."""
+    """mode=harness (fast and hf backends) = lm-eval's HFLM with `peft=` (PEFT's own PeftModel) = HFLM on the
+    mode=convert output, which stock transformers loads with PEFT's logits."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
     from transformers import AutoModelForCausalLM
 
+    from ckpteval import app
+
     monkeypatch.chdir(tmp_path)
     ckpt = trained["dora"]
     ours, converted, hf_dir = framework_ckpts.harness_vs_stock(ckpt, tmp_path)
+    ours_hf = app.main(factories.compose([  # the other in-memory backend: lm-eval's HFLM on our merged model
+        "mode=harness", f"ckpt={ckpt}", "harness=offline", f"harness.include_path={TASKS_DIR}", "harness.backend=hf",
+        "harness.batch_size=8", "harness.seed=1234", "harness.limit=6", "tracking.enabled=false"]))
     lm = HFLM(pretrained=str(trained["base"]), peft=str(ckpt), batch_size=8, device="cpu", dtype="float32")
     ref = simple_evaluate(model=lm, tasks=["ckpteval_mc", "ckpteval_rolling"], limit=6, log_samples=False,
                           task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False),
@@ -454,7 +459,7 @@ def test_harness_equals_lm_eval_on_peftmodel_and_convert_loads_in_stock_tools(tr
              for key, value in ref["results"][task].items() if "," in key and isinstance(value, float)}
     assert stock and ours["step"] == 2 and set(stock) == set(converted)
     for key, value in stock.items():  # merged weights vs the adapter on top: float32 rounding apart, so
-        for got in (ours[key], converted[key]):  # perplexities (~1e8 here) are compared as logs, like losses
+        for got in (ours[key], ours_hf[key], converted[key]):  # perplexities (~1e8 here): as logs, like losses
             if "perplexity" in key:
                 assert abs(math.log(got) - math.log(value)) < 1e-5, (key, got, value)
             else:

@@ -62,9 +62,11 @@ def hold(model: nn.Module, undo: Callable[[], None]) -> None:
         _held.undo = undo
 
 
-def release() -> None:
-    """Drop the held base (its memory is freed once the caller's references go)."""
+def release(collect: bool = True) -> None:
+    """Drop the held base (its memory is freed once the caller's references go; `collect` runs the garbage
+    collector for what PEFT's wrappers left in reference cycles, before the next model is built)."""
     global _held
     if _held is not None:
         _held = None
-        gc.collect()
+        if collect:
+            gc.collect()
