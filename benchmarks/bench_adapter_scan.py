@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_harness as bh  # noqa: E402 - its timed child and process helpers
+import bench_harness as bh  # its timed child and process helpers
 
 TASKS = bh.TASKS
 TASKS_DIR = bh.TASKS_DIR
@@ -124,8 +124,9 @@ def make_run(root: Path, size: str, n: int) -> tuple[Path, Path, Path]:
 
 def cycles_table(cycles: list[dict], title: str) -> tuple[list[str], list[float]]:
     """Lines per checkpoint: cycle = compute + beyond compute (adapter read), and what the rest is."""
-    lines = [f"{title}", f"  {'ckpt':>4}  {'cycle s':>8}  {'compute s':>9}  {'beyond s':>8}  {'adapter read s':>14}  "
-                         f"{'beyond - read s':>15}"]
+    header = (f"  {'ckpt':>4}  {'cycle s':>8}  {'compute s':>9}  {'beyond s':>8}  {'adapter read s':>14}  "
+              f"{'beyond - read s':>15}")
+    lines = [title, header]
     beyond_minus_read = []
     for i, c in enumerate(cycles, 1):
         beyond = c["cycle"] - c.get(COMPUTE, 0.0)

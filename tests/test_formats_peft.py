@@ -20,7 +20,6 @@ import torch
 
 from ckpteval.checkpoint import base_cache, inspect_checkpoint, load_model
 from ckpteval.checkpoint.formats import detect_format, get_format
-from ckpteval.errors import CkptEvalError
 from tests import factories, framework_ckpts
 
 factories.require("peft", "peft")

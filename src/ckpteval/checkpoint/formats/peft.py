@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import warnings
 from contextlib import contextmanager
 from functools import lru_cache
@@ -37,8 +36,6 @@ import torch
 from ckpteval.checkpoint.formats import _common
 from ckpteval.checkpoint.formats.base import AdapterFormat, Architecture
 from ckpteval.errors import CkptEvalError
-
-log = logging.getLogger(__name__)
 
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
