@@ -36,7 +36,7 @@ def _quote_paths(argv: list[str]) -> list[str]:
     out = []
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if sep and key.lstrip("+~") in ("ckpt", "tokenizer") and "=" in value and value[:1] not in "'\"":
+        if sep and key.lstrip("+~") in ("ckpt", "ckpt_base", "tokenizer") and "=" in value and value[:1] not in "'\"":
             if "," in value:  # a list of paths (a sweep): only the user knows where each one ends
                 print(f"hint: Hydra reads '=' in {key}= values as syntax: quote each path, e.g. "
                       f"{key}='\"/x/epoch=0-step=10.ckpt\"'", file=sys.stderr)

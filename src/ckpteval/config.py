@@ -301,6 +301,7 @@ class CkptFormat(str, Enum):
     litgpt = "litgpt"
     fsdp = "fsdp"
     deepspeed = "deepspeed"
+    peft = "peft"
 
 
 @dataclass
@@ -324,6 +325,7 @@ class Config:
     ckpt: Optional[str] = None  # checkpoint to evaluate: HF dir, DCP dir, .gguf, nanoGPT ckpt.pt, Lightning .ckpt, ... (glob:PATTERN with -m)
     ckpt_format: CkptFormat = CkptFormat.auto  # auto = detect from the path; a family name forces that family
     ckpt_config: Optional[str] = None  # architecture as a config.json (or its dir) for checkpoints saved without one; wins when set
+    ckpt_base: Optional[str] = None  # base model of an adapter checkpoint (PEFT); default: the one the adapter names, if local
     tokenizer: Optional[str] = None  # tokenizer override (dir or tokenizer.json); default: from the checkpoint
     seed: int = 1234
 

@@ -70,7 +70,7 @@ def read_record(out) -> dict | None:
 def is_converted(info: CheckpointInfo, out, dtype) -> bool:
     """True when `out` already holds a verified conversion of this exact checkpoint (same files) in `dtype`."""
     record = read_record(out)
-    if not record or record.get("source_identity") != checkpoint_identity(info.path):
+    if not record or record.get("source_identity") != source_identity(info):
         return False
     if record.get("dtype") != _dtype_name(_dtype(dtype)):
         return False
@@ -78,6 +78,12 @@ def is_converted(info: CheckpointInfo, out, dtype) -> bool:
         return bool(hf_weight_files(Path(out)))
     except CkptEvalError:
         return False
+
+
+def source_identity(info: CheckpointInfo) -> str:
+    """`checkpoint_identity` of the checkpoint, and of its base for an adapter (a rewritten base converts again)."""
+    identity = checkpoint_identity(info.path)
+    return identity if info.base is None else f"{identity}+{checkpoint_identity(info.base.path)}"
 
 
 def verification_batch(config) -> torch.Tensor:
@@ -113,7 +119,7 @@ def convert_to_hf(info: CheckpointInfo, out, model_cfg=None, dtype="float32", to
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and read_record(out) is None)):
         raise CkptEvalError(f"convert.out={out} exists and was not written by mode=convert: pick another path or "
                             "remove it")
-    identity = checkpoint_identity(info.path)
+    identity = source_identity(info)
     why = not_in_transformers(build_config(info, model_cfg))
     if why:  # stock transformers would load the HF dir with another function (formats/_moe.py)
         raise CkptEvalError(f"{info.path} cannot be converted to an HF dir that stock transformers evaluates the same: "

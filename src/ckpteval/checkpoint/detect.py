@@ -120,27 +120,52 @@ def _find_tokenizer(family: CheckpointFormat, ckpt: Path, override: str | None) 
 
 
 def inspect_checkpoint(path, tokenizer_override: str | None = None, ckpt_format: str | None = None,
-                       ckpt_config: str | None = None) -> CheckpointInfo:
+                       *, ckpt_config: str | None = None, ckpt_base: str | None = None) -> CheckpointInfo:
     """Detect the family (or take `ckpt_format`), check the checkpoint is complete, find its step, tokens seen,
     config.json and tokenizer. A config.json found in or beside it, or named by `ckpt_config`, is validated here,
-    before anything loads it."""
+    before anything loads it. An adapter's base (`ckpt_base`, else the one the adapter names) is inspected the same
+    way, as `info.base`."""
     override = _common.ckpt_config_file(ckpt_config) if ckpt_config else None
     if "://" in str(path):  # s3://, gs://, ...: a local copy of just what evaluation reads
         from ckpteval.checkpoint.remote import materialize
 
         path = materialize(str(path))
     family, ckpt = _detect(Path(str(path)).expanduser().resolve(), forced_format(ckpt_format))
+    base = _inspect_base(family, ckpt, ckpt_base, ckpt_config)
+    if base is not None:
+        override = None  # ckpt_config= describes an adapter's base (applied there), never the adapter itself
     step, tokens = family.step_tokens(ckpt)
     path_step = parse_step(ckpt) if family.name != "nanogpt" else None
     config_dir = None if family.name == "gguf" else family.hf_config_dir(ckpt)
     if config_dir is not None:
         _common.validate_config_json(config_dir)
     prefix = family.sharded_dcp_prefix(ckpt)
+    tokenizer = _find_tokenizer(family, ckpt, tokenizer_override)
     return CheckpointInfo(
         path=ckpt, format=family.name, step=path_step if path_step is not None else step, tokens_seen=tokens,
-        config_dir=config_dir, tokenizer_path=_find_tokenizer(family, ckpt, tokenizer_override), dcp_prefix=prefix,
-        family=family, ckpt_config=override,
+        config_dir=config_dir, tokenizer_path=tokenizer or (base.tokenizer_path if base else None), dcp_prefix=prefix,
+        family=family, ckpt_config=override, base=base,
     )
+
+
+def _inspect_base(family: CheckpointFormat, ckpt: Path, override: str | None,
+                  ckpt_config: str | None = None) -> CheckpointInfo | None:
+    """The base of an adapter, inspected with the normal detection (None for a whole-model family); `ckpt_config`
+    is the base's architecture when given."""
+    from ckpteval.checkpoint.formats.base import AdapterFormat
+
+    if not isinstance(family, AdapterFormat):
+        return None
+    location = family.base_location(ckpt, override)
+    try:
+        base = inspect_checkpoint(location, ckpt_config=ckpt_config)
+    except CkptEvalError as e:
+        raise CkptEvalError(f"the base model of adapter {ckpt} ({location}) cannot be read: {e}") from None
+    if base.base is not None:
+        raise CkptEvalError(f"the base model of adapter {ckpt}, {location}, is itself an adapter: ckpteval applies "
+                            f"one adapter to a whole model; merge {location} into its base first (mode=convert "
+                            f"ckpt={location}) and pass ckpt_base=THAT_DIR")
+    return base
 
 
 # ---------------------------------------------------------------------------------------------- identity

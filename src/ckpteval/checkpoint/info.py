@@ -26,3 +26,4 @@ class CheckpointInfo:
     family: CheckpointFormat | None = None  # the family object (architecture, tensor_specs, read_state)
     arch_source: str | None = None  # where the architecture came from, once `build_config` resolved it
     ckpt_config: Path | None = None  # the config.json `ckpt_config=` names: the architecture, whatever the family says
+    base: CheckpointInfo | None = None  # an adapter's base checkpoint (inspected like any); None for a whole model

@@ -8,6 +8,11 @@ tensors); `load_converted` turns it into the model's parameters with transformer
 `from_pretrained` applies), for the meta check and the real load alike. A config that contradicts the checkpoint
 (a vocab_size of 2e9, another hidden size) is one clear error naming both, in about a second, whatever size it
 claims.
+
+An adapter (`info.base` set, e.g. a PEFT LoRA dir) goes the same way: its base is loaded by this path like any
+checkpoint, then the adapter family merges itself in (its tensors checked against the base's architecture on
+`meta` first). With `shared_base=True` the base comes from `base_cache`: loaded once per process, the previous
+adapter undone exactly, for callers that only read the model (loss, the in-memory harness).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from torch import nn
 
 from ckpteval.checkpoint.formats._common import CKPT_CONFIG_SOURCE, LoadVerdict, ckpt_config_arch, load_converted
 from ckpteval.checkpoint.formats._moe import apply_routing
+from ckpteval.checkpoint.formats.base import Architecture
 from ckpteval.checkpoint.info import CheckpointInfo
 from ckpteval.errors import CkptEvalError
 
@@ -27,9 +33,13 @@ log = logging.getLogger(__name__)
 
 
 def build_config(info: CheckpointInfo, model_cfg=None):
-    """The transformers config of the checkpoint, from the family's first architecture source, or from
-    `ckpt_config=` when the user named one (logged once)."""
-    if info.ckpt_config is not None:
+    """The transformers config of the checkpoint (logged once): for an adapter, its base's with the adapter's
+    changes (the adapter's tensors checked against it); else `ckpt_config=` when the user named one; else the
+    family's first architecture source."""
+    if info.base is not None:
+        base = Architecture(build_config(info.base, model_cfg), info.base.arch_source or str(info.base.path))
+        arch = info.family.adapted_architecture(info.path, base)
+    elif info.ckpt_config is not None:
         arch = ckpt_config_arch(info.ckpt_config)
     else:
         arch = info.family.architecture(info.path, model_cfg)
@@ -130,12 +140,51 @@ def load_weights(model: nn.Module, info: CheckpointInfo) -> nn.Module:
 
 
 def load_model(info: CheckpointInfo, model_cfg=None, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32) -> nn.Module:
+               dtype: torch.dtype = torch.float32, shared_base: bool = False) -> nn.Module:
     """The checkpoint as a ready, eval-mode transformers causal LM on `device` in `dtype`. No random init:
-    `load_weights` writes every tensor (it refuses a checkpoint that lacks one; a tied head is tied)."""
+    `load_weights` writes every tensor (it refuses a checkpoint that lacks one; a tied head is tied).
+
+    An adapter is merged into its base; `shared_base=True` takes the base from the process's `base_cache`
+    (loaded once, previous adapter undone): the caller must only read the model, and is done with it before
+    loading the next checkpoint."""
+    if info.base is not None:
+        return _load_adapted(info, model_cfg, device, dtype, shared_base)
+    if shared_base:  # a whole model in a scan of adapters: one model in memory at a time
+        from ckpteval.checkpoint import base_cache
+
+        base_cache.release()
     model = validated_model(info, model_cfg, device="cpu", dtype=dtype, init_weights=False)
     load_weights(model, info)
     return model.to(device).eval()
+
+
+def _load_adapted(info: CheckpointInfo, model_cfg, device, dtype: torch.dtype, shared: bool) -> nn.Module:
+    from ckpteval.checkpoint import base_cache
+    from ckpteval.checkpoint.detect import checkpoint_identity
+
+    config = build_config(info, model_cfg)  # before any allocation: the adapter must fit the base
+
+    def base() -> nn.Module:
+        model = load_model(info.base, model_cfg, device, dtype)
+        if model.config.vocab_size != config.vocab_size:  # added tokens: resize first, as users do
+            dev = torch.device(device)  # the new rows are the adapter's: keep the caller's random state
+            with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+                model.resize_token_embeddings(config.vocab_size, mean_resizing=False)
+        return model
+
+    if not shared:
+        model = base()
+        info.family.apply(model, info.path)
+        return model.eval()
+    key = (checkpoint_identity(info.base.path), str(dtype), str(torch.device(device)), config.to_json_string())
+    model = base_cache.take(key, base, name=str(info.base.path))
+    try:
+        undo = info.family.apply(model, info.path)
+    except BaseException:
+        base_cache.release()  # the family restored what it could; a fresh base is the only certain one
+        raise
+    base_cache.hold(model, undo)
+    return model.eval()
 
 
 def load_tokenizer(info: CheckpointInfo, required: bool = False):

@@ -22,7 +22,8 @@ from ckpteval.errors import CkptEvalError
 def run(cfg, job) -> dict[str, Any]:
     if job.dist.world_size > 1:
         raise CkptEvalError("mode=convert runs in one process: python run.py mode=convert ckpt=... (no torchrun)")
-    info = inspect_checkpoint(cfg.ckpt, cfg.tokenizer, cfg.get("ckpt_format"), cfg.get("ckpt_config"))
+    info = inspect_checkpoint(cfg.ckpt, cfg.tokenizer, cfg.get("ckpt_format"),
+                              ckpt_config=cfg.get("ckpt_config"), ckpt_base=cfg.get("ckpt_base"))
     job.step = info.step
     out = cfg.convert.out or default_output(info, cfg.paths.outputs)
     start = time.perf_counter()

@@ -55,7 +55,8 @@ def evaluate_checkpoint_harness(cfg, job, ckpt: str, harness_cfg=None) -> dict[s
     """
     hcfg = harness_cfg if harness_cfg is not None else cfg.harness
     start = time.perf_counter()
-    info = inspect_checkpoint(ckpt, cfg.tokenizer, cfg.get("ckpt_format"), cfg.get("ckpt_config"))
+    info = inspect_checkpoint(ckpt, cfg.tokenizer, cfg.get("ckpt_format"),
+                              ckpt_config=cfg.get("ckpt_config"), ckpt_base=cfg.get("ckpt_base"))
     job.step = info.step
     _check_setup(cfg, hcfg, job.dist)
     resolved = resolve_tasks(hcfg)  # unknown names, refused code tasks, missing data: fail before loading
@@ -103,7 +104,8 @@ def _check_setup(cfg, hcfg, dist) -> None:
 def _evaluate_in_memory(cfg, hcfg, info, job, resolved, timing: dict) -> dict | None:
     start = time.perf_counter()
     tokenizer = load_tokenizer(info, required=True)
-    model = load_model(info, cfg.model, device=job.dist.device, dtype=resolve_dtype(hcfg.dtype))
+    model = load_model(info, cfg.model, device=job.dist.device, dtype=resolve_dtype(hcfg.dtype),
+                       shared_base=True)  # only read: an adapter's base is loaded once per process
     timing["load_s"] = time.perf_counter() - start
     try:
         lm = build_lm(hcfg.backend, model, tokenizer, hcfg, job.dist)

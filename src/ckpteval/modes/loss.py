@@ -38,7 +38,8 @@ def run(cfg, job) -> dict[str, Any]:
 def evaluate_checkpoint_loss(cfg, job, ckpt: str, window_file: Path | None = None) -> dict[str, Any]:
     """The per-checkpoint loss evaluation shared by `mode=loss`, scans and `mode=watch`: every set, one model."""
     check_eval_sets(cfg)
-    info = inspect_checkpoint(ckpt, cfg.tokenizer, cfg.get("ckpt_format"), cfg.get("ckpt_config"))
+    info = inspect_checkpoint(ckpt, cfg.tokenizer, cfg.get("ckpt_format"),
+                              ckpt_config=cfg.get("ckpt_config"), ckpt_base=cfg.get("ckpt_base"))
     job.step = info.step
     tokenizer = load_tokenizer(info)
     sets = load_eval_sets(cfg, tokenizer)  # every data error before the model loads

@@ -43,7 +43,7 @@ def load_eval_model(cfg, info, dist: DistContext) -> tuple[nn.Module, Scorer]:
     dtype = resolve_dtype(cfg.eval.dtype)
     layout = cfg.parallel.name
     if layout == "none":
-        model = load_model(info, cfg.model, device=dist.device, dtype=dtype)
+        model = load_model(info, cfg.model, device=dist.device, dtype=dtype, shared_base=True)  # read only
         return model, causal_lm_scorer(model, cfg.eval.logits_chunk, document_sep_id(cfg.eval, model.config))
     if dist.mesh is None:
         raise CkptEvalError(f"parallel={layout} needs torchrun: torchrun --nproc_per_node=N run.py ...")

@@ -264,11 +264,12 @@ def _architecture(path, shown: str) -> tuple[bool, str]:
     records the error (attempts, then failed) instead of waiting forever in silence."""
     try:
         info = inspect_checkpoint(path)
+        info = info.base or info  # an adapter's architecture is its base's
         info.family.architecture(info.path, model_cfg=None)
     except CkptEvalError as exc:
         base = Path(str(path))
-        if any((d / "config.json").is_file() for d in (base, base.parent)):
-            return True, ""
+        if any((d / "config.json").is_file() for d in (base, base.parent)) or (base / "adapter_config.json").is_file():
+            return True, ""  # an adapter whose base is missing fails its evaluation with the reason, not waits
         return False, (f"checkpoint {shown} is complete but its architecture is not there yet "
                        f"({str(exc).replace(str(path), shown)}): {NO_FALLBACK}")
     return True, ""

@@ -27,6 +27,8 @@ REGISTRY: dict[str, str] = {
     # accelerate's pytorch_model_fsdp_0 is a DCP dir too (and its checkpoint-N holds no HF weights)
     "fsdp": "ckpteval.checkpoint.formats.fsdp:FSDPFormat",
     "dcp": "ckpteval.checkpoint.formats.dcp:DCPFormat",
+    # a PEFT adapter dir holds no whole-model weights; asked before `hf`, which would call it a model without weights
+    "peft": "ckpteval.checkpoint.formats.peft:PeftFormat",
     "hf": "ckpteval.checkpoint.formats.hf:HFFormat",
     # after hf: a ZeRO-1/2 Trainer checkpoint-N also holds model.safetensors and stays an HF dir (ckpt_format=deepspeed
     # reads its fp32 partitions instead); ZeRO-3 ones and bare DeepSpeed save dirs hold no HF weights

@@ -17,6 +17,12 @@ A family answers five questions about a path, each cheaply except the last:
 `sharded_dcp_prefix` is set by families whose DCP tensors already carry HF names in HF layout: those are read
 straight into FSDP/TP-sharded models (each rank reads its own shards). Every other family is read whole and
 then laid out (`parallel.load_eval_model` does that).
+
+An adapter family (`AdapterFormat`, e.g. PEFT LoRA) holds a change to another checkpoint, its base: it names
+the base (`base_location`; `detect` inspects it like any checkpoint), describes the model the two make together
+(`adapted_architecture`, the adapter's tensors checked against the base's architecture on the `meta` device),
+and merges itself into a loaded base with an exact undo (`apply`), so a scan loads the base once
+(`checkpoint.base_cache`).
 """
 
 from __future__ import annotations
@@ -80,3 +86,31 @@ class CheckpointFormat:
         elsewhere and a config.json there is the trainer's own (OLMo-core's run config) or not read (litgpt)."""
         base = path if path.is_dir() else path.parent
         return next((d for d in (base, base.parent) if (d / "config.json").is_file()), None)
+
+class AdapterFormat(CheckpointFormat):
+    """A checkpoint that is a change to a base model, not a whole model. `load.load_model` loads the base (any
+    family) and applies the adapter; `architecture`/`tensor_specs`/`read_state` are never asked of an adapter."""
+
+    def base_location(self, path: Path, override: str | None) -> Path:
+        """The base checkpoint's local path: `override` (ckpt_base=) when given, else the one the adapter names,
+        resolved offline. Raises `CkptEvalError` naming `ckpt_base=PATH` when it is not available."""
+        raise NotImplementedError
+
+    def adapted_architecture(self, path: Path, base: Architecture) -> Architecture:
+        """The architecture of base + adapter (the base's, e.g. with a resized vocabulary), after checking the
+        adapter's tensors against it on the `meta` device (one clear error for an adapter of another model)."""
+        raise NotImplementedError
+
+    def apply(self, model: torch.nn.Module, path: Path):
+        """Merge the adapter into `model` (the loaded base, built for `adapted_architecture`) in place; returns a
+        no-argument callable that restores the base exactly (its own tensors, not a recomputation)."""
+        raise NotImplementedError
+
+    def architecture(self, path: Path, model_cfg=None) -> Architecture:
+        raise NotImplementedError("an adapter's architecture is adapted_architecture(path, base)")
+
+    def tensor_specs(self, path: Path, config) -> dict[str, tuple[int, ...]] | None:
+        raise NotImplementedError("an adapter is applied to its base, not read as a state dict")
+
+    def read_state(self, path: Path, config) -> dict[str, torch.Tensor]:
+        raise NotImplementedError("an adapter is applied to its base, not read as a state dict")

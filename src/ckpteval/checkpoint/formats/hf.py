@@ -92,6 +92,10 @@ class HFFormat(CheckpointFormat):
         if not path.is_dir():
             raise CkptEvalError(f"checkpoint {path} is not a directory: {self.description}")
         if not hf_weight_files(path):
+            if (path / "adapter_config.json").is_file():  # a PEFT adapter: no model weights, by design
+                raise CkptEvalError(f"checkpoint {path} is a PEFT adapter (adapter_config.json + adapter_model.*), "
+                                    "not a whole model: read it with ckpt_format=peft (or leave ckpt_format unset); "
+                                    "its base comes from base_model_name_or_path or ckpt_base=PATH")
             raise CkptEvalError(f"checkpoint {path} has no weight files: {self.description}")
 
     def step_tokens(self, path: Path) -> tuple[int | None, int | None]:
