@@ -1,6 +1,12 @@
 """Checkpoints: detect the format and completeness (cheap), load model weights, save atomically."""
 
-from ckpteval.checkpoint.detect import check_complete, checkpoint_identity, inspect_checkpoint, parse_step
+from ckpteval.checkpoint.detect import (
+    check_complete,
+    checkpoint_identity,
+    inspect_checkpoint,
+    inspect_configured,
+    parse_step,
+)
 from ckpteval.checkpoint.formats._common import config_from_model_cfg
 from ckpteval.checkpoint.formats._dcp import read_dcp_metadata
 from ckpteval.checkpoint.formats.hf import hf_weight_files
@@ -15,5 +21,6 @@ from ckpteval.checkpoint.load import (
 from ckpteval.checkpoint.save import partial_dir, save_dcp_atomic, save_hf_atomic
 
 __all__ = ["CheckpointInfo", "build_config", "build_model", "check_complete", "checkpoint_identity",
-           "config_from_model_cfg", "hf_weight_files", "inspect_checkpoint", "load_model", "load_tokenizer",
+           "config_from_model_cfg", "hf_weight_files", "inspect_checkpoint", "inspect_configured", "load_model",
+           "load_tokenizer",
            "load_weights", "parse_step", "partial_dir", "read_dcp_metadata", "save_dcp_atomic", "save_hf_atomic"]

@@ -148,6 +148,13 @@ def inspect_checkpoint(path, tokenizer_override: str | None = None, ckpt_format:
     )
 
 
+def inspect_configured(cfg, ckpt=None) -> CheckpointInfo:
+    """`inspect_checkpoint` of `ckpt` (default `cfg.ckpt`) with the job config's checkpoint settings: `tokenizer`,
+    `ckpt_format`, `ckpt_config`, `ckpt_base` (what every mode that reads a checkpoint passes)."""
+    return inspect_checkpoint(cfg.ckpt if ckpt is None else ckpt, cfg.get("tokenizer"), cfg.get("ckpt_format"),
+                              ckpt_config=cfg.get("ckpt_config"), ckpt_base=cfg.get("ckpt_base"))
+
+
 def _inspect_base(family: CheckpointFormat, ckpt: Path, override: str | None,
                   ckpt_config: str | None = None) -> CheckpointInfo | None:
     """The base of an adapter, inspected with the normal detection (None for a whole-model family); `ckpt_config`

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ckpteval.checkpoint import inspect_checkpoint
+from ckpteval.checkpoint import inspect_configured
 from ckpteval.checkpoint.convert import convert_to_hf, default_output, is_converted, read_record
 from ckpteval.errors import CkptEvalError
 
@@ -22,8 +22,7 @@ from ckpteval.errors import CkptEvalError
 def run(cfg, job) -> dict[str, Any]:
     if job.dist.world_size > 1:
         raise CkptEvalError("mode=convert runs in one process: python run.py mode=convert ckpt=... (no torchrun)")
-    info = inspect_checkpoint(cfg.ckpt, cfg.tokenizer, cfg.get("ckpt_format"),
-                              ckpt_config=cfg.get("ckpt_config"), ckpt_base=cfg.get("ckpt_base"))
+    info = inspect_configured(cfg)
     job.step = info.step
     out = cfg.convert.out or default_output(info, cfg.paths.outputs)
     start = time.perf_counter()

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ckpteval.checkpoint import checkpoint_identity, inspect_checkpoint, load_model, load_tokenizer
+from ckpteval.checkpoint import checkpoint_identity, inspect_configured, load_model, load_tokenizer
 from ckpteval.errors import CkptEvalError
 from ckpteval.evaluation.harness import (
     BACKENDS,
@@ -55,8 +55,7 @@ def evaluate_checkpoint_harness(cfg, job, ckpt: str, harness_cfg=None) -> dict[s
     """
     hcfg = harness_cfg if harness_cfg is not None else cfg.harness
     start = time.perf_counter()
-    info = inspect_checkpoint(ckpt, cfg.tokenizer, cfg.get("ckpt_format"),
-                              ckpt_config=cfg.get("ckpt_config"), ckpt_base=cfg.get("ckpt_base"))
+    info = inspect_configured(cfg, ckpt)
     job.step = info.step
     _check_setup(cfg, hcfg, job.dist)
     resolved = resolve_tasks(hcfg)  # unknown names, refused code tasks, missing data: fail before loading

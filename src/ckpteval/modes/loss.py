@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckpteval.checkpoint import inspect_checkpoint, load_tokenizer
+from ckpteval.checkpoint import inspect_configured, load_tokenizer
 from ckpteval.data import EvalSet, check_eval_sets, load_eval_sets
 from ckpteval.data.windows import check_token_ids, eval_batches, num_eval_batches
 from ckpteval.errors import CkptEvalError
@@ -38,8 +38,7 @@ def run(cfg, job) -> dict[str, Any]:
 def evaluate_checkpoint_loss(cfg, job, ckpt: str, window_file: Path | None = None) -> dict[str, Any]:
     """The per-checkpoint loss evaluation shared by `mode=loss`, scans and `mode=watch`: every set, one model."""
     check_eval_sets(cfg)
-    info = inspect_checkpoint(ckpt, cfg.tokenizer, cfg.get("ckpt_format"),
-                              ckpt_config=cfg.get("ckpt_config"), ckpt_base=cfg.get("ckpt_base"))
+    info = inspect_configured(cfg, ckpt)
     job.step = info.step
     tokenizer = load_tokenizer(info)
     sets = load_eval_sets(cfg, tokenizer)  # every data error before the model loads
