@@ -257,12 +257,12 @@ def torchrun(nproc: int = 2) -> list[str]:
 
 
 def stock_harness(hf_dir: Path, limit: int) -> dict[str, float]:
-    """lm-eval alone: `simple_evaluate` with a plain HFLM on an HF dir (the offline tasks in tests/tasks)."""
+    """lm-eval alone: `simple_evaluate` with a plain HFLM on an HF dir (the offline tasks in ckpteval/tasks)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    tasks_dir = Path(__file__).resolve().parent / "tasks"
+    from ckpteval.tasks import TASKS_DIR as tasks_dir
     lm = HFLM(pretrained=str(hf_dir), batch_size=8, device="cpu", dtype="float32")
     ref = simple_evaluate(model=lm, tasks=["ckpteval_mc", "ckpteval_rolling"], limit=limit, log_samples=False,
                           task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
@@ -276,7 +276,7 @@ def harness_vs_stock(ckpt: Path, tmp: Path, limit: int = 6) -> tuple[dict, dict,
     from ckpteval import app
     from tests import factories
 
-    tasks_dir = Path(__file__).resolve().parent / "tasks"
+    from ckpteval.tasks import TASKS_DIR as tasks_dir
     converted = app.main(factories.compose(["mode=convert", f"ckpt={ckpt}", f"convert.out={tmp / 'hf'}",
                                             f"tracking.uri=sqlite:///{tmp}/m.db"]))
     ours = app.main(factories.compose([

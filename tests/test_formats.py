@@ -35,7 +35,7 @@ from ckpteval.errors import CkptEvalError
 from tests import factories
 
 SEQ = 32
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+from ckpteval.tasks import TASKS_DIR  # noqa: E402 - the offline lm-eval tasks (package data)
 
 
 # ---------------------------------------------------------------------------------------------- references
