@@ -9,8 +9,17 @@ import threading
 import pytest
 
 from ckpteval.errors import CkptEvalError, TrackingError, TrackingOutbox
-from ckpteval.job import EXIT_TRACKING_OUTBOX, EXIT_USER_ERROR, JobStopped, Stop, exit_code, exit_with, in_multirun, \
-    outcome_line, stop_signals
+from ckpteval.job import (
+    EXIT_TRACKING_OUTBOX,
+    EXIT_USER_ERROR,
+    JobStopped,
+    Stop,
+    exit_code,
+    exit_with,
+    in_multirun,
+    outcome_line,
+    stop_signals,
+)
 from tests import factories
 
 
