@@ -201,7 +201,7 @@ def test_summary_table_best_per_metric_and_failures(tmp_path):
 
 def test_skipped_checkpoints_are_rows_of_the_table_csv_and_parent_note(tmp_path):
     """A match that is no complete checkpoint is never a job, but it is a SKIPPED row with its reason, in step
-    order, and the first line counts it."""
+    order, and the closing line counts it."""
     from ckpteval.scan.summary import summary_markdown
 
     fake_hf_ckpt(tmp_path / "ckpts" / "step_100")
@@ -216,7 +216,8 @@ def test_skipped_checkpoints_are_rows_of_the_table_csv_and_parent_note(tmp_path)
     records = sweep.load_records(runs, skipped=found.skipped + found.skipped)  # matched by two globs: one row
     assert [(r.step, str(r.status)) for r in records] == [(100, "COMPLETED"), (200, "SKIPPED"), (300, "FAILED")]
     table = sweep.summary_table(records)
-    assert table.splitlines()[0].startswith("== sweep summary: 3 checkpoint(s): 1 completed, 1 failed, 1 skipped")
+    assert table.splitlines()[0].startswith("== sweep summary: 2 job(s), 1 completed, 1 failed")
+    assert table.splitlines()[-1] == "3 checkpoint(s): 1 completed, 1 failed, 1 skipped"
     assert "skipped checkpoints (not complete):" in table and "step_200: " in table and "truncated" in table
     rows = sweep.write_csv(records, tmp_path / "s.csv").read_text().splitlines()
     assert len(rows) == 4 and rows[2].startswith(",") and ",SKIPPED," in rows[2] and "truncated" in rows[2]
@@ -253,8 +254,8 @@ def test_multirun_scan_end_to_end(tmp_path, tiny_tokenizer_dir, tiny_token_shard
     assert proc.returncode == 1, proc.stderr[-3000:]  # a job failed: the sweep finished, then says so
     out = proc.stdout
     assert "skipping incomplete checkpoint" in out and "step_500" in out
-    assert "sweep summary: 5 checkpoint(s): 3 completed, 1 failed, 1 skipped" in out  # every match accounted for
-    assert "does not match its architecture" in out
+    assert "sweep summary: 4 job(s), 3 completed, 1 failed" in out and "does not match its architecture" in out
+    assert "\n5 checkpoint(s): 3 completed, 1 failed, 1 skipped\n" in out  # the closing line: every match
     skipped_rows = [line for line in out.splitlines() if "step_500" in line and "SKIPPED" in line]
     assert len(skipped_rows) == 1 and skipped_rows[0].split()[:3] == ["-", "step_500", "500"], out
 

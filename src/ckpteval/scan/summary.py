@@ -5,7 +5,8 @@ it, on stdout, in `summary.csv` / `summary.png` in the sweep dir, and on the sca
     summarize(records, sweep_dir, parent)                               # table, CSV, plot, parent run's metrics
 
 Every matched checkpoint is accounted for: a match that was no complete checkpoint (still being written, a
-corrupt file) is a SKIPPED row with its reason, counted in the first line of the table.
+corrupt file) is a SKIPPED row with its reason, and the table's closing line counts every match
+(`5 checkpoint(s): 3 completed, 1 failed, 1 skipped`).
 """
 
 from __future__ import annotations
@@ -175,18 +176,21 @@ def _fmt(value: Any) -> str:
 
 
 def count_line(records: list[JobRecord]) -> str:
-    """`5 checkpoint(s): 3 completed, 1 failed, 1 skipped` (`job(s)` when several variants share checkpoints)."""
-    variants = len({r.variant for r in records}) > 1
-    done = sum(r.completed for r in records)
-    skipped = sum(r.status == RecordStatus.SKIPPED for r in records)
-    return (f"{len(records)} {'job(s)' if variants else 'checkpoint(s)'}: {done} completed, "
-            f"{len(records) - done - skipped} failed, {skipped} skipped")
+    """Every matched checkpoint accounted for: `5 checkpoint(s): 3 completed, 1 failed, 1 skipped`; when several
+    jobs share a checkpoint (mode=loss,harness), `4 checkpoint(s): 6 job(s) (5 completed, 1 failed), 1 skipped`."""
+    jobs = [r for r in records if r.status != RecordStatus.SKIPPED]
+    done, failed = sum(r.completed for r in jobs), sum(r.failed for r in jobs)
+    skipped = len(records) - len(jobs)
+    checkpoints = len({r.ckpt for r in records})
+    if checkpoints == len(records):  # one job per checkpoint
+        return f"{checkpoints} checkpoint(s): {done} completed, {failed} failed, {skipped} skipped"
+    return f"{checkpoints} checkpoint(s): {len(jobs)} job(s) ({done} completed, {failed} failed), {skipped} skipped"
 
 
 def summary_table(records: list[JobRecord], max_metrics: int = MAX_TABLE_METRICS, pvalues: dict | None = None) -> str:
     """The stdout summary: one row per job (p-value against the best checkpoint on the same samples where the
     jobs saved them) and per skipped checkpoint, the best checkpoint per metric, the failed jobs and their
-    errors, the skipped checkpoints and why."""
+    errors, the skipped checkpoints and why; the closing line counts every match (`count_line`)."""
     metrics = key_metrics(records)
     shown = metrics[:max_metrics]
     names = _short_names(records)
@@ -197,7 +201,9 @@ def summary_table(records: list[JobRecord], max_metrics: int = MAX_TABLE_METRICS
     rows = [[_fmt(r.job), name, _fmt(r.step)] + ([r.variant or "-"] if variants else [])
             + [_cell(r, m, best_of, pvalues) for m in shown] + [str(r.status)] for r, name in zip(records, names)]
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
-    lines = [f"== sweep summary: {count_line(records)} " + "=" * 20]
+    jobs = [r for r in records if r.status != RecordStatus.SKIPPED]
+    lines = [f"== sweep summary: {len(jobs)} job(s), {sum(r.completed for r in jobs)} completed, "
+             f"{sum(r.failed for r in jobs)} failed " + "=" * 20]
     lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     best = best_per_metric(records, metrics)
@@ -221,6 +227,7 @@ def summary_table(records: list[JobRecord], max_metrics: int = MAX_TABLE_METRICS
                       f"{(r.error or fallback).splitlines()[0]}" for r, name in listed]
     if len(metrics) > len(shown):
         lines.append(f"({len(metrics) - len(shown)} more metric(s) in summary.csv)")
+    lines.append(count_line(records))  # the closing line: every match, skipped ones included
     return "\n".join(lines)
 
 
