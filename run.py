@@ -4,6 +4,7 @@
     python run.py mode=loss ckpt=PATH data=local data.dataset_path=DIR
     torchrun --nproc_per_node=2 run.py mode=loss parallel=fsdp ckpt=PATH ...
     python run.py -m mode=loss ckpt='glob:outputs/**/step_*' data=local data.dataset_path=DIR
+    python run.py sweep=scan_loss ckpt='glob:outputs/**/step_*'     # a ready scan (conf/sweep/), no -m needed
 
 Imports stay light here (no torch, transformers or mlflow): `--help` and `--cfg job` answer in about a second;
 the job imports what its mode needs.
@@ -30,6 +31,12 @@ def _rank_overrides(argv: list[str]) -> list[str]:
     return [f"{key}={value}" for key, value in wanted.items() if key not in given]
 
 
+def _sweep_group(argv: list[str]) -> list[str]:
+    """`+sweep=NAME` (the spelling before `sweep` joined the defaults list as `sweep: null`, where Hydra refuses
+    to append it again) selects the group like `sweep=NAME`."""
+    return [arg[1:] if arg.startswith("+sweep=") else arg for arg in argv]
+
+
 def _quote_paths(argv: list[str]) -> list[str]:
     """`ckpt=/x/epoch=0-step=10.ckpt` (Lightning's default name) has an `=` Hydra's override grammar refuses
     unquoted: pass such a path value on as Hydra's quoted form, `ckpt='/x/epoch=0-step=10.ckpt'`."""
@@ -41,7 +48,7 @@ def _quote_paths(argv: list[str]) -> list[str]:
                 print(f"hint: Hydra reads '=' in {key}= values as syntax: quote each path, e.g. "
                       f"{key}='\"/x/epoch=0-step=10.ckpt\"'", file=sys.stderr)
             else:
-                from ckpteval.sweep import quote_value
+                from ckpteval.scan.expand import quote_value
 
                 arg = f"{key}={quote_value(value)}"
         out.append(arg)
@@ -59,6 +66,6 @@ if __name__ == "__main__":
     from ckpteval import cli_errors
 
     cli_errors.install()  # composition errors: one `error:` line, exit 2, like every other bad input
-    sys.argv[1:] = _quote_paths(sys.argv[1:])
+    sys.argv[1:] = _quote_paths(_sweep_group(sys.argv[1:]))
     sys.argv += _rank_overrides(sys.argv[1:])
     main()

@@ -12,7 +12,7 @@ A and B) saved by PEFT's own `save_pretrained`, with the HF Trainer's `trainer_s
   is loaded once, each adapter merged into it and undone); separate is N `python run.py mode=loss
   ckpt=RUN/checkpoint-K` processes, each loading the base and the adapter. eval/loss must be identical.
 - harness: ours is one `run.py -m mode=harness` scan (fast backend); stock is N `lm_eval --model hf --model_args
-  pretrained=BASE,peft=RUN/checkpoint-K` runs on the same local tasks (tests/tasks), every metric checked (merged
+  pretrained=BASE,peft=RUN/checkpoint-K` runs on the same local tasks (src/ckpteval/tasks), every metric checked (merged
   weights vs the adapter on top: float32 rounding apart; perplexities compared as logs).
 
 Each scan runs in a timed child (the timers of bench_harness.py: exclusive wall-clock time per function, a job's

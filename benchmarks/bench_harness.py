@@ -5,10 +5,10 @@ dir, then the `lm_eval` CLI on it), whole processes, wall clock, same tasks, sam
     python benchmarks/bench_harness.py --size small --backends hf,fast --batch-size 16
 
 The checkpoint is a random-weight Llama saved as a trainer-style DCP dir ({"model", "optim"} + config.json +
-tokenizer). Tasks: tests/tasks (ckpteval_mc: multiple choice, ckpteval_rolling: loglikelihood_rolling), which
+tokenizer). Tasks: src/ckpteval/tasks (ckpteval_mc: multiple choice, ckpteval_rolling: loglikelihood_rolling), which
 run offline. "ours" is one process: resolve tasks (include path only, no built-in task index), load the DCP
 weights in memory, evaluate. "stock" is what one does without ckpteval: `run.py mode=convert` (DCP -> HF, written
-and verified) and then `lm_eval --model hf --model_args pretrained=DIR ... --include_path tests/tasks`. Every
+and verified) and then `lm_eval --model hf --model_args pretrained=DIR ... --include_path src/ckpteval/tasks`. Every
 metric of every run is checked equal to the stock run's (exactly for hf; FastLM within 1e-4 relative).
 
     python benchmarks/bench_harness.py --scan 10             # + a 10-checkpoint scan: one `run.py -m` vs 10 stock runs
@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "src"))
 
 TASKS = ["ckpteval_mc", "ckpteval_rolling"]
-TASKS_DIR = ROOT / "tests" / "tasks"
+TASKS_DIR = ROOT / "src" / "ckpteval" / "tasks"  # the offline tasks (package data)
 SIZES = {
     "tiny": {"vocab_size": 4096, "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4,
              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512},
@@ -130,7 +130,7 @@ TIMERS = [
     ("mlflow: end run", "ckpteval.tracking.run", "Run.end"),
     ("FastLM: log-softmax of logits", "torch", "log_softmax"),
     ("gc.collect", "gc", "collect"),
-    ("sweep: job status file", "ckpteval.sweep", "SweepCallback.on_job_end"),
+    ("sweep: job status file", "ckpteval.scan.callback", "SweepCallback.on_job_end"),
 ]
 NOT_OVERHEAD = ("load", "forward")
 

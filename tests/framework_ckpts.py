@@ -779,12 +779,13 @@ def torchrun(nproc: int = 2) -> list[str]:
 
 def stock_harness(hf_dir, limit: int, tokenizer=None) -> dict[str, float]:
     """lm-eval alone: `simple_evaluate` with a plain HFLM on an HF dir, or on a model object with its tokenizer
-    (the offline tasks in tests/tasks)."""
+    (the offline tasks in ckpteval/tasks)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    tasks_dir = Path(__file__).resolve().parent / "tasks"
+    from ckpteval.tasks import TASKS_DIR as tasks_dir
+
     if isinstance(hf_dir, (str, Path)):
         lm = HFLM(pretrained=str(hf_dir), batch_size=8, device="cpu", dtype="float32")
     else:
@@ -801,7 +802,7 @@ def harness_vs_stock(ckpt: Path, tmp: Path, limit: int = 6) -> tuple[dict, dict,
     from ckpteval import app
     from tests import factories
 
-    tasks_dir = Path(__file__).resolve().parent / "tasks"
+    from ckpteval.tasks import TASKS_DIR as tasks_dir
     converted = app.main(factories.compose(["mode=convert", f"ckpt={ckpt}", f"convert.out={tmp / 'hf'}",
                                             f"tracking.uri=sqlite:///{tmp}/m.db"]))
     ours = app.main(factories.compose([
@@ -818,7 +819,7 @@ def harness_vs_hflm(ckpt: Path, tmp: Path, limit: int = 6) -> tuple[dict, dict]:
     from ckpteval.checkpoint import inspect_checkpoint, load_model, load_tokenizer
     from tests import factories
 
-    tasks_dir = Path(__file__).resolve().parent / "tasks"
+    from ckpteval.tasks import TASKS_DIR as tasks_dir
     ours = app.main(factories.compose([
         "mode=harness", f"ckpt={ckpt}", "harness=offline", f"harness.include_path={tasks_dir}", "harness.backend=fast",
         "harness.batch_size=8", "harness.seed=1234", f"harness.limit={limit}", f"tracking.uri=sqlite:///{tmp}/m.db"]))

@@ -97,8 +97,6 @@ CASES = [
      ["harness.tasks is empty", "harness.tasks=[arc_easy]"]),
     ("harness_include_path_missing", lambda t, c, s: ["mode=harness", f"ckpt={c}", f"harness.include_path={t}/no",
                                                       "harness.tasks=[x]"], ["harness.include_path", "does not exist"]),
-    ("pp_schedule_unknown", lambda t, c, s: ["mode=loss", f"ckpt={c}", *_data(s), "parallel.pp_schedule=Zigzag"],
-     ["parallel.pp_schedule=Zigzag", "GPipe"]),
     ("microbatches_zero", lambda t, c, s: ["mode=loss", f"ckpt={c}", *_data(s), "parallel.microbatches=0"],
      ["parallel.microbatches=0", "1 or more"]),
     ("tp_zero", lambda t, c, s: ["mode=loss", f"ckpt={c}", *_data(s), "parallel.tp=0"], ["parallel.tp=0", "1 or"]),
@@ -133,7 +131,6 @@ CASES = [
     ("no_ckpt", lambda t, c, s: ["mode=loss", *_data(s)], ["needs a checkpoint", "ckpt=PATH"]),
     ("ckpt_missing", lambda t, c, s: ["mode=loss", f"ckpt={t}/nope", *_data(s)], ["does not exist"]),
     ("ckpt_glob_without_m", lambda t, c, s: ["mode=loss", f"ckpt=glob:{t}/step_*", *_data(s)], ["pattern", "-m"]),
-    ("unknown_mode_name", lambda t, c, s: ["mode=loss", "mode.name=bogus"], ["unknown mode 'bogus'", "mode=NAME"]),
     ("data_dir_missing", lambda t, c, s: ["mode=loss", f"ckpt={c}", *_data(s), f"data.dataset_path={t}/none"],
      ["does not exist"]),
     ("data_no_files_match", lambda t, c, s: ["mode=loss", f"ckpt={c}", *_data(s), "data.file_pattern=*.tokens"],
@@ -202,6 +199,10 @@ COMPOSE_CASES = [
     ("watch.order=random", "newest"),
     ("convert.dtype=int4", "bfloat16"),
     ("eval.batch_size=abc", "batch_size"),
+    ("parallel.pp_schedule=Zigzag", "GPipe"),
+    ("parallel.param_dtype=fp8", "bfloat16"),
+    ("mode.name=bogus", "train_eval"),
+    ("watch.plan=[loss,mmlu]", "harness"),
 ]
 
 

@@ -3,7 +3,7 @@
 Per request: loglikelihoods within 1e-4 (float32) and identical is_greedy on shared contexts with 4 choices,
 empty contexts, trailing spaces, duplicates and contexts longer than max_length; rolling loglikelihoods and
 generation; task metrics from `lm_eval.simple_evaluate` on a small offline multiple-choice task and a
-perplexity task written here; few-shot tasks whose documents share a preamble (tests/tasks: ckpteval_fewshot,
+perplexity task written here; few-shot tasks whose documents share a preamble (ckpteval/tasks: ckpteval_fewshot,
 ckpteval_gen) run with the shared prefix computed once; greedy generation with stop strings hit and not hit and
 max_gen_toks cuts; the prefix cache cap (evictions, same numbers); and under `torchrun --nproc_per_node=2`
 (this module run as a script) the same results on both ranks as in one process.
@@ -296,7 +296,7 @@ def test_task_metrics_identical_to_hflm(setup, task_dir):
 
 
 # ------------------------------------------------------------------------------------------ shared prefixes
-REPO_TASKS = factories.REPO / "tests" / "tasks"
+from ckpteval.tasks import TASKS_DIR as REPO_TASKS  # noqa: E402 - the offline tasks (package data)
 FEWSHOT_TASKS = ["ckpteval_fewshot", "ckpteval_gen"]  # 3-shot MC and 2-shot generation, first_n preambles
 
 

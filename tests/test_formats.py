@@ -35,7 +35,7 @@ from ckpteval.errors import CkptEvalError
 from tests import factories
 
 SEQ = 32
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+from ckpteval.tasks import TASKS_DIR  # noqa: E402 - the offline lm-eval tasks (package data)
 
 
 # ---------------------------------------------------------------------------------------------- references
@@ -262,7 +262,7 @@ def _loss_cfg(tmp: Path, ckpt, shards: Path, *extra: str):
 
 
 def _quoted(path) -> str:
-    from ckpteval.sweep import quote_value
+    from ckpteval.scan import quote_value
 
     return quote_value(str(path))
 
@@ -488,7 +488,7 @@ def test_glob_scan_over_every_family_cli(families, tmp_path, tiny_token_shards):
         [point] = client.get_metric_history(by_name[name].info.run_id, "eval/loss")
         assert point.step == run["step"]
         assert abs(point.value - reference_loss(run["logits"], tiny_token_shards)) < 1e-5, name
-    from ckpteval.sweep import expand_pattern
+    from ckpteval.scan import expand_pattern
 
     assert [Path(p).name for p in expand_pattern("ckpts/*", cwd=tmp_path)] == [
         "checkpoint-2", "epoch=0-step=2.ckpt", "checkpoint-4", "epoch=0-step=4.ckpt", "out-bias"]

@@ -23,10 +23,13 @@ from ckpteval.checkpoint.formats import megatron as mg_fmt
 from ckpteval.errors import CkptEvalError
 from tests import factories, framework_ckpts
 
-factories.require("megatron.core", "megatron")
-
 # The frameworks write their checkpoints in subprocesses (module fixtures): the end-to-end tier, not the fast one.
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _megatron():  # when a test here runs (not at collection: the default tier, which runs none, skips nothing)
+    factories.require("megatron.core", "megatron")
 
 SEQ = 64
 

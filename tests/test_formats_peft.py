@@ -20,13 +20,13 @@ import torch
 
 from ckpteval.checkpoint import base_cache, inspect_checkpoint, load_model
 from ckpteval.checkpoint.formats import detect_format, get_format
+from ckpteval.tasks import TASKS_DIR
 from tests import factories, framework_ckpts
 
 factories.require("peft", "peft")
 
 SEQ = 64
 ADDED = 8  # tokens added to the tokenizer (and rows to the embedding) for the modules_to_save adapter
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
 
 @pytest.fixture(autouse=True)

@@ -187,7 +187,7 @@ def _harness_and_convert(ckpt: Path, tmp: Path, files: list, ref_loss: float, st
 
 
 def test_ds_incomplete_dirs_are_refused_and_skipped(ds_run, tmp_path, tiny_token_shards, monkeypatch, capsys, caplog):
-    from ckpteval.sweep import expand_pattern
+    from ckpteval.scan import expand_pattern
 
     run, _ = ds_run
     runs = tmp_path / "runs"
@@ -233,7 +233,7 @@ def test_ds_crafted_pickles_run_nothing(ds_run, tmp_path, tiny_token_shards, mon
     """A payload in *_model_states.pt or *_optim_states.pt: detection, loss, scans and the watcher refuse it by
     name; nothing of it ever runs."""
     from ckpteval import app
-    from ckpteval.sweep import expand_pattern
+    from ckpteval.scan import expand_pattern
 
     run, _ = ds_run
     marker = tmp_path / "PWNED"
@@ -388,7 +388,7 @@ def test_fsdp_wrapper_fragments_in_names(fsdp_run, tmp_path, tiny_token_shards):
 
 
 def test_fsdp_incomplete_dirs_are_refused_and_skipped(fsdp_run, tmp_path, caplog):
-    from ckpteval.sweep import expand_pattern
+    from ckpteval.scan import expand_pattern
 
     run, _ = fsdp_run
     ckpt = _copy(run / "checkpoint-4", tmp_path / "run" / "checkpoint-4")

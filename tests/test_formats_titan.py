@@ -19,10 +19,13 @@ from ckpteval.checkpoint.formats import torchtitan as titan_fmt
 from ckpteval.errors import CkptEvalError
 from tests import factories, framework_ckpts
 
-factories.require("torchtitan", "titan")
-
 # The frameworks write their checkpoints in subprocesses (module fixtures): the end-to-end tier, not the fast one.
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _torchtitan():  # when a test here runs (not at collection: the default tier, which runs none, skips nothing)
+    factories.require("torchtitan", "titan")
 
 SEQ = 64
 

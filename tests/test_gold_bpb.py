@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from ckpteval import app
+from ckpteval.tasks import TASKS_DIR
 from tests import factories
 
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 TASKS = ["ckpteval_mc", "ckpteval_mc_nodelim", "ckpteval_gen"]
 LIMIT = 8
 # the gold continuation as each task's YAML defines it: (target_delimiter + choice) for multiple choice,

@@ -1,4 +1,4 @@
-"""`mode=harness` on the project's offline tasks (tests/tasks: multiple choice + loglikelihood_rolling).
+"""`mode=harness` on the project's offline tasks (ckpteval/tasks: multiple choice + loglikelihood_rolling).
 
 References are lm-eval's own: `simple_evaluate` with a plain `HFLM` loaded from the converted HF dir, and the
 stock `lm_eval` CLI (backend=subprocess). Also: MLflow read back, the errors that must come before any model
@@ -17,7 +17,7 @@ from ckpteval import app
 from tests import factories
 from tests.test_convert import make_dcp_checkpoint
 
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+from ckpteval.tasks import TASKS_DIR  # noqa: E402 - the offline lm-eval tasks (package data)
 TASKS = ["ckpteval_mc", "ckpteval_rolling"]
 BATCH = 8
 SEED = 1234

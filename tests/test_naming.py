@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from ckpteval.metrics import table_metrics
 from ckpteval.tracking import naming
 from tests import factories
 
@@ -101,7 +102,7 @@ def test_a_job_prints_the_view_link_and_saves_the_key_metrics_view(tmp_path, cap
     run.end("FINISHED")
     result = {"step": 100, "eval/loss": 3.2, "eval/bpb": 1.1, "eval/tokens": 4096, "eval/loss_stderr": 0.01,
               "harness/hellaswag/acc": 0.3, "eval/web/loss": 3.5}
-    print_view(run, cfg, naming.table_metrics(result), command=False)
+    print_view(run, cfg, table_metrics(result), command=False)
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 1 and out[0].startswith("View: ")
     experiment_id = run.client.get_run(run.run_id).info.experiment_id

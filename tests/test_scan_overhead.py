@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import weakref
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ import torch
 from ckpteval import app
 from tests import factories
 
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+from ckpteval.tasks import TASKS_DIR  # noqa: E402 - the offline lm-eval tasks (package data)
 SEED = 1234
 
 
@@ -90,7 +89,7 @@ def test_env_info_computed_once_and_equal_to_stock(tmp_path, tiny_hf_ckpt, monke
 
 
 def test_freeze_survivors_collects_the_jobs_garbage_first():
-    from ckpteval.sweep import freeze_survivors
+    from ckpteval.scan import freeze_survivors
 
     class Node:
         pass

@@ -96,15 +96,6 @@ def test_best_checkpoint_is_the_best_trailing_mean():
     assert missing.best is None and "signal.select=harness/nope/acc was not logged" in missing.notes[0]
 
 
-def test_direction_rule_is_the_scan_summary_one():
-    from ckpteval import sweep
-    from ckpteval.evaluation import signal_report
-
-    assert signal_report.LOWER_IS_BETTER.pattern == sweep.LOWER_IS_BETTER.pattern
-    for metric in ("eval/loss", "eval/bpb", "harness/t/bpb", "harness/t/acc", "harness/core", "eval/perplexity"):
-        assert signal_report.lower_is_better(metric) == sweep.lower_is_better(metric)
-
-
 def test_last_k_is_capped_and_a_lone_checkpoint_has_no_noise():
     st = sn.run_stats([1, 2], [3.0, 2.0], k=5, lower_is_better=True)
     assert st.k == 2 and st.last_k_mean == 2.5 and st.tau == 1.0

@@ -19,9 +19,9 @@ import pytest
 from scipy import stats
 
 from ckpteval import app
+from ckpteval.tasks import TASKS_DIR
 from tests import factories
 
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 K = 3
 SELECT = "harness/ckpteval_mc/bpb"
 MODEL = ["model.vocab_size=512", "model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=2",

@@ -92,7 +92,7 @@ def test_scan_summary_p_values_equal_independent_tests(tmp_path, tiny_tokenizer_
         factories.make_hf_checkpoint(ckpts / f"step_{step}", tiny_tokenizer_dir, seed=seed)
     proc = factories.run_cli(["-m", "mode=loss,harness", "ckpt=glob:ckpts/step_*", "data=local",
                               f"data.dataset_path={tiny_token_shards}", f"eval.seq_len={SEQ}", "eval.steps=-1",
-                              "harness=offline", f"harness.include_path={factories.REPO / 'tests' / 'tasks'}",
+                              "harness=offline", "harness.include_path=${ckpteval_tasks:}",
                               "harness.tasks=[ckpteval_mc]", "harness.backend=hf",
                               f"tracking.uri=sqlite:///{tmp_path / 'ml.db'}", "hydra.sweep.dir=sweep"],
                              cwd=tmp_path, timeout=600)

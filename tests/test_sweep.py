@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from ckpteval import app, sweep
+from ckpteval import app
+from ckpteval import scan as sweep
 from ckpteval.errors import CkptEvalError
 from tests import factories
 
@@ -147,9 +148,9 @@ def test_hydra_discovers_the_sweeper_and_the_config_selects_it():
     assert "hydra_plugins.ckpteval_sweeper.ckpteval_sweeper.CkptEvalSweeper" in names
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=str(factories.REPO / "conf")):
-        cfg = compose(config_name="config", overrides=["+sweep=scan_every_nth"], return_hydra_config=True)
+        cfg = compose(config_name="config", overrides=["sweep=scan_every_nth"], return_hydra_config=True)
     assert cfg.hydra.sweeper._target_.endswith("CkptEvalSweeper")
-    assert cfg.hydra.callbacks.sweep._target_ == "ckpteval.sweep.SweepCallback"
+    assert cfg.hydra.callbacks.sweep._target_ == "ckpteval.scan.SweepCallback"
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and cfg.hydra.sweeper.every == 5
     assert cfg.hydra.sweeper.params.ckpt.startswith("glob:") and cfg.harness.tasks == ["arc_easy", "piqa"]
 
@@ -159,7 +160,7 @@ def test_ready_sweep_files_compose(name, mode):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(version_base="1.3", config_dir=str(factories.REPO / "conf")):
-        cfg = compose(config_name="config", overrides=[f"+sweep={name}"], return_hydra_config=True)
+        cfg = compose(config_name="config", overrides=[f"sweep={name}"], return_hydra_config=True)
     assert cfg.mode.name == mode and str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     assert cfg.hydra.sweeper.params.ckpt.startswith("glob:")
 
@@ -198,6 +199,33 @@ def test_summary_table_best_per_metric_and_failures(tmp_path):
     assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_skipped_checkpoints_are_rows_of_the_table_csv_and_parent_note(tmp_path):
+    """A match that is no complete checkpoint is never a job, but it is a SKIPPED row with its reason, in step
+    order, and the closing line counts it."""
+    from ckpteval.scan.summary import summary_markdown
+
+    fake_hf_ckpt(tmp_path / "ckpts" / "step_100")
+    truncate(fake_hf_ckpt(tmp_path / "ckpts" / "step_200") / "model.safetensors")  # a corrupt copy
+    fake_hf_ckpt(tmp_path / "ckpts" / "step_300")
+    found = sweep.match_pattern("ckpts/step_*", cwd=tmp_path)
+    assert [Path(p).name for p in found.complete] == ["step_100", "step_300"]
+    assert [(Path(s.ckpt).name, "truncated" in s.reason) for s in found.skipped] == [("step_200", True)]
+    runs = tmp_path / "sweep"
+    _status(runs / "0", 0, found.complete[0], {"step": 100, "eval/loss": 3.0})
+    _status(runs / "1", 1, found.complete[1], error="broken: re-save it")
+    records = sweep.load_records(runs, skipped=found.skipped + found.skipped)  # matched by two globs: one row
+    assert [(r.step, str(r.status)) for r in records] == [(100, "COMPLETED"), (200, "SKIPPED"), (300, "FAILED")]
+    table = sweep.summary_table(records)
+    assert table.splitlines()[0].startswith("== sweep summary: 2 job(s), 1 completed, 1 failed")
+    assert table.splitlines()[-1] == "3 checkpoint(s): 1 completed, 1 failed, 1 skipped"
+    assert "skipped checkpoints (not complete):" in table and "step_200: " in table and "truncated" in table
+    rows = sweep.write_csv(records, tmp_path / "s.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[2].startswith(",") and ",SKIPPED," in rows[2] and "truncated" in rows[2]
+    note = summary_markdown(records)
+    assert note.startswith("3 checkpoint(s): 1 completed, 1 failed, 1 skipped") and "SKIPPED: " in note
+    assert sweep.best_per_metric(records, sweep.key_metrics(records))["eval/loss"].step == 100
+
+
 # ------------------------------------------------------------------------------------------ end to end
 
 
@@ -227,6 +255,9 @@ def test_multirun_scan_end_to_end(tmp_path, tiny_tokenizer_dir, tiny_token_shard
     out = proc.stdout
     assert "skipping incomplete checkpoint" in out and "step_500" in out
     assert "sweep summary: 4 job(s), 3 completed, 1 failed" in out and "does not match its architecture" in out
+    assert "\n5 checkpoint(s): 3 completed, 1 failed, 1 skipped\n" in out  # the closing line: every match
+    skipped_rows = [line for line in out.splitlines() if "step_500" in line and "SKIPPED" in line]
+    assert len(skipped_rows) == 1 and skipped_rows[0].split()[:3] == ["-", "step_500", "500"], out
 
     shards = [np.fromfile(f, dtype=np.uint16) for f in sorted(Path(tiny_token_shards).glob("*.bin"))]
     client, runs = factories.mlflow_runs(db)
@@ -234,6 +265,9 @@ def test_multirun_scan_end_to_end(tmp_path, tiny_tokenizer_dir, tiny_token_shard
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert sorted(children) == ["loss@100", "loss@1200", "loss@300", "loss@400"]
     assert parent.info.status == "FINISHED"
+    assert (parent.data.tags["sweep.jobs"], parent.data.tags["sweep.failed"], parent.data.tags["sweep.skipped"]) \
+        == ("4", "1", "1")
+    assert "step_500" in parent.data.tags["mlflow.note.content"] and "SKIPPED: " in parent.data.tags["mlflow.note.content"]
     for step in steps:
         run = children[f"loss@{step}"]
         assert run.info.status == "FINISHED"
@@ -248,7 +282,9 @@ def test_multirun_scan_end_to_end(tmp_path, tiny_tokenizer_dir, tiny_token_shard
     assert arts == {"summary/summary.csv", "summary/summary.png", "summary/signal.png"}
     assert [m.step for m in client.get_metric_history(parent.info.run_id, "eval/loss")] == [100, 300, 1200]
     csv_rows = (tmp_path / "sweep" / "summary.csv").read_text().splitlines()
-    assert len(csv_rows) == 5 and sum(",FAILED," in row for row in csv_rows) == 1
+    assert len(csv_rows) == 6 and sum(",FAILED," in row for row in csv_rows) == 1
+    [skipped] = [row for row in csv_rows if ",SKIPPED," in row]
+    assert "step_500" in skipped and "truncated" in skipped
     assert (tmp_path / "sweep" / "summary.png").read_bytes()[:4] == b"\x89PNG"
 
     # the scan's last lines: the UI command and the link to the curves, whose saved view has the key metrics

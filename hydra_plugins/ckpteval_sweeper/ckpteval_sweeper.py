@@ -1,15 +1,18 @@
-"""ckpteval's Hydra sweeper: Hydra's basic sweeper, plus `key=glob:PATTERN` values and failure-tolerant jobs.
+"""ckpteval's Hydra sweeper: Hydra's basic sweeper, plus `key=glob:PATTERN` values, failure-tolerant jobs and the
+scan's parent run and summary.
 
     python run.py -m mode=loss ckpt='glob:ckpts/step_*'                  # one job per complete checkpoint
     python run.py -m mode=loss,harness ckpt='glob:ckpts/step_*'          # x every other sweep (cartesian)
     python run.py -m ckpt='glob:ckpts/step_*' hydra.sweeper.every=5      # every 5th checkpoint + the newest
+    python run.py sweep=scan_loss ckpt='glob:ckpts/step_*'               # a ready sweep file (conf/sweep/)
 
 Selected in conf/config.yaml (`override hydra/sweeper: ckpteval`). What it adds to BasicSweeper:
+- the scan's MLflow parent run, opened first so every job nests under it (`tracking.parent_run_id`) and ended
+  by `ckpteval.job.run_scan` (FINISHED, FAILED, or KILLED by a signal): one owner;
 - `glob:` values (command line or `hydra.sweeper.params`) expand to the matching complete checkpoints in step
-  order (ckpteval.sweep.expand_pattern); incomplete ones are skipped with a warning; no match is an error;
-- a failed job does not stop the sweep: it is logged, its MLflow run is FAILED, the summary lists it;
-- every job gets `tracking.parent_run_id` = the sweep's MLflow parent run (opened by ckpteval.sweep.SweepCallback).
-It also registers multirun_sweeps/*.yaml as the `sweep` config group (`python run.py +sweep=scan_loss`).
+  order (ckpteval.scan.expand); incomplete ones are skipped with a warning and listed in the summary;
+- a failed job does not stop the scan: it is logged, its MLflow run is FAILED, the summary lists it, and the
+  scan exits 1 after the summary (ckpteval.scan.summary); a user error (no match) is one `error:` line, exit 2.
 
 This module is imported on every Hydra start (plugin discovery): keep its imports light. Hydra executes it
 without registering it in sys.modules, so no `from __future__ import annotations` (dataclasses would fail).
@@ -18,6 +21,7 @@ without registering it in sys.modules, so no `from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,34 +41,13 @@ log = logging.getLogger("ckpteval.sweep")
 class CkptEvalSweeperConf:
     _target_: str = "hydra_plugins.ckpteval_sweeper.ckpteval_sweeper.CkptEvalSweeper"
     max_batch_size: Optional[int] = None  # noqa: UP045 - jobs handed to the launcher at once (None = all)
-    # sweeps written in config files (multirun_sweeps/*.yaml): {ckpt: "glob:ckpts/step_*", mode: "loss,harness"}
+    # sweeps written in config files (conf/sweep/*.yaml): {ckpt: "glob:ckpts/step_*", mode: "loss,harness"}
     params: Optional[Dict[str, str]] = None  # noqa: UP006, UP045
     every: int = 1  # keep every Nth checkpoint of each glob (in step order), always with the newest
-    skip_incomplete: bool = True  # skip (with a warning) matches that are not complete checkpoints
+    skip_incomplete: bool = True  # skip (with a warning, and a SKIPPED row) matches that are not complete checkpoints
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="ckpteval", node=CkptEvalSweeperConf, provider="ckpteval")
-
-
-def _sweep_files_dir() -> Path | None:
-    """multirun_sweeps/ of the checkout this plugin lives in, else of the working dir."""
-    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
-        if (root / "multirun_sweeps").is_dir():
-            return root / "multirun_sweeps"
-    return None
-
-
-def register_sweep_files() -> None:
-    """multirun_sweeps/NAME.yaml -> config `sweep/NAME` (package _global_), so `+sweep=NAME` selects it."""
-    folder = _sweep_files_dir()
-    if folder is None:
-        return
-    for path in sorted(folder.glob("*.yaml")):
-        ConfigStore.instance().store(group="sweep", name=path.stem, node=OmegaConf.load(path), package="_global_",
-                                     provider="ckpteval")
-
-
-register_sweep_files()
 
 
 class CkptEvalSweeper(BasicSweeper):
@@ -75,48 +58,69 @@ class CkptEvalSweeper(BasicSweeper):
             raise HydraException(f"hydra.sweeper.every={every}: use 1 (every checkpoint) or more")
         self.every = every
         self.skip_incomplete = skip_incomplete
+        self.skipped: list = []  # ckpteval.scan.Skipped: matches that are no complete checkpoint
 
-    def job_batches(self, arguments: list[str]) -> list[list[list[str]]]:
-        """The jobs' override lists, in batches of max_batch_size: glob values expanded, products taken."""
+    def job_batches(self, arguments: list[str], parent_run_id: str | None = None) -> list[list[list[str]]]:
+        """The jobs' override lists, in batches of max_batch_size: glob values expanded, products taken; the
+        skipped matches go to `self.skipped`."""
         import itertools
 
-        from ckpteval import sweep
+        from ckpteval import scan
 
         assert self.hydra_context is not None
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides(self._parse_config() + list(arguments))
         cwd = os.getcwd()
-        lists = sweep.job_override_lists(
-            overrides,
-            lambda pattern: sweep.expand_pattern(pattern, cwd=cwd, every=self.every,
-                                                 skip_incomplete=self.skip_incomplete),
-            parent_run_id=sweep.parent_run_id())
+
+        def expand(pattern: str) -> list[str]:
+            found = scan.match_pattern(pattern, cwd=cwd, skip_incomplete=self.skip_incomplete)
+            self.skipped += found.skipped
+            return scan.every_nth(found.complete, self.every)
+
+        self.skipped = []
+        lists = scan.job_override_lists(overrides, expand, parent_run_id=parent_run_id)
         jobs = [list(x) for x in itertools.product(*lists)]
         return [list(chunk) for chunk in self.split_overrides_to_chunks(jobs, self.max_batch_size)]
 
     def sweep(self, arguments: list[str]) -> Any:
-        from ckpteval import sweep
         from ckpteval.errors import CkptEvalError
-        from ckpteval.job import stop_signals
+        from ckpteval.job import EXIT_JOBS_FAILED, JobStopped, exit_with, run_scan
+        from ckpteval.tracking import print_view
+        from ckpteval.tracking.naming import scan_run_name
 
+        assert self.config is not None
+        sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
+        name = scan_run_name(OmegaConf.select(self.config, "mode.name"), str(sweep_dir))
+        tags = {"sweep_dir": str(sweep_dir), "overrides": " ".join(map(str, self.config.hydra.overrides.task))[:5000]}
         try:
-            with stop_signals():  # SIGTERM/SIGHUP between or inside jobs: the jobs' runs and the parent end KILLED
-                return self._run(arguments)
-        except CkptEvalError as exc:  # a user error (no match, ...): one line, like app.main
-            sweep.end_parent_run("FAILED", str(exc))
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-            sys.exit(2)
-        except BaseException as exc:
-            interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
-            sweep.end_parent_run("KILLED" if interrupted else "FAILED", f"{type(exc).__name__}: {exc}")
-            raise
+            returns, records, parent = run_scan(self.config.tracking, name=name, tags=tags,
+                                                body=lambda parent: self._scan(arguments, parent, sweep_dir))
+        except (CkptEvalError, JobStopped) as exc:  # no match, a bad override, the store, a stop signal
+            exit_with(exc)
+        if parent.active:
+            print_view(parent, label=f"parent run {name} ({parent.run_id})")
+        if any(r.failed for r in records):
+            sys.exit(EXIT_JOBS_FAILED)
+        return returns
 
-    def _run(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
-        assert self.config is not None and self.launcher is not None
-        self.overrides = self.job_batches(arguments)
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+    def _scan(self, arguments: list[str], parent, sweep_dir: Path) -> tuple[list, list, Any]:
+        """Expand, launch every batch, summarize: the body of the parent run."""
+        import gc
+
+        from ckpteval import scan
+
+        started = time.time()
+        self.overrides = self.job_batches(arguments, parent_run_id=parent.run_id)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        returns = self._launch_all()
+        gc.unfreeze()  # what the jobs' callback froze for the collector (scan.callback.freeze_survivors)
+        records = scan.load_records(sweep_dir, since=started, skipped=self.skipped)
+        scan.summarize(records, sweep_dir, parent, config=self.config)
+        return returns, records, parent
+
+    def _launch_all(self) -> list[Sequence[JobReturn]]:
+        assert self.launcher is not None
         returns: list[Sequence[JobReturn]] = []
         first = 0
         while not self.is_done():

@@ -1,8 +1,9 @@
-"""The one place that dispatches: set up the process, open the job's MLflow run, call the mode, report.
+"""The one place that dispatches: set up the process, hand the mode to the job runner, report.
 
 Modes are plain functions `run(cfg, job) -> dict` in `ckpteval.modes.*`; they compose blocks (checkpoint,
-data, evaluation, parallel, training) and return the job's result. Everything around them (distributed init,
-the MLflow run, results.json, the one-line errors) lives here so no mode repeats it.
+data, evaluation, parallel, training) and return the job's result. What surrounds them (distributed init, the
+MLflow run, results.json) is set up here and run by `ckpteval.job`, which also owns the one-line errors and exit
+codes, so no mode repeats it.
 """
 
 from __future__ import annotations
@@ -19,12 +20,20 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ckpteval.errors import CkptEvalError, TrackingError
-from ckpteval.job import Job, JobStopped, run_tracked, stop_signals, validate_config
+from ckpteval.config import ModeName
+from ckpteval.errors import CkptEvalError
+from ckpteval.job import (
+    Job,
+    JobStopped,
+    exit_code,
+    in_multirun,
+    print_outcome,
+    run_tracked,
+    stop_signals,
+    validate_config,
+)
 
 log = logging.getLogger("ckpteval")
-EXIT_USER_ERROR = 2  # bad input: nothing ran, nothing half-written
-EXIT_TRACKING = 3  # the evaluation finished but the store went away: results wait in the outbox
 
 
 @dataclass(frozen=True)
@@ -38,7 +47,7 @@ class ModeSpec:
         return getattr(importlib.import_module(module), fn)
 
 
-MODES: dict[str, ModeSpec] = {
+MODES: dict[str, ModeSpec] = {  # one entry per config.ModeName (tests check the two agree)
     "train_eval": ModeSpec("ckpteval.modes.train_eval:run"),
     "loss": ModeSpec("ckpteval.modes.loss:run", needs_ckpt=True),
     "harness": ModeSpec("ckpteval.modes.harness:run", needs_ckpt=True),
@@ -54,26 +63,21 @@ __all__ = ["MODES", "Job", "main", "run_name"]
 
 
 def main(cfg: DictConfig) -> dict[str, Any] | None:
-    """Run one job; user errors become one `error: ...` line on stderr and exit code 2 (3: results in the
-    outbox because the tracking store went away)."""
+    """Run one job; a user error or a stop becomes one line on stderr and its exit code (`ckpteval.job`: 2 bad
+    input, 3 results in the outbox because the tracking store went away, 128+N stopped by signal N)."""
     _quiet_libraries()
     try:
         with stop_signals():
             return _main(cfg)
-    except CkptEvalError as exc:
-        _print_error(exc)
+    except (CkptEvalError, JobStopped) as exc:
+        multirun = in_multirun()
+        if not (multirun and isinstance(exc, JobStopped)):  # a stop ends the whole scan: the sweeper says so
+            print_outcome(exc)
         log.debug("details", exc_info=True)
         shutdown()
-        if _in_multirun():
-            raise  # Hydra records the job FAILED; the sweep goes on and its summary lists the error
-        sys.exit(EXIT_TRACKING if isinstance(exc, TrackingError) and "outbox" in str(exc) else EXIT_USER_ERROR)
-    except JobStopped as exc:
-        shutdown()
-        print(f"stopped by {exc}: the job's MLflow run is KILLED, nothing was marked done", file=sys.stderr,
-              flush=True)
-        if _in_multirun():
-            raise
-        sys.exit(128 + {"SIGTERM": 15, "SIGHUP": 1, "SIGINT": 2}.get(str(exc), 15))
+        if multirun:
+            raise  # Hydra records the job FAILED and the scan goes on (its summary lists the error), or stops
+        sys.exit(exit_code(exc))
 
 
 def shutdown() -> None:
@@ -84,35 +88,9 @@ def shutdown() -> None:
         dist.shutdown()
 
 
-def _print_error(exc: CkptEvalError) -> None:
-    """One `error:` line per job: under torchrun, errors every rank shares (config errors before the process
-    group exists, failures gathered by `fail_together`) are printed by rank 0 only; a rank's own error keeps
-    its rank in the line."""
-    rank = int(os.environ.get("RANK", "0"))
-    initialized = False
-    if "torch" in sys.modules:
-        import torch.distributed as tdist
-
-        initialized = tdist.is_available() and tdist.is_initialized()
-    shared = getattr(exc, "all_ranks", False) or not initialized
-    if rank == 0:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-    elif not shared:
-        print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
-    else:
-        import time
-
-        # torchrun ends every rank as soon as one exits: give rank 0 the moment it needs to print the line
-        time.sleep(float(os.environ.get("CKPTEVAL_ERROR_GRACE_S", "2")))
-
-
 def _main(cfg: DictConfig) -> dict[str, Any] | None:
-    name = str(cfg.mode.name)
-    if cfg.tracking.replay:
-        name = "replay"
-    spec = MODES.get(name)
-    if spec is None:
-        raise CkptEvalError(f"unknown mode {name!r}: choose one of {', '.join(MODES)} (mode=NAME)")
+    name = str(ModeName.replay if cfg.tracking.replay else cfg.mode.name)  # an Enum: composed, so in MODES
+    spec = MODES[name]
     _reject_glob_without_multirun(cfg.ckpt)
     if spec.needs_ckpt and not cfg.ckpt:
         raise CkptEvalError(f"mode={name} needs a checkpoint: add ckpt=PATH (an HF dir, a DCP step_N dir "
@@ -146,8 +124,8 @@ def _main(cfg: DictConfig) -> dict[str, Any] | None:
             tags={"mode": name, "ckpt": _abs(cfg.ckpt), "step": job.step}, params=flatten(resolved),
             title=f"{name} {cfg.ckpt or ''}".strip())
         if dist.is_main and cfg.tracking.enabled and not cfg.tracking.parent_run_id:  # a scan links at its end
+            from ckpteval.metrics import table_metrics
             from ckpteval.tracking import print_view
-            from ckpteval.tracking.naming import table_metrics
 
             print_view(job.run, cfg.tracking, table_metrics(result) if isinstance(result, dict) else None)
         return result
@@ -233,17 +211,6 @@ def _shared_out_dir(dist) -> Path:
     box = [str(out)]
     tdist.broadcast_object_list(box, src=0)
     return Path(box[0])
-
-
-def _in_multirun() -> bool:
-    """True inside a `-m` sweep job (where exiting would end every remaining job too)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    except (ImportError, ValueError):
-        return False
 
 
 def _reject_glob_without_multirun(ckpt: str | None) -> None:

@@ -1,6 +1,6 @@
 """Config errors Hydra finds while composing (a misspelt key, a wrong type, a choice outside its Enum) as the
-same one `error: ...` line and exit code 2 as every other bad input, instead of Hydra's four-line report and
-exit 1. `HYDRA_FULL_ERROR=1` still gives Hydra's full traceback.
+same one `error: ...` line and exit code 2 as every other bad input (`ckpteval.job.exit_with`), instead of
+Hydra's four-line report and exit 1. `HYDRA_FULL_ERROR=1` still gives Hydra's full traceback.
 
 Hydra has no hook for this: `run.py` swaps the reporter Hydra's entry point calls (`hydra._internal.utils.
 run_and_report`, stable across hydra-core 1.3.x, which pyproject pins) for one that handles composition errors
@@ -10,11 +10,8 @@ and hands everything else to the original.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from typing import Any
-
-EXIT_USER_ERROR = 2
 
 
 def one_line(ex: BaseException) -> str | None:
@@ -48,7 +45,9 @@ def install() -> None:
                     raise caught
 
                 return original(reraise)
-            print(f"error: {line}", file=sys.stderr, flush=True)
-            sys.exit(EXIT_USER_ERROR)
+            from ckpteval.errors import CkptEvalError
+            from ckpteval.job import exit_with
+
+            exit_with(CkptEvalError(line))
 
     hydra_utils.run_and_report = run_and_report

@@ -14,6 +14,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from ckpteval import dtypes
+
 
 class Choice(str, Enum):
     """A config choice: an Enum, so a value outside the list fails at compose time naming the valid ones; a
@@ -21,6 +23,18 @@ class Choice(str, Enum):
 
     __str__ = str.__str__
     __format__ = str.__format__
+
+
+class ModeName(Choice):
+    train_eval = "train_eval"
+    loss = "loss"
+    harness = "harness"
+    convert = "convert"
+    prepare = "prepare"
+    watch = "watch"
+    replay = "replay"
+    compare = "compare"
+    ui = "ui"
 
 
 class ParallelName(Choice):
@@ -36,17 +50,9 @@ class DataKind(Choice):
     hf = "hf"
 
 
-class TokenDtype(Choice):
-    uint16 = "uint16"
-    uint32 = "uint32"
-    int32 = "int32"
-    int64 = "int64"
-
-
-class ComputeDtype(Choice):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
+# The dtype names are dtypes.py's (one list each); the Enums make a name outside them a compose-time error.
+TokenDtype = Choice("TokenDtype", [(name, name) for name in dtypes.TOKEN])
+ComputeDtype = Choice("ComputeDtype", [(name, name) for name in dict.fromkeys(dtypes.COMPUTE.values())])
 
 
 class HarnessBackend(Choice):
@@ -60,12 +66,22 @@ class WatchOrder(Choice):
     newest = "newest"
 
 
-PP_SCHEDULES = ("GPipe", "1F1B")  # names Enum members cannot have ("1F1B"): checked by ckpteval.job.validate_config
+class EvalKind(Choice):
+    """What the watcher runs per checkpoint (`watch.plan`): the per-checkpoint evaluation of `mode=loss` or
+    `mode=harness`."""
+
+    loss = "loss"
+    harness = "harness"
+
+
+# torch.distributed.pipelining's single-stage schedules; "1F1B" is no Python name, hence the functional form.
+PPSchedule = Choice("PPSchedule", [("GPipe", "GPipe"), ("1F1B", "1F1B")])
 
 
 @dataclass
 class ModeConfig:
-    name: str = MISSING  # which mode runs: train_eval | loss | harness | convert | prepare | watch | compare | ui
+    name: ModeName = MISSING  # which mode runs: train_eval | loss | harness | convert | prepare | watch | replay |
+    #                            compare | ui
 
 
 @dataclass
@@ -75,10 +91,10 @@ class ParallelConfig:
     tp: int = 1  # tensor-parallel degree (parallel=tp)
     pp: int = 1  # pipeline stages (parallel=pp)
     ep: int = 1  # expert-parallel degree (parallel=ep): MoE experts split over groups of ep ranks, tokens all-to-all
-    pp_schedule: str = "GPipe"  # GPipe | 1F1B (single-stage schedules of torch.distributed.pipelining)
+    pp_schedule: PPSchedule = PPSchedule.GPipe  # GPipe | 1F1B (single-stage schedules of torch.distributed.pipelining)
     microbatches: int = 4  # pipeline microbatches per batch (batch_size must be divisible)
-    param_dtype: Optional[str] = None  # FSDP mixed precision: parameter dtype for compute (bfloat16, ...)
-    reduce_dtype: Optional[str] = None  # FSDP mixed precision: gradient reduction dtype
+    param_dtype: Optional[ComputeDtype] = None  # FSDP mixed precision: parameter dtype for compute (bfloat16, ...)
+    reduce_dtype: Optional[ComputeDtype] = None  # FSDP mixed precision: gradient reduction dtype
     backend: Optional[str] = None  # process-group backend; None = nccl on CUDA, gloo on CPU
 
 
@@ -134,7 +150,8 @@ class EvalConfig:
     doc_sep_id: Optional[int] = None  # token that ends a document (doc_mask); default: the model's eos_token_id
     device: Optional[str] = None  # cpu | cuda | cuda:N; default: cuda when available, else cpu
     # extra held-out sets beside `data`: NAME -> the fields of a DataConfig (kind local|hf); metrics eval/NAME/...
-    # (untyped here so `+eval.sets.NAME={...}` merges; each set is checked against DataConfig before anything loads)
+    # (untyped here: OmegaConf cannot merge a command-line `+eval.sets.NAME={...}` into a typed dict value; each
+    # set is merged into the DataConfig schema by job.validate_config, before anything loads)
     sets: dict[str, Any] = field(default_factory=dict)
 
 
@@ -231,7 +248,7 @@ class WatchConfig:
     dir: Optional[str] = None  # directory (or fsspec URL) that receives checkpoints
     interval: float = 60.0  # seconds between polls
     once: bool = False  # evaluate the backlog, then exit
-    plan: list[str] = field(default_factory=lambda: ["loss"])  # evaluations per checkpoint: loss, harness
+    plan: list[EvalKind] = field(default_factory=lambda: [EvalKind.loss])  # evaluations per checkpoint: loss, harness
     heavy: HeavyConfig = field(default_factory=HeavyConfig)
     order: WatchOrder = WatchOrder.oldest  # oldest | newest first
     from_step: int = 0  # ignore checkpoints before this step
@@ -338,3 +355,11 @@ def register_configs() -> None:
 
     # conf/tracking/mlflow.yaml: `experiment: ${ckpteval_experiment:...}`, one experiment per training run
     OmegaConf.register_new_resolver("ckpteval_experiment", default_experiment, replace=True, use_cache=False)
+    # conf/harness/offline.yaml: `include_path: ${ckpteval_tasks:}`, the offline tasks shipped in the package
+    OmegaConf.register_new_resolver("ckpteval_tasks", _tasks_dir, replace=True)
+
+
+def _tasks_dir() -> str:
+    from ckpteval.tasks import TASKS_DIR
+
+    return str(TASKS_DIR)

@@ -1,4 +1,5 @@
-"""Directories that appear complete or not at all: write into a hidden sibling, then rename into place."""
+"""Small filesystem rules used across layers: directories (and JSON files) that appear complete or not at all
+(write a hidden sibling, then rename into place), whether a process still runs, whether a path is a glob."""
 
 from __future__ import annotations
 
@@ -61,3 +62,8 @@ def pid_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+def has_glob(text: str) -> bool:
+    """Whether `text` holds glob syntax (`*`, `?`, `[`): a pattern to expand, not a literal name."""
+    return any(c in text for c in "*?[")

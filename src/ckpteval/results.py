@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ckpteval.metrics import measured
 from ckpteval.tracking.run import Run
 
 STAGING = ".pending"
@@ -47,7 +48,7 @@ def report(result: dict[str, Any], *, title: str, run: Run, out_dir: Path, step:
     staging.mkdir(parents=True, exist_ok=True)
     path = staging / "results.json"
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    run.log_metrics({k: v for k, v in result.items() if k not in ("step", "tokens_seen")}, step=step)
+    run.log_metrics(measured(result), step=step)
     run.log_artifact(path)
     hydra_dir = out_dir / ".hydra"
     if hydra_dir.is_dir():

@@ -27,6 +27,7 @@ from ckpteval.checkpoint.formats.hf import hf_weight_files
 from ckpteval.checkpoint.info import CheckpointInfo
 from ckpteval.checkpoint.load import build_config, load_model, load_tokenizer
 from ckpteval.checkpoint.save import save_hf_atomic
+from ckpteval.dtypes import dtype_name, torch_dtype
 from ckpteval.errors import CkptEvalError
 from ckpteval.fsutil import publish_dir
 
@@ -46,18 +47,6 @@ def default_output(info: CheckpointInfo, outputs: str | Path = "outputs") -> Pat
     return Path(outputs) / "converted" / f"{src.stem if src.is_file() else src.name}-{tag}"
 
 
-def _dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    from ckpteval.parallel import resolve_dtype
-
-    return resolve_dtype(str(dtype))
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def read_record(out) -> dict | None:
     """The conversion record of an output dir, None when it has none (not written by us, or unfinished)."""
     try:
@@ -72,7 +61,7 @@ def is_converted(info: CheckpointInfo, out, dtype) -> bool:
     record = read_record(out)
     if not record or record.get("source_identity") != source_identity(info):
         return False
-    if record.get("dtype") != _dtype_name(_dtype(dtype)):
+    if record.get("dtype") != dtype_name(torch_dtype(dtype)):
         return False
     try:
         return bool(hf_weight_files(Path(out)))
@@ -106,14 +95,14 @@ def convert_to_hf(info: CheckpointInfo, out, model_cfg=None, dtype="float32", to
     max abs difference is printed and anything above `tolerance` is an error (nothing is published).
     """
     out = Path(out).expanduser().resolve()
-    dtype = _dtype(dtype)
+    dtype = torch_dtype(dtype)
     if tolerance < 0:
         raise CkptEvalError(f"convert.tolerance={tolerance} must be >= 0")
     if out == info.path or info.path in out.parents:
         raise CkptEvalError(f"convert.out={out} is inside the checkpoint {info.path}: write the HF dir elsewhere")
     if is_converted(info, out, dtype):
         record = read_record(out) or {}
-        print(f"already converted: {out} holds {info.path} ({_dtype_name(dtype)}, verified max abs logits diff "
+        print(f"already converted: {out} holds {info.path} ({dtype_name(dtype)}, verified max abs logits diff "
               f"{record.get('max_abs_diff', float('nan')):.3g}); nothing to do", flush=True)
         return out
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and read_record(out) is None)):
@@ -145,7 +134,7 @@ def convert_to_hf(info: CheckpointInfo, out, model_cfg=None, dtype="float32", to
             raise CkptEvalError(f"conversion of {info.path} does not reproduce its logits: max abs diff {diff:.3g} > "
                                 f"convert.tolerance={tolerance:g}; nothing was written")
         record = {"source_path": str(info.path), "source_identity": identity, "source_format": info.format,
-                  "step": info.step, "tokens_seen": info.tokens_seen, "dtype": _dtype_name(dtype),
+                  "step": info.step, "tokens_seen": info.tokens_seen, "dtype": dtype_name(dtype),
                   "max_abs_diff": diff, "tolerance": tolerance}
         (staging / RECORD).write_text(json.dumps(record, indent=2) + "\n")
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from pathlib import Path
 
-from ckpteval.checkpoint.formats import REGISTRY, CheckpointFormat, _common, all_formats, detect_format, get_format
+from ckpteval.checkpoint.formats import (
+    REGISTRY,
+    CheckpointFormat,
+    _common,
+    all_formats,
+    detect_format,
+    get_format,
+)
 from ckpteval.checkpoint.info import CheckpointInfo
 from ckpteval.errors import CkptEvalError
+from ckpteval.steps import is_checkpoint_file, step_in_name
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-# step_10, step-10, global_step10, iter_0000010, checkpoint-30, Lightning's step=10
-STEP_RE = re.compile(r"(?<![a-z0-9])(?:global_step|step|iter|checkpoint)[_=-]?(\d+)(?![0-9])", re.IGNORECASE)
-FILE_SUFFIXES = (".gguf", ".ckpt", ".pt")
 
 
 # ---------------------------------------------------------------------------------------------- step
@@ -33,10 +37,10 @@ def parse_step(path) -> int | None:
     `epoch=0-step=1200.ckpt`), else the parent's name (a `model.gguf` inside `step_1200/`), else, for a local
     nanoGPT ckpt.pt (one file overwritten in place), its `iter_num`; None when none says."""
     p = Path(str(path).rstrip("/"))
-    for name in (p.stem if p.suffix in FILE_SUFFIXES else p.name, p.parent.name):
-        match = STEP_RE.search(name)
-        if match:
-            return int(match.group(1))
+    for name in (p.stem if is_checkpoint_file(p.name) else p.name, p.parent.name):
+        step = step_in_name(name)
+        if step is not None:
+            return step
     return file_step(p)
 
 

@@ -10,7 +10,6 @@ import torch.distributed as dist
 from ckpteval.data.windows import TokenWindows
 from ckpteval.errors import CkptEvalError
 
-KINDS = ("local", "hf")
 _SET_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -30,8 +29,8 @@ def load_eval_windows(cfg, tokenizer) -> TokenWindows:
 
 
 def eval_set_configs(cfg) -> dict[str, object]:
-    """`eval.sets` as typed DataConfigs (checked field names and types), with the config errors of each set,
-    found before anything is read or loaded."""
+    """`eval.sets` as typed DataConfigs (the schema checks field names, types and `kind`), with what only a whole
+    set can say (its name, the field its kind needs): called by `job.validate_config`, before any work."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -50,9 +49,6 @@ def eval_set_configs(cfg) -> dict[str, object]:
         if not _SET_NAME.match(str(name)) or name == "data":
             raise CkptEvalError(f"eval.sets.{name}: a set name is letters, digits, '_', '.', '-' (and not 'data'): "
                                 f"rename it")
-        if data_cfg.kind not in KINDS:
-            raise CkptEvalError(f"eval.sets.{name}.kind={data_cfg.kind!r} is unknown: use kind: local (token shards, "
-                                f"dataset_path: DIR) or kind: hf (name: DIR_OR_NAME)")
         if data_cfg.kind == "local" and not data_cfg.dataset_path:
             raise CkptEvalError(f"eval.sets.{name} has no dataset_path: give the dir of its token shards "
                                 f"('+eval.sets.{name}={{kind: local, dataset_path: DIR}}')")
@@ -95,12 +91,10 @@ def _load(cfg, tokenizer, *, split: str, path: str | None, seq_len: int, what: s
         from ckpteval.data.local import load_local_windows
 
         return load_local_windows(path, cfg.data.file_pattern, cfg.data.dtype, seq_len, what)
-    if cfg.data.kind == "hf":
-        from ckpteval.data.hf import load_hf_windows
+    from ckpteval.data.hf import load_hf_windows  # data.kind=hf (an Enum: nothing else composes)
 
-        # Rank 0 tokenizes once and broadcasts the packed stream: ranks never disagree, the CPU work is not repeated.
-        return _on_rank0(lambda: load_hf_windows(cfg.data, split, tokenizer, seq_len))
-    raise CkptEvalError(f"data.kind={cfg.data.kind!r} is unknown: use data=local, data=hf or data=demo")
+    # Rank 0 tokenizes once and broadcasts the packed stream: ranks never disagree, the CPU work is not repeated.
+    return _on_rank0(lambda: load_hf_windows(cfg.data, split, tokenizer, seq_len))
 
 
 def _on_rank0(fn):

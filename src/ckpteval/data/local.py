@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from ckpteval.data.windows import TokenWindows
+from ckpteval.dtypes import token_dtype
 from ckpteval.errors import CkptEvalError
-
-BIN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32, "int32": np.int32, "int64": np.int64}
 
 
 def token_files(path: str | None, pattern: str, what: str = "data.dataset_path") -> list[Path]:
@@ -36,9 +35,7 @@ def read_tokens(path: Path, dtype: str) -> np.ndarray:
         if arr.ndim != 1 or arr.dtype.kind not in "iu":
             raise CkptEvalError(f"{path} holds a {arr.ndim}-D {arr.dtype} array: token shards must be 1-D integers")
         return arr
-    if dtype not in BIN_DTYPES:
-        raise CkptEvalError(f"data.dtype={dtype} is not a token dtype: use one of {', '.join(BIN_DTYPES)}")
-    np_dtype = np.dtype(BIN_DTYPES[dtype]).newbyteorder("<")
+    np_dtype = token_dtype(dtype)
     size = path.stat().st_size
     if size % np_dtype.itemsize:
         raise CkptEvalError(f"{path} has {size} bytes, not a whole number of {dtype} tokens: is data.dtype right?")

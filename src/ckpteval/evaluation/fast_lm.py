@@ -90,10 +90,9 @@ def _resolve_dtype(dtype) -> torch.dtype | None:
         return dtype
     if dtype == "auto":
         return None
-    resolved = getattr(torch, str(dtype), None)
-    if not isinstance(resolved, torch.dtype):
-        raise CkptEvalError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
-    return resolved
+    from ckpteval.dtypes import torch_dtype
+
+    return torch_dtype(dtype)
 
 
 class FastLM(TemplateLM):

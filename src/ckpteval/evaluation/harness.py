@@ -36,12 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from ckpteval.errors import CkptEvalError
+from ckpteval.fsutil import has_glob
 
 log = logging.getLogger(__name__)
 
 PRIMARY_PREFERENCE = ("acc_norm", "acc")  # the primary metric of a task: the first of these it reports
-BACKENDS = ("hf", "fast", "subprocess")
-_GLOB_CHARS = set("*?[")
 _CUSTOM = "its custom_dataset loader"
 
 
@@ -86,7 +85,7 @@ def _include_path(hcfg) -> str | None:
 def _known(manager, spec: str) -> bool:
     if spec in manager.task_index:
         return True
-    if _GLOB_CHARS & set(spec):
+    if has_glob(spec):
         return bool(fnmatch.filter(manager.all_tasks, spec))
     return spec.endswith((".yaml", ".yml")) and Path(spec).is_file()
 
@@ -106,7 +105,7 @@ def _expand(manager, specs: list[str]) -> list[str]:
     for spec in specs:
         if spec in manager.task_index or (spec.endswith((".yaml", ".yml")) and Path(spec).is_file()):
             names.append(spec)
-        elif _GLOB_CHARS & set(spec) and fnmatch.filter(manager.all_tasks, spec):
+        elif has_glob(spec) and fnmatch.filter(manager.all_tasks, spec):
             names += sorted(fnmatch.filter(manager.all_tasks, spec))
         else:
             unknown.append(spec)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ckpteval.evaluation import signal as sn
+from ckpteval.metrics import lower_is_better  # the one direction rule (losses, bits, errors: lower)
 
 log = logging.getLogger("ckpteval.signal")
 
@@ -33,16 +34,6 @@ SELECT_DEFAULTS = ("harness/core", "harness/mean_primary", "eval/loss")  # signa
 # Numbers a job reports that do not measure the checkpoint (counts, stderrs, timings), and `harness/{task}/primary`,
 # a copy of one of the task's own metrics (and of unknown direction: accuracy or perplexity).
 _NOT_A_SERIES = re.compile(r"(tokens|_stderr|stderr|samples|_s|/n|/primary|/random)$", re.IGNORECASE)
-# The scan summary's rule (ckpteval.sweep.LOWER_IS_BETTER; tests/test_signal.py checks they agree). Kept here, not
-# imported: the scan imports this module, and importing the scan back would close an import cycle.
-LOWER_IS_BETTER = re.compile(r"loss|perplexity|ppl|nll|bpb|bits|error|wer|cer", re.IGNORECASE)
-
-
-def lower_is_better(metric: str) -> bool:
-    """Losses, perplexities, bits (bpb), error rates: lower is better; everything else higher."""
-    return bool(LOWER_IS_BETTER.search(metric))
-
-
 def series_metrics(records: Iterable[dict]) -> list[str]:
     """Metrics that form a series: numbers measuring the checkpoint, in the order the records report them."""
     names = dict.fromkeys(k for r in records for k, v in (r.get("metrics") or {}).items() if _finite(v))

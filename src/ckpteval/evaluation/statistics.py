@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ckpteval.metrics import is_bookkeeping
+
 ALPHA = 0.05  # differences with p >= ALPHA are marked "not significant"
 
 
@@ -92,7 +94,6 @@ def significant(p: float | None, alpha: float = ALPHA) -> bool | None:
 WINDOW_FILE = "window_nll.npz"  # written by mode=loss: per set, each window's NLL sum in the global window order
 _LOSS = re.compile(r"^eval/(?:(?P<set>[^/]+)/)?loss$")
 _HARNESS = re.compile(r"^harness/(?P<task>[^/]+)/(?P<metric>[^/]+)$")
-_NOT_PER_SAMPLE = {"primary", "n_samples"}
 
 
 def paired_test_kind(metric: str) -> str | None:
@@ -101,7 +102,7 @@ def paired_test_kind(metric: str) -> str | None:
     if _LOSS.match(metric):
         return "paired t"
     m = _HARNESS.match(metric)
-    if m and m["metric"] not in _NOT_PER_SAMPLE and not m["metric"].endswith("_stderr"):
+    if m and m["metric"] != "primary" and not is_bookkeeping(m["metric"]):  # n_samples, *_stderr: no samples
         return "McNemar"
     return None
 

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 
 from ckpteval.checkpoint import checkpoint_identity, inspect_configured, load_model, load_tokenizer
+from ckpteval.dtypes import torch_dtype
 from ckpteval.errors import CkptEvalError
 from ckpteval.evaluation.harness import (
-    BACKENDS,
     build_lm,
     harness_metrics,
     lm_eval_cli_command,
@@ -38,7 +38,6 @@ from ckpteval.evaluation.harness import (
     run_simple_evaluate,
     save_results,
 )
-from ckpteval.parallel import resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +86,6 @@ def evaluate_checkpoint_harness(cfg, job, ckpt: str, harness_cfg=None) -> dict[s
 
 
 def _check_setup(cfg, hcfg, dist) -> None:
-    if hcfg.backend not in BACKENDS:
-        raise CkptEvalError(f"harness.backend={hcfg.backend} is unknown: use one of {', '.join(BACKENDS)}")
-    resolve_dtype(hcfg.dtype)
     if cfg.parallel.name != "none":
         raise CkptEvalError(f"mode=harness evaluates a whole model per process: use parallel=none (under torchrun "
                             f"with harness.backend=fast for data parallel), not parallel={cfg.parallel.name}")
@@ -103,7 +99,7 @@ def _check_setup(cfg, hcfg, dist) -> None:
 def _evaluate_in_memory(cfg, hcfg, info, job, resolved, timing: dict) -> dict | None:
     start = time.perf_counter()
     tokenizer = load_tokenizer(info, required=True)
-    model = load_model(info, cfg.model, device=job.dist.device, dtype=resolve_dtype(hcfg.dtype),
+    model = load_model(info, cfg.model, device=job.dist.device, dtype=torch_dtype(hcfg.dtype),
                        shared_base=True)  # only read: an adapter's base is loaded once per process
     timing["load_s"] = time.perf_counter() - start
     try:

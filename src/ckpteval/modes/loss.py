@@ -17,16 +17,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from ckpteval.checkpoint import inspect_configured, load_tokenizer
-from ckpteval.data import EvalSet, check_eval_sets, load_eval_sets
-from ckpteval.data.windows import check_token_ids, eval_batches, num_eval_batches
-from ckpteval.errors import CkptEvalError
-from ckpteval.evaluation.loss import EvalResult, evaluating, run_eval
+from ckpteval.data import load_eval_sets
+from ckpteval.data.windows import check_token_ids
+from ckpteval.evaluation.loss import EvalResult, evaluating
+from ckpteval.evaluation.sets import byte_table, check_eval_shapes, evaluate_set, save_window_nll, set_metrics
 from ckpteval.evaluation.statistics import WINDOW_FILE
-from ckpteval.parallel import load_eval_model, resolve_dtype
+from ckpteval.parallel import load_eval_model
 
 log = logging.getLogger("ckpteval")
 
@@ -37,7 +34,6 @@ def run(cfg, job) -> dict[str, Any]:
 
 def evaluate_checkpoint_loss(cfg, job, ckpt: str, window_file: Path | None = None) -> dict[str, Any]:
     """The per-checkpoint loss evaluation shared by `mode=loss`, scans and `mode=watch`: every set, one model."""
-    check_eval_sets(cfg)
     info = inspect_configured(cfg, ckpt)
     job.step = info.step
     tokenizer = load_tokenizer(info)
@@ -57,48 +53,3 @@ def evaluate_checkpoint_loss(cfg, job, ckpt: str, window_file: Path | None = Non
         save_window_nll(window_file, results)
         job.run.log_artifact(window_file)  # mode=compare's paired test reads it back from MLflow
     return {"step": info.step, "tokens_seen": info.tokens_seen, **set_metrics(sets, results)}
-
-
-def evaluate_set(cfg, job, scorer, eval_set: EvalSet, *, model_dtype, table, what: str = "the model",
-                 keep_windows: bool = False, progress: bool = True) -> EvalResult:
-    """One set through `run_eval`: the same batches on every path (mode=loss, train_eval, watch)."""
-    d = job.dist
-    total = num_eval_batches(len(eval_set.windows), cfg.eval.batch_size, cfg.eval.steps, d.dp_size)
-    if progress:
-        job.log("evaluating %s on %s: %d windows x %d tokens, %d batches of %d", what, eval_set.name,
-                len(eval_set.windows), cfg.eval.seq_len, total, cfg.eval.batch_size)
-    batches = eval_batches(eval_set.windows, cfg.eval.batch_size, cfg.eval.steps, d.dp_rank, d.dp_size)
-    return run_eval(scorer, batches, device=d.device, dtype=resolve_dtype(cfg.eval.dtype), model_dtype=model_dtype,
-                    group=d.dp_group, progress=progress and d.is_main, total=total, byte_lengths=table,
-                    keep_windows=keep_windows)
-
-
-def set_metrics(sets: list[EvalSet], results: dict[str, EvalResult]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for s in sets:
-        out.update(results[s.name].metrics(s.prefix))
-    return out
-
-
-def byte_table(tokenizer, vocab_size: int, job) -> torch.Tensor | None:
-    """Bytes per token id for bpb, built once per tokenizer; None (and one log line) without a tokenizer."""
-    if tokenizer is None:
-        job.log("no tokenizer with the checkpoint (pass tokenizer=PATH): eval/bpb is not computed")
-        return None
-    from ckpteval.data.token_bytes import token_byte_lengths
-
-    return torch.from_numpy(token_byte_lengths(tokenizer, vocab_size))
-
-
-def save_window_nll(path: Path, results: dict[str, EvalResult]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **{name: r.window_nll for name, r in results.items() if r.window_nll is not None})
-
-
-def check_eval_shapes(cfg, model_config) -> None:
-    from ckpteval.checkpoint.formats._common import position_limit
-
-    max_pos = position_limit(model_config)  # None: no limit (absent, or OLMo-core's -1)
-    if max_pos is not None and cfg.eval.seq_len > max_pos:
-        raise CkptEvalError(f"eval.seq_len={cfg.eval.seq_len} is beyond the model's {max_pos} positions "
-                            f"(max_position_embeddings): use eval.seq_len={max_pos} or less")

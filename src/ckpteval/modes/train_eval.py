@@ -30,10 +30,10 @@ from ckpteval.checkpoint import (
 )
 from ckpteval.data import load_eval_sets, load_train_windows
 from ckpteval.data.windows import check_token_ids, train_batches
+from ckpteval.dtypes import torch_dtype
 from ckpteval.errors import CkptEvalError
-from ckpteval.modes.loss import byte_table
 from ckpteval.evaluation.loss import evaluating
-from ckpteval.parallel import resolve_dtype
+from ckpteval.evaluation.sets import byte_table
 from ckpteval.training.loop import (
     TrainState,
     build_optimizer,
@@ -111,7 +111,7 @@ def _train(cfg, job, model, tokenizer, optimizer, scheduler, state, train_window
     tcfg, d = cfg.train, job.dist
     per_micro = tcfg.batch_size * d.dp_size  # samples consumed per micro-batch across data-parallel ranks
     stream = train_batches(train_windows, tcfg.batch_size, tcfg.seed, state.data_position, d.dp_rank, d.dp_size)
-    autocast = resolve_dtype(tcfg.dtype) if tcfg.dtype != "float32" else None
+    autocast = torch_dtype(tcfg.dtype) if tcfg.dtype != "float32" else None
     last_eval: dict[str, float] = {}
     table = byte_table(tokenizer, _unwrap(model).config.vocab_size, job) if eval_sets else None
     t0, tokens0, step0 = time.perf_counter(), state.tokens_seen, state.step
@@ -152,7 +152,7 @@ def _train(cfg, job, model, tokenizer, optimizer, scheduler, state, train_window
 def evaluate(cfg, job, model, eval_sets, table=None) -> dict[str, float]:
     """The same evaluation `mode=loss` runs: same sets, windows, batches, byte table and `run_eval`."""
     from ckpteval.evaluation.loss import document_sep_id
-    from ckpteval.modes.loss import evaluate_set, set_metrics
+    from ckpteval.evaluation.sets import evaluate_set, set_metrics
     from ckpteval.parallel import training_scorer
 
     core = _unwrap(model)
@@ -228,10 +228,6 @@ def _eta(elapsed_s: float, steps_done: int, steps_left: int) -> str:
     return f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
 
 
-# The project's own offline task suite (conf/harness/offline.yaml): the harness command that runs with no network.
-OFFLINE_TASKS = Path(__file__).resolve().parents[3] / "tests" / "tasks"
-
-
 def next_steps(cfg, ckpt_dir: Path, step: int) -> list[str]:
     """Commands that evaluate the checkpoint just written, each runnable offline exactly as printed."""
     import shlex
@@ -245,9 +241,8 @@ def next_steps(cfg, ckpt_dir: Path, step: int) -> list[str]:
         data = f"data=local data.dataset_path={shlex.quote(str(Path(cfg.data.dataset_path).resolve()))}"
     tok = f" tokenizer={shlex.quote(str(cfg.tokenizer))}" if cfg.tokenizer else ""
     cmds = [f"python run.py mode=loss ckpt={ckpt} {data}{tok} eval.seq_len={cfg.eval.seq_len}"]
-    if OFFLINE_TASKS.is_dir():
-        cmds.append(f"python run.py mode=harness ckpt={ckpt}{tok} harness=offline "
-                    f"harness.include_path={shlex.quote(str(OFFLINE_TASKS))}")
+    # the bundled offline suite (conf/harness/offline.yaml, package data): runs with no network, from any dir
+    cmds.append(f"python run.py mode=harness ckpt={ckpt}{tok} harness=offline")
     return cmds
 
 

@@ -17,19 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ckpteval.dtypes import torch_dtype
 from ckpteval.errors import CkptEvalError
 from ckpteval.evaluation.loss import Scorer, causal_lm_scorer, document_sep_id
 from ckpteval.parallel.dist import DistContext, fail_together
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise CkptEvalError(f"unknown dtype {name!r}: use one of float32, bfloat16, float16") from None
 
 
 def load_eval_model(cfg, info, dist: DistContext) -> tuple[nn.Module, Scorer]:
@@ -40,7 +31,7 @@ def load_eval_model(cfg, info, dist: DistContext) -> tuple[nn.Module, Scorer]:
     """
     from ckpteval.checkpoint import load_model
 
-    dtype = resolve_dtype(cfg.eval.dtype)
+    dtype = torch_dtype(cfg.eval.dtype)
     layout = cfg.parallel.name
     if layout == "none":
         model = load_model(info, cfg.model, device=dist.device, dtype=dtype, shared_base=True)  # read only

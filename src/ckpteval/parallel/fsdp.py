@@ -46,10 +46,10 @@ class ShardedCausalLM(nn.Module):
 def mixed_precision(parallel_cfg):
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    from ckpteval.parallel import resolve_dtype
+    from ckpteval.dtypes import torch_dtype
 
-    param = resolve_dtype(parallel_cfg.param_dtype) if parallel_cfg.param_dtype else None
-    reduce = resolve_dtype(parallel_cfg.reduce_dtype) if parallel_cfg.reduce_dtype else None
+    param = torch_dtype(parallel_cfg.param_dtype) if parallel_cfg.param_dtype else None
+    reduce = torch_dtype(parallel_cfg.reduce_dtype) if parallel_cfg.reduce_dtype else None
     return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce)
 
 

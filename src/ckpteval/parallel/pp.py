@@ -123,7 +123,7 @@ def _schedule_class(parallel_cfg):
     from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
     try:
-        schedule_cls = get_schedule_class(parallel_cfg.pp_schedule)
+        schedule_cls = get_schedule_class(str(parallel_cfg.pp_schedule))
     except ValueError as e:
         raise CkptEvalError(f"parallel.pp_schedule={parallel_cfg.pp_schedule} is unknown ({e})") from None
     if not issubclass(schedule_cls, PipelineScheduleSingle):

@@ -5,7 +5,6 @@
   ``print_view``: the `View:` link every mode prints;
 - ``naming``: experiment and run names, the UI links (Model-training charts) and the saved key-metrics view;
 - ``outbox``: what a run still owes a store that went away, and its replay (``replay_outbox``);
-- ``parent``: a scan's parent run;
 - ``view``: the watcher's queries (which pairs are FINISHED, orphaned runs).
 
 Importing this package imports no mlflow: that happens on first use.

@@ -16,16 +16,12 @@ No heavy imports here: `--cfg job` resolves the experiment interpolation without
 from __future__ import annotations
 
 import os
-import re
 from pathlib import PurePath
 
+from ckpteval.fsutil import has_glob
+from ckpteval.steps import is_step_dir_name
+
 DEFAULT_EXPERIMENT = "ckpteval"
-_STEP = re.compile(r"(?:^|[_\-/])(?:step|iter|global_step|checkpoint|ckpt)[_\-]?(\d+)$", re.IGNORECASE)
-_GLOB_CHARS = re.compile(r"[*?\[]")
-
-
-def _is_step_dir(name: str) -> bool:
-    return bool(_STEP.search(name)) or name.isdigit()
 
 
 def run_dir_of(path: str) -> str | None:
@@ -33,9 +29,9 @@ def run_dir_of(path: str) -> str | None:
     p = PurePath(path.rstrip("/"))
     if p.name.endswith((".gguf", ".safetensors")):
         p = p.parent
-    if _is_step_dir(p.name):
+    if is_step_dir_name(p.name):
         p = p.parent
-    elif p.name != "checkpoints" and not any(_is_step_dir(c) for c in _children(str(p))):
+    elif p.name != "checkpoints" and not any(is_step_dir_name(c) for c in _children(str(p))):
         return None  # a lone model dir (HF export): no training run to group by
     if p.name == "checkpoints":
         p = p.parent
@@ -53,7 +49,7 @@ def _static_prefix(pattern: str) -> str:
     """The dir part of a glob pattern before its first wildcard component (`a/b/step_*` -> `a/b`)."""
     parts = PurePath(pattern).parts
     for i, part in enumerate(parts):
-        if _GLOB_CHARS.search(part):
+        if has_glob(part):
             return str(PurePath(*parts[:i])) if i else ""
     return pattern
 
@@ -131,7 +127,7 @@ def _ask_parent_experiment(run_id: str, uri: str) -> str | None:
     try:
         from mlflow.tracking import MlflowClient
 
-        from ckpteval.tracking import resolve_tracking_uri
+        from ckpteval.tracking.store import resolve_tracking_uri
 
         client = MlflowClient(tracking_uri=resolve_tracking_uri(uri))
         return client.get_experiment(client.get_run(run_id).info.experiment_id).name
@@ -176,16 +172,6 @@ VIEW_KEY = "ckpteval"  # MLflow's saved view: experiment tag mlflow.sharedViewSt
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 VIEW_NAME = "ckpteval: key metrics"  # how the view is listed under the runs page's "Views" button
 MAX_VIEW_COLUMNS = 12
-
-
-def table_metrics(result: dict) -> list[str]:
-    """A job result's metrics worth a table column: numbers that measure the checkpoint (not token counts,
-    stderrs, timings), `eval/...` first."""
-    from ckpteval.sweep import BOOKKEEPING
-
-    keys = [k for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-            and k not in ("step", "tokens_seen") and not BOOKKEEPING.search(k)]
-    return sorted(keys, key=lambda k: not k.startswith("eval/"))
 
 
 def publish_view(run, metrics: list[str]) -> None:

@@ -7,7 +7,7 @@ see ``ckpteval.job.stop_signals``) KILLED. The explicit ``MlflowClient`` is used
 no global active-run state, which the watcher (many runs per process) and sweeps (nested runs) need.
 
 When the store fails mid-run the ``Run`` goes offline: it keeps every later write (and the one that failed) in
-the outbox (``tracking/outbox.py``), the job finishes its work, and ``finish()`` raises ``TrackingError``
+the outbox (``tracking/outbox.py``), the job finishes its work, and ``end()`` raises ``TrackingOutbox``
 saying where the results wait. The next replay delivers them and ends the run.
 """
 
@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ckpteval.errors import CkptEvalError, TrackingError
+from ckpteval.errors import CkptEvalError, TrackingError, TrackingOutbox
 from ckpteval.tracking.outbox import Outbox, outbox_dir
 from ckpteval.tracking.store import git_commit, open_client, tracking_error, ui_command
 
@@ -150,9 +150,10 @@ class Run:
             self._entry["results"] = {"src": str(kept), "dest": str(results[1])}
         path = self.outbox.save_entry(self._entry)
         if status == "FINISHED":
-            raise TrackingError(f"{self.offline}: the evaluation finished and its results are kept in {path}; "
-                                f"they are sent, and the run ended, when the store answers again (on the next "
-                                f"job's start, by the watcher, or now with: python run.py mode=replay)")
+            raise TrackingOutbox(f"{self.offline}: the evaluation finished and its results are kept in {path}; "
+                                 f"they are sent, and the run ended, when the store answers again (on the next "
+                                 f"job's start, by the watcher, or now with: python run.py mode=replay)",
+                                 run_id=self.run_id)
 
 
 def _metric_key(key: str) -> str:

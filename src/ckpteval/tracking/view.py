@@ -10,7 +10,7 @@ from ckpteval.errors import CkptEvalError
 
 
 def pair_key(identity: str, evaluation: str) -> str:
-    """Same key as watch.ledger.pair_key (kept here so tracking/ does not import the watcher)."""
+    """The key of a (checkpoint identity, evaluation) pair, in MLflow's view and in the watcher's ledger."""
     return f"{identity}/{evaluation}"
 
 

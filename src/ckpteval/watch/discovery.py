@@ -32,13 +32,13 @@ from ckpteval.checkpoint import check_complete, checkpoint_identity, inspect_che
 from ckpteval.checkpoint.detect import file_step
 from ckpteval.checkpoint.listing import READ_RACE, Entry, entry_complete, header_mirror, list_checkpoints
 from ckpteval.errors import CkptEvalError
+from ckpteval.steps import is_checkpoint_file
 
 log = logging.getLogger("ckpteval.watch")
 
 READY, UNSTABLE, INCOMPLETE = "ready", "unstable", "incomplete"
 Snapshot = tuple  # ((relative name, size, version), ...) sorted
 NO_FALLBACK = "the watcher takes no architecture from the `model` group, it waits for the file"
-SINGLE_FILE = (".gguf", ".ckpt", ".pt")  # top-level files that can be checkpoints; other loose files are not
 
 
 @dataclass
@@ -110,7 +110,7 @@ class Discovery:
         pattern = self.url_of("").rstrip("/")
         pattern = globlib.escape(pattern) + "/*" if self.local else self.url_of("*")
         # Lightning's epoch=0-step=10.ckpt and nanoGPT's ckpt.pt are single-file checkpoints too
-        return {e.name: e for e in list_checkpoints(pattern) if e.is_dir or e.name.endswith(SINGLE_FILE)}
+        return {e.name: e for e in list_checkpoints(pattern) if e.is_dir or is_checkpoint_file(e.name)}
 
 # ------------------------------------------------------------------------------------------ looking
 

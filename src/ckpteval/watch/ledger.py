@@ -30,20 +30,29 @@ import tempfile
 import threading
 import time
 import uuid
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from ckpteval.errors import CkptEvalError
 from ckpteval.fsutil import pid_alive, write_json_atomic  # noqa: F401 - write_json_atomic re-exported
-from ckpteval.tracking.view import MlflowView  # noqa: F401 - re-exported: the watcher's MLflow queries
+from ckpteval.tracking.view import MlflowView, pair_key  # noqa: F401 - re-exported: the watcher's MLflow queries
 
 log = logging.getLogger("ckpteval.watch")
 
-DONE, FAILED, STARTED, SKIPPED = "done", "failed", "started", "skipped"  # skipped: deleted before done
+class Status(str, Enum):
+    """A pair's ledger status (stored as its plain string)."""
+
+    STARTED = "started"  # an attempt began (counted in `attempts`); a retry waits after a failed one
+    DONE = "done"
+    FAILED = "failed"  # watch.max_attempts attempts failed: final until watch.retry_failed=true
+    SKIPPED = "skipped"  # the checkpoint went away before it was done: final (a new copy is a new identity)
+
+    __str__ = str.__str__
 
 
-def pair_key(identity: str, evaluation: str) -> str:
-    return f"{identity}/{evaluation}"
+DONE, FAILED, STARTED, SKIPPED = Status.DONE, Status.FAILED, Status.STARTED, Status.SKIPPED
+FINAL = (DONE, FAILED, SKIPPED)  # a pair in one of these is never evaluated again
 
 
 class Ledger:
@@ -71,7 +80,7 @@ class Ledger:
         entry = self.get(identity, evaluation)
         return int(entry.get("attempts", 0)) if entry else 0
 
-    def record(self, identity: str, evaluation: str, status: str, **fields: Any) -> None:
+    def record(self, identity: str, evaluation: str, status: Status, **fields: Any) -> None:
         key = pair_key(identity, evaluation)
         entry = {**self.entries.get(key, {}), **fields, "status": status, "evaluation": evaluation,
                  "identity": identity, "time": time.time()}
@@ -89,6 +98,15 @@ class Ledger:
             self.save()
         else:
             self.forget(identity, evaluation)
+
+    def retry_failed(self) -> int:
+        """Give every pair recorded failed another round of attempts (watch.retry_failed=true); how many."""
+        failed = [e for e in self.entries.values() if e.get("status") == FAILED]
+        for entry in failed:
+            entry.update(status=STARTED, attempts=0)
+        if failed:
+            self.save()
+        return len(failed)
 
     def count(self, status: str) -> int:
         return sum(1 for e in self.entries.values() if e.get("status") == status)
@@ -171,6 +189,7 @@ class WatchLock:
 
     def _create(self) -> bool:
         self._started_at = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -182,16 +201,18 @@ class WatchLock:
         return True
 
     def acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self._create():
-            self._start_heartbeat()
-            return True
-        holder = self.read()
-        reason = self.stale_reason(holder)
-        if reason is None:
-            return False
-        # Take over: move the stale file aside under a name only we use, check it is the one we judged stale
-        # (not a fresh lock another watcher created meanwhile), then create ours with O_EXCL again.
+        """Create the lock, or take over a stale one; True when it is ours (its heartbeat then runs)."""
+        if not self._create():
+            holder = self.read()
+            reason = self.stale_reason(holder)
+            if reason is None or not self._take_over(holder, reason):
+                return False
+        self._start_heartbeat()
+        return True
+
+    def _take_over(self, holder: dict[str, Any] | None, reason: str) -> bool:
+        """Move the stale file aside under a name only we use, check it is the one we judged stale (not a fresh
+        lock another watcher created meanwhile), then create ours with O_EXCL again."""
         aside = self.path.with_name(f".lock.{self.token}.stale")
         try:
             os.replace(self.path, aside)
@@ -208,10 +229,7 @@ class WatchLock:
                 return False
             aside.unlink(missing_ok=True)
         log.warning("taking over the watch lock %s from %s: %s", self.path, self.describe(holder), reason)
-        if self._create():
-            self._start_heartbeat()
-            return True
-        return False
+        return self._create()
 
     @staticmethod
     def read_file(path: Path) -> dict[str, Any] | None:
@@ -294,20 +312,10 @@ class RemoteWatchLock(WatchLock):
         self._write()
         return (self.read() or {}).get("token") == self.token  # read back: the last writer wins
 
-    def acquire(self) -> bool:
-        if self._create():
-            self._start_heartbeat()
-            return True
-        holder = self.read()
-        reason = self.stale_reason(holder)
-        if reason is None:
-            return False
+    def _take_over(self, holder: dict[str, Any] | None, reason: str) -> bool:
         log.warning("taking over the watch lock %s from %s: %s", self.path, self.describe(holder), reason)
         self._write()
-        if (self.read() or {}).get("token") != self.token:
-            return False
-        self._start_heartbeat()
-        return True
+        return (self.read() or {}).get("token") == self.token  # read back: the last writer wins
 
 
 def lock_for(watch_dir: str, local: bool, stale_s: float, heartbeat_s: float) -> WatchLock:

@@ -1,0 +1,65 @@
+"""Held-out sets through `run_eval`: the same windows, batches and metrics for `mode=loss`, the watcher's loss
+evaluation and train_eval's in-loop evaluation (which is why `eval/loss` at step N equals `mode=loss` on step_N).
+
+    table = byte_table(tokenizer, model.config.vocab_size, job)       # bytes per token id, for bits per byte
+    result = evaluate_set(cfg, job, scorer, eval_set, model_dtype=..., table=table)
+    metrics = set_metrics(sets, {s.name: result_of_s ...})           # eval/... and eval/NAME/...
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ckpteval.data import EvalSet
+from ckpteval.data.windows import eval_batches, num_eval_batches
+from ckpteval.dtypes import torch_dtype
+from ckpteval.errors import CkptEvalError
+from ckpteval.evaluation.loss import EvalResult, run_eval
+
+
+def evaluate_set(cfg, job, scorer, eval_set: EvalSet, *, model_dtype, table, what: str = "the model",
+                 keep_windows: bool = False, progress: bool = True) -> EvalResult:
+    """One set through `run_eval`: the same batches on every path (mode=loss, train_eval, watch)."""
+    d = job.dist
+    total = num_eval_batches(len(eval_set.windows), cfg.eval.batch_size, cfg.eval.steps, d.dp_size)
+    if progress:
+        job.log("evaluating %s on %s: %d windows x %d tokens, %d batches of %d", what, eval_set.name,
+                len(eval_set.windows), cfg.eval.seq_len, total, cfg.eval.batch_size)
+    batches = eval_batches(eval_set.windows, cfg.eval.batch_size, cfg.eval.steps, d.dp_rank, d.dp_size)
+    return run_eval(scorer, batches, device=d.device, dtype=torch_dtype(cfg.eval.dtype), model_dtype=model_dtype,
+                    group=d.dp_group, progress=progress and d.is_main, total=total, byte_lengths=table,
+                    keep_windows=keep_windows)
+
+
+def set_metrics(sets: list[EvalSet], results: dict[str, EvalResult]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for s in sets:
+        out.update(results[s.name].metrics(s.prefix))
+    return out
+
+
+def byte_table(tokenizer, vocab_size: int, job) -> torch.Tensor | None:
+    """Bytes per token id for bpb, built once per tokenizer; None (and one log line) without a tokenizer."""
+    if tokenizer is None:
+        job.log("no tokenizer with the checkpoint (pass tokenizer=PATH): eval/bpb is not computed")
+        return None
+    from ckpteval.data.token_bytes import token_byte_lengths
+
+    return torch.from_numpy(token_byte_lengths(tokenizer, vocab_size))
+
+
+def save_window_nll(path: Path, results: dict[str, EvalResult]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **{name: r.window_nll for name, r in results.items() if r.window_nll is not None})
+
+
+def check_eval_shapes(cfg, model_config) -> None:
+    from ckpteval.checkpoint.formats._common import position_limit
+
+    max_pos = position_limit(model_config)  # None: no limit (absent, or OLMo-core's -1)
+    if max_pos is not None and cfg.eval.seq_len > max_pos:
+        raise CkptEvalError(f"eval.seq_len={cfg.eval.seq_len} is beyond the model's {max_pos} positions "
+                            f"(max_position_embeddings): use eval.seq_len={max_pos} or less")
