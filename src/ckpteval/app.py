@@ -19,6 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ckpteval import startup
 from ckpteval.errors import CkptEvalError, TrackingError
 from ckpteval.job import Job, JobStopped, run_tracked, stop_signals, validate_config
 
@@ -105,6 +106,7 @@ def _print_error(exc: CkptEvalError) -> None:
 
 
 def _main(cfg: DictConfig) -> dict[str, Any] | None:
+    startup.job_started()  # time/startup_s: this job's start to its first request
     name = str(cfg.mode.name)
     if cfg.tracking.replay:
         name = "replay"

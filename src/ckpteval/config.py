@@ -194,6 +194,7 @@ class HarnessConfig:
     prefix_cache_tokens: int = 8192  # fast backend: cap on shared-prefix tokens whose KV is kept (0: no sharing)
     request_cache: bool = True  # build tasks' requests once per scan/watcher (memory + request_cache_dir)
     request_cache_dir: Optional[str] = None  # built requests as JSON across processes; default <paths.outputs>/harness_requests
+    task_index_dir: Optional[str] = None  # lm-eval's task index as JSON across processes; default <paths.outputs>/harness_task_index
 
 
 @dataclass

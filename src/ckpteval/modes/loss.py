@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ckpteval import startup
 from ckpteval.checkpoint import inspect_checkpoint, load_tokenizer
 from ckpteval.data import EvalSet, check_eval_sets, load_eval_sets
 from ckpteval.data.windows import check_token_ids, eval_batches, num_eval_batches
@@ -37,12 +38,14 @@ def run(cfg, job) -> dict[str, Any]:
 
 def evaluate_checkpoint_loss(cfg, job, ckpt: str, window_file: Path | None = None) -> dict[str, Any]:
     """The per-checkpoint loss evaluation shared by `mode=loss`, scans and `mode=watch`: every set, one model."""
+    startup.evaluation_started()
     check_eval_sets(cfg)
     info = inspect_checkpoint(ckpt, cfg.tokenizer, cfg.get("ckpt_format"))
     job.step = info.step
     tokenizer = load_tokenizer(info)
     sets = load_eval_sets(cfg, tokenizer)  # every data error before the model loads
     model, scorer = load_eval_model(cfg, info, job.dist)
+    startup.watch_first_request()
     check_eval_shapes(cfg, model.config)
     for s in sets:
         check_token_ids(s.windows, model.config.vocab_size)
@@ -55,7 +58,7 @@ def evaluate_checkpoint_loss(cfg, job, ckpt: str, window_file: Path | None = Non
                                            keep_windows=window_file is not None)
     if window_file is not None and job.dist.is_main:
         save_window_nll(window_file, results)
-    return {"step": info.step, "tokens_seen": info.tokens_seen, **set_metrics(sets, results)}
+    return {"step": info.step, "tokens_seen": info.tokens_seen, **set_metrics(sets, results), **startup.take()}
 
 
 def evaluate_set(cfg, job, scorer, eval_set: EvalSet, *, model_dtype, table, what: str = "the model",
