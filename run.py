@@ -77,7 +77,7 @@ def main(cfg: DictConfig) -> dict | None:
 if __name__ == "__main__":
     from ckpteval import cli_errors, startup
 
-    startup.launched_from_cli()  # the first job's time/startup_s counts from this process's start
+    startup.launched_from_cli()  # the first job's time/startup_seconds counts from this process's start
     cli_errors.install()  # composition errors: one `error:` line, exit 2, like every other bad input
     sys.argv[1:] = _quote_paths(sys.argv[1:])
     sys.argv += _rank_overrides(sys.argv[1:])

@@ -1,8 +1,9 @@
-"""A job's fixed cost: `time/startup_s` (the job's start to its first request), imports on demand, and the CLI's
-exit without teardown.
+"""A job's fixed cost: `time/startup_seconds` (the job's start to its first request), imports on demand, and the
+CLI's exit without teardown.
 
-References: a child's launch and first line as its parent and it see them, the test's own clock around a job, and the timestamps of
-the job's own log lines; which modules a `python run.py` process imported is read from its `sys.modules` at exit.
+References: a child process's launch and first line (as its parent and it see them), the test's own clock
+around a job, the timestamps of the job's own log lines; a `python run.py` process's imports are read from its
+`sys.modules` at exit.
 """
 
 from __future__ import annotations
@@ -82,10 +83,10 @@ def _log_time(log: str, text: str) -> float:
 
 @pytest.mark.slow
 def test_cli_imports_only_what_the_mode_uses_and_times_its_startup(tmp_path, tiny_hf_ckpt, tiny_token_shards):
-    """mode=loss without tracking imports neither lm-eval nor MLflow, mode=harness no MLflow, a config error not
-    even torch. Each job's time/startup_s counts from its process's start to the first forward: at least from
-    the job's "starting" log line to the line logged right before the first batch, at most the process's wall
-    clock. run.py ends without teardown: exit 0, results.json and the run log complete."""
+    """mode=loss without tracking imports neither lm-eval nor MLflow, mode=harness no MLflow, a config error
+    not even torch. Each job's time/startup_seconds counts from its process's start to the first forward: at
+    least from its "starting" log line to the line logged right before the first batch, at most the process's
+    wall clock. run.py ends without teardown: exit 0, results.json and the run log complete."""
     common = ["tracking.enabled=false", f"paths.outputs={tmp_path / 'out'}"]
     jobs = {
         "loss": (["mode=loss", f"ckpt={tiny_hf_ckpt}", "data=local", f"data.dataset_path={tiny_token_shards}",

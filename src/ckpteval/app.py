@@ -106,7 +106,7 @@ def _print_error(exc: CkptEvalError) -> None:
 
 
 def _main(cfg: DictConfig) -> dict[str, Any] | None:
-    startup.job_started()  # time/startup_s: this job's start to its first request
+    startup.job_started()  # time/startup_seconds: this job's start to its first request
     name = str(cfg.mode.name)
     if cfg.tracking.replay:
         name = "replay"

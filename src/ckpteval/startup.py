@@ -1,16 +1,16 @@
-"""A job's fixed cost: `time/startup_s`, from the job's start to its first request, logged with loss and harness
-results.
+"""A job's fixed cost: `time/startup_seconds`, from the job's start to its first request, logged with loss and
+harness results.
 
-    startup.job_started()                 # app.main, once per job
-    startup.evaluation_started()          # each per-checkpoint evaluation (a watcher's evaluations start here)
-    startup.watch_first_request()         # once the model is loaded: the next module forward stops the clock
-    result.update(startup.take())         # {"time/startup_s": 4.1}, or {} if nothing ran; the clock resets
+    startup.job_started()           # app.main, once per job
+    startup.evaluation_started()    # each per-checkpoint evaluation (the watcher's evaluations start here)
+    startup.watch_first_request()   # once the model is loaded: the next module forward stops the clock
+    result.update(startup.take())   # {"time/startup_seconds": 4.1} ({} if nothing ran); resets the clock
 
 The clock of the first job of a `python run.py` process starts when the process started (read from /proc, so
-Python's start-up, every import and Hydra's composition count, as they do for a SLURM job); a later job of the
-same process (a local `-m` scan, the watcher's next checkpoint) starts it when it starts, and so does a job run
-in-process (tests, notebooks). It stops at the first module forward after the model is loaded: the first request
-the job sends to the model.
+Python's start-up, every import and Hydra's composition count, as they do for a SLURM job); a later job of
+the same process (a local `-m` scan, the watcher's next checkpoint) starts it when it starts, and so does a
+job run in-process (tests, notebooks). It stops at the first module forward after the model is loaded: the
+first request the job sends to the model.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import os
 import time
 from pathlib import Path
 
-METRIC = "time/startup_s"
+METRIC = "time/startup_seconds"
 
 _state: dict = {"cli": False, "jobs": 0, "start": None, "first": None, "hook": None}
 

@@ -65,7 +65,7 @@ class ResolvedTasks:
     leaf_tasks: dict[str, Any]  # every task that will run, by name
 
 
-_MANAGERS: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()  # (include path, built-ins?) ->
+_MANAGERS: collections.OrderedDict[tuple, Any] = collections.OrderedDict()  # (include path, built-ins?) ->
 _MANAGERS_KEEP = 4  # TaskManager, for this process
 
 

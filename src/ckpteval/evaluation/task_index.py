@@ -140,7 +140,7 @@ def _included_files(roots: list[str]) -> list[str]:
             if "include" not in path.read_text(errors="replace"):
                 continue
             cfg = load_yaml(path, resolve_func=False, recursive=False)
-        except Exception:  # noqa: BLE001 - lm-eval's index skips a file it cannot read; so does this
+        except Exception:  # noqa: BLE001, S112 - lm-eval's index skips a file it cannot read; so does this
             continue
         includes = cfg.get("include") or []
         for inc in includes if isinstance(includes, list) else [includes]:
