@@ -65,6 +65,22 @@ def test_clock_stops_at_the_first_forward_and_resets():
     assert 0 <= startup.take()[startup.METRIC] < 1
 
 
+def test_first_job_of_a_job_process_counts_from_the_process_start(monkeypatch):
+    """run.py's process, or a SLURM job's (submitit sets SUBMITIT_EXECUTOR): its first job's clock starts at the
+    process's start; later jobs, and jobs in any other process (this one), at their own start."""
+    monkeypatch.setitem(startup._state, "jobs", 0)
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    startup.job_started()
+    assert abs(startup._state["start"] - startup.process_start_time()) < 0.05
+    startup.job_started()
+    assert abs(startup._state["start"] - time.time()) < 0.05
+    monkeypatch.setitem(startup._state, "jobs", 0)
+    monkeypatch.delenv("SUBMITIT_EXECUTOR")
+    startup.job_started()
+    assert abs(startup._state["start"] - time.time()) < 0.05
+    startup.take()
+
+
 def test_loss_job_reports_its_startup(tmp_path, tiny_hf_ckpt, tiny_token_shards, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = factories.compose(["mode=loss", f"ckpt={tiny_hf_ckpt}", "data=local",

@@ -6,8 +6,8 @@ harness results.
     startup.watch_first_request()   # once the model is loaded: the next module forward stops the clock
     result.update(startup.take())   # {"time/startup_seconds": 4.1} ({} if nothing ran); resets the clock
 
-The clock of the first job of a `python run.py` process starts when the process started (read from /proc, so
-Python's start-up, every import and Hydra's composition count, as they do for a SLURM job); a later job of
+The clock of the first job of a `python run.py` process (or of a SLURM job's process) starts when the process
+started (read from /proc, so Python's start-up, every import and Hydra's composition count); a later job of
 the same process (a local `-m` scan, the watcher's next checkpoint) starts it when it starts, and so does a
 job run in-process (tests, notebooks). It stops at the first module forward after the model is loaded: the
 first request the job sends to the model.
@@ -44,7 +44,13 @@ def job_started() -> None:
     first = _state["jobs"] == 0
     _state["jobs"] += 1
     _clear()
-    _state["start"] = (process_start_time() if first and _state["cli"] else None) or time.time()
+    _state["start"] = (process_start_time() if first and _runs_jobs_only() else None) or time.time()
+
+
+def _runs_jobs_only() -> bool:
+    """A process started to run jobs: `python run.py`, or a submitit job (hydra/launcher=slurm: one process per
+    job, which submitit starts with SUBMITIT_EXECUTOR set; its local executor sets SUBMITIT_LOCAL_JOB_ID)."""
+    return _state["cli"] or "SUBMITIT_EXECUTOR" in os.environ or "SUBMITIT_LOCAL_JOB_ID" in os.environ
 
 
 def evaluation_started() -> None:
