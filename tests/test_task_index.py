@@ -200,6 +200,15 @@ def test_corrupt_cache_is_rebuilt_with_a_warning(task_dir, tmp_path, builds, cap
     assert len(builds) == 4
 
 
+def test_unwritable_cache_dir_warns_and_still_indexes(task_dir, tmp_path, caplog):
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a dir")
+    with caplog.at_level("WARNING", logger="ckpteval.evaluation.task_index"):
+        manager = _manager(task_dir, blocked / "cache")
+    assert "idx_tagged" in manager.task_index
+    assert any("could not cache lm-eval's task index" in r.getMessage() for r in caplog.records)
+
+
 def test_concurrent_writers_leave_one_whole_cache(task_dir, tmp_path):
     cache = tmp_path / "cache"
     errors: list[BaseException] = []
