@@ -63,6 +63,7 @@ WRAPS = [  # (bucket, module, attribute path): wrapped once the module has been 
     ("tasks", "lm_eval.tasks.manager", "TaskManager.__init__"),
     ("tasks", "lm_eval.tasks.manager", "TaskManager.load"),
     ("tasks", "ckpteval.evaluation.harness", "resolve_tasks"),
+    ("tasks", "ckpteval.evaluation.task_index", "cached_task_manager"),
     ("tokenizer", "transformers.tokenization_utils_base", "PreTrainedTokenizerBase.from_pretrained"),
     ("tokenizer", "transformers.models.auto.tokenization_auto", "AutoTokenizer.from_pretrained"),
     ("tokenizer", "ckpteval.checkpoint.load", "load_tokenizer"),
