@@ -11,7 +11,7 @@ seconds with one message, before a checkpoint is read. Built tasks are handed to
 so nothing is loaded twice. lm-eval's own index of ~14k built-in task YAMLs takes ~20 s to build; when every
 requested task comes from ``harness.include_path`` the built-ins are not indexed at all; the index is kept per
 process (the watcher evaluates many checkpoints with one) and cached on disk across processes (``task_index``:
-~0.3 s instead of ~15 s for every later job).
+a fraction of a second instead of ~15 s for every later job).
 
 ``harness.backend=subprocess`` runs the stock ``lm_eval`` CLI on an HF dir in a clean process
 (`run_lm_eval_cli`); its results JSON has the same shape, so the same metric code reads it.
@@ -65,8 +65,8 @@ class ResolvedTasks:
     leaf_tasks: dict[str, Any]  # every task that will run, by name
 
 
-_MANAGERS: collections.OrderedDict[tuple, Any] = collections.OrderedDict()  # (include path, built-ins?) ->
-_MANAGERS_KEEP = 4  # TaskManager, for this process
+_MANAGERS: collections.OrderedDict[tuple, Any] = collections.OrderedDict()  # this process's TaskManagers
+_MANAGERS_KEEP = 4  # (include path, with the built-ins?) pairs kept
 
 
 def task_manager(include_path: str | None, include_defaults: bool = True, cache_dir: str | None = None):
