@@ -31,6 +31,7 @@ import os
 import subprocess
 import sys
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -328,7 +329,7 @@ def run_simple_evaluate(lm, resolved: ResolvedTasks, hcfg, request_cache_dir: Pa
         return _simple_evaluate(simple_evaluate, lm, resolved, hcfg, seed)
 
 
-_ENV_INFO: dict[tuple[str, str], Any] = {}  # (what, working dir) -> lm-eval's answer, for this process
+_ENV_INFO: dict[tuple[str, str], Future] = {}  # (what, working dir) -> lm-eval's answer, for this process
 
 
 @contextlib.contextmanager
@@ -336,27 +337,40 @@ def env_info_once_per_process():
     """While the block runs, lm-eval's description of the environment in every results dict (`git_hash`, and
     `add_env_info`: torch's `collect_env`, about ten subprocesses, plus the commit above the working dir) is
     computed once per process and working dir and reused: ~0.5 s per checkpoint in a scan or the watcher,
-    for an answer that is the same for every checkpoint (the code and environment this process runs)."""
+    for an answer that is the same for every checkpoint (the code and environment this process runs). The
+    first computation starts in a background thread when the block starts (lm-eval asks at the end of the
+    evaluation): its ~0.5-1.5 s, mostly waiting on subprocesses, pass while the model runs."""
     from lm_eval import evaluator
 
     add_env_info, git_hash = evaluator.add_env_info, evaluator.get_git_commit_hash
-
-    def once(what: str, compute):
-        key = (what, os.getcwd())
-        if key not in _ENV_INFO:
-            _ENV_INFO[key] = compute()
-        return copy.deepcopy(_ENV_INFO[key])
 
     def env() -> dict:
         found: dict = {}
         add_env_info(found)
         return found
 
+    def start(what: str, compute) -> Future:
+        key = (what, os.getcwd())
+        if key not in _ENV_INFO:
+            future: Future = Future()
+
+            def run():
+                try:
+                    future.set_result(compute())
+                except BaseException as exc:  # noqa: BLE001 - raised where lm-eval asks for the answer
+                    future.set_exception(exc)
+
+            threading.Thread(target=run, name=f"lm-eval {what} info", daemon=True).start()
+            _ENV_INFO[key] = future
+        return _ENV_INFO[key]
+
+    computing = {"env": start("env", env), "git": start("git", git_hash)}
+
     def cached_add_env_info(storage: dict) -> None:
-        storage.update(once("env", env))
+        storage.update(copy.deepcopy(computing["env"].result()))
 
     evaluator.add_env_info = cached_add_env_info
-    evaluator.get_git_commit_hash = lambda: once("git", git_hash)
+    evaluator.get_git_commit_hash = lambda: copy.deepcopy(computing["git"].result())
     try:
         yield
     finally:
