@@ -111,7 +111,7 @@ def test_cli_result_line_results_json_and_mlflow_run(tmp_path, tiny_hf_ckpt, tin
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = factories.last_json_line(proc.stdout)
     assert set(line) == {"step", "tokens_seen", "eval/loss", "eval/perplexity", "eval/bpb", "eval/loss_stderr",
-                         "eval/tokens"}
+                         "eval/tokens", "time/startup_seconds"}
     assert set(np.load(run_dir / "window_nll.npz")) == {"data"}
     assert json.loads((run_dir / "results.json").read_text()) == line
     assert f"mlflow ui --backend-store-uri sqlite:///{db}" in proc.stdout

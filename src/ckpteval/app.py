@@ -20,6 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ckpteval import startup
 from ckpteval.config import ModeName
 from ckpteval.errors import CkptEvalError
 from ckpteval.job import (
@@ -89,6 +90,7 @@ def shutdown() -> None:
 
 
 def _main(cfg: DictConfig) -> dict[str, Any] | None:
+    startup.job_started()  # time/startup_seconds: this job's start to its first request
     name = str(ModeName.replay if cfg.tracking.replay else cfg.mode.name)  # an Enum: composed, so in MODES
     spec = MODES[name]
     _reject_glob_without_multirun(cfg.ckpt)

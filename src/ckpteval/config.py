@@ -214,6 +214,7 @@ class HarnessConfig:
     request_cache: bool = True  # build tasks' requests once per scan/watcher (memory + request_cache_dir)
     request_cache_dir: Optional[str] = None  # built requests as JSON across processes; default <paths.outputs>/harness_requests
     bpb: bool = True  # harness/{task}/bpb: bits per byte of each document's gold continuation (fast/hf; subprocess: from its samples)
+    task_index_dir: Optional[str] = None  # lm-eval's task index as JSON across processes; default <paths.outputs>/harness_task_index
 
 
 @dataclass

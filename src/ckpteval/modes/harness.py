@@ -20,11 +20,13 @@ import logging
 import shutil
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ckpteval import startup
 from ckpteval.checkpoint import checkpoint_identity, inspect_configured, load_model, load_tokenizer
 from ckpteval.dtypes import torch_dtype
 from ckpteval.errors import CkptEvalError
@@ -53,14 +55,17 @@ def evaluate_checkpoint_harness(cfg, job, ckpt: str, harness_cfg=None) -> dict[s
     and "tokens_seen" (the caller logs them); logs lm-eval's results JSON and samples as artifacts of `job.run`.
     """
     hcfg = harness_cfg if harness_cfg is not None else cfg.harness
+    startup.evaluation_started()
     start = time.perf_counter()
     info = inspect_configured(cfg, ckpt)
     job.step = info.step
     _check_setup(cfg, hcfg, job.dist)
-    resolved = resolve_tasks(hcfg)  # unknown names, refused code tasks, missing data: fail before loading
+    timing: dict[str, float] = {"checkpoint_s": time.perf_counter() - start}
+    index_dir = _cache_dir(cfg, hcfg, "task_index_dir", "harness_task_index")
+    resolved = resolve_tasks(hcfg, index_dir)  # unknown names, refused code tasks, missing data: fail before loading
+    timing["tasks_s"] = time.perf_counter() - start - timing["checkpoint_s"]
     job.log("harness: %d task(s) %s on %s (step %s), backend=%s", len(resolved.leaf_tasks),
             ", ".join(resolved.names), ckpt, info.step, hcfg.backend)
-    timing: dict[str, float] = {}
     if hcfg.backend == "subprocess":
         results = _evaluate_subprocess(cfg, hcfg, info, job)
         from ckpteval.evaluation.gold import add_gold_scores_from_samples
@@ -69,11 +74,15 @@ def evaluate_checkpoint_harness(cfg, job, ckpt: str, harness_cfg=None) -> dict[s
     else:
         results = _evaluate_in_memory(cfg, hcfg, info, job, resolved, timing)
     elapsed = time.perf_counter() - start
-    extra = {"harness/runtime_s": elapsed}
+    extra = {"harness/runtime_s": elapsed, **startup.take()}
     if "forward_s" in timing:  # what is neither loading the weights nor running the model: task work, glue
         extra["harness/overhead_s"] = elapsed - timing["load_s"] - timing["forward_s"]
-        job.log("harness: %.2f s = load %.2f s + model forward %.2f s + overhead %.2f s", elapsed,
-                timing["load_s"], timing["forward_s"], extra["harness/overhead_s"])
+        job.log("harness: %.2f s = load %.2f s + model forward %.2f s + overhead %.2f s (checkpoint %.2f s, tasks "
+                "%.2f s, lm-eval outside the forwards %.2f s, freeing the model %.2f s)%s", elapsed,
+                timing["load_s"], timing["forward_s"], extra["harness/overhead_s"], timing["checkpoint_s"],
+                timing["tasks_s"], timing["evaluate_s"] - timing["forward_s"], timing["free_s"],
+                f"; first request {extra[startup.METRIC]:.2f} s after the job started"
+                if startup.METRIC in extra else "")
     if not job.dist.is_main or results is None:
         return {"step": info.step, "tokens_seen": info.tokens_seen}
     print(results_table(results), flush=True)
@@ -102,19 +111,29 @@ def _evaluate_in_memory(cfg, hcfg, info, job, resolved, timing: dict) -> dict | 
     model = load_model(info, cfg.model, device=job.dist.device, dtype=torch_dtype(hcfg.dtype),
                        shared_base=True)  # only read: an adapter's base is loaded once per process
     timing["load_s"] = time.perf_counter() - start
+    startup.watch_first_request()
+    lm = None
     try:
         lm = build_lm(hcfg.backend, model, tokenizer, hcfg, job.dist)
-        cache_dir = Path(getattr(hcfg, "request_cache_dir", None) or Path(cfg.paths.outputs) / "harness_requests")
-        cache_dir = cache_dir.expanduser()
+        cache_dir = _cache_dir(cfg, hcfg, "request_cache_dir", "harness_requests")
         results = run_simple_evaluate(lm, resolved, hcfg, request_cache_dir=cache_dir)
         if hasattr(lm, "forward_seconds"):
             timing["forward_s"] = lm.forward_seconds
         return results
     finally:
-        del model
-        gc.collect()
+        timing["evaluate_s"] = time.perf_counter() - start - timing["load_s"]
+        alive = weakref.ref(model)
+        del lm, model  # the LM holds the model: with both gone its memory is free before the next checkpoint loads
+        if alive() is not None:  # kept by a reference cycle: a full collection (it walks every object the
+            gc.collect()         # process holds, ~0.3-1 s after lm-eval and transformers) is what frees it
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        timing["free_s"] = time.perf_counter() - start - timing["load_s"] - timing["evaluate_s"]
+
+
+def _cache_dir(cfg, hcfg, key: str, default: str) -> Path:
+    """`harness.<key>`, default <paths.outputs>/<default>."""
+    return Path(getattr(hcfg, key, None) or Path(cfg.paths.outputs) / default).expanduser()
 
 
 def converted_checkpoint(cfg, hcfg, info) -> tuple[Path, Path | None]:

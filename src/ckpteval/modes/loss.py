@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ckpteval import startup
 from ckpteval.checkpoint import inspect_configured, load_tokenizer
 from ckpteval.data import load_eval_sets
 from ckpteval.data.windows import check_token_ids
@@ -34,11 +35,13 @@ def run(cfg, job) -> dict[str, Any]:
 
 def evaluate_checkpoint_loss(cfg, job, ckpt: str, window_file: Path | None = None) -> dict[str, Any]:
     """The per-checkpoint loss evaluation shared by `mode=loss`, scans and `mode=watch`: every set, one model."""
+    startup.evaluation_started()
     info = inspect_configured(cfg, ckpt)
     job.step = info.step
     tokenizer = load_tokenizer(info)
     sets = load_eval_sets(cfg, tokenizer)  # every data error before the model loads
     model, scorer = load_eval_model(cfg, info, job.dist)
+    startup.watch_first_request()
     check_eval_shapes(cfg, model.config)
     for s in sets:
         check_token_ids(s.windows, model.config.vocab_size)
@@ -52,4 +55,4 @@ def evaluate_checkpoint_loss(cfg, job, ckpt: str, window_file: Path | None = Non
     if window_file is not None and job.dist.is_main:
         save_window_nll(window_file, results)
         job.run.log_artifact(window_file)  # mode=compare's paired test reads it back from MLflow
-    return {"step": info.step, "tokens_seen": info.tokens_seen, **set_metrics(sets, results)}
+    return {"step": info.step, "tokens_seen": info.tokens_seen, **set_metrics(sets, results), **startup.take()}
