@@ -244,6 +244,17 @@ class WatchConfig:
 
 
 @dataclass
+class CacheConfig:
+    """The result store that lets a killed loss/harness job resume where it stopped (docs/resume.md)."""
+
+    enabled: bool = True  # keep each finished batch of results; the same command after a kill computes only the rest
+    dir: str = "${paths.outputs}/result_store"  # one store per machine or shared filesystem (SLURM: shared), many jobs at once
+    keep: bool = False  # keep a job's results after its run ended FINISHED (default: dropped then)
+    max_gb: float = 20.0  # size cap: least recently used entries are evicted beyond it (checked at job start)
+    flush_s: float = 2.0  # results reach the disk at least this often while a job computes (0: every batch)
+
+
+@dataclass
 class PathsConfig:
     outputs: str = "outputs"  # root of everything we write (Hydra run dirs, MLflow db, demo corpus)
     demo_data: str = "${paths.outputs}/demo_corpus"  # prepared demo corpus (train/, validation/, tokenizer.json)
@@ -280,6 +291,7 @@ class Config:
     convert: ConvertConfig = field(default_factory=ConvertConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     ckpt: Optional[str] = None  # checkpoint to evaluate: HF dir, DCP dir, .gguf, nanoGPT ckpt.pt, Lightning .ckpt, ... (glob:PATTERN with -m)
     ckpt_format: CkptFormat = CkptFormat.auto  # auto = detect from the path; a family name forces that family

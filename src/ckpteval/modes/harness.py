@@ -10,6 +10,8 @@ Tasks are resolved (names, code-execution policy, offline data) before the check
 once), `subprocess` converts the checkpoint once (cached by checkpoint identity) and runs the `lm_eval` CLI on
 the HF dir. Every metric goes to MLflow as `harness/{task}/{metric}` at the checkpoint step, with each task's
 primary metric and `harness/mean_primary`; lm-eval's results JSON and per-sample logs are run artifacts.
+With `fast`, every finished batch is kept in the result store (`cache.*`): the same command after a kill
+computes only the rest, with identical results (docs/resume.md).
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ from ckpteval.evaluation.harness import (
     run_simple_evaluate,
     save_results,
 )
+from ckpteval.evaluation.result_store import drop_when_finished, job_entry, model_settings, open_store
 from ckpteval.parallel import resolve_dtype
+from ckpteval.parallel.dist import fail_together
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +102,23 @@ def _check_setup(cfg, hcfg, dist) -> None:
 
 
 def _evaluate_in_memory(cfg, hcfg, info, job, resolved, timing: dict) -> dict | None:
+    store = None
+    if hcfg.backend == "fast":  # FastLM records every finished batch: a killed job's next start resumes
+        with fail_together("opening the result store"):
+            store = open_store(cfg.get("cache"), main=job.dist.is_main)  # a read-only cache.dir: before loading
+    elif cfg.get("cache") is not None and cfg.cache.enabled:
+        job.log("harness.backend=%s keeps no result store: a killed job starts over (backend=fast resumes)",
+                hcfg.backend)
     start = time.perf_counter()
     tokenizer = load_tokenizer(info, required=True)
     model = load_model(info, cfg.model, device=job.dist.device, dtype=resolve_dtype(hcfg.dtype))
     timing["load_s"] = time.perf_counter() - start
+    entry = None
     try:
         lm = build_lm(hcfg.backend, model, tokenizer, hcfg, job.dist)
+        if store is not None:
+            entry = lm.results = job_entry(store, info, harness_settings(lm, model, tokenizer), job.dist)
+            drop_when_finished(job, entry, bool(cfg.cache.keep))
         cache_dir = Path(getattr(hcfg, "request_cache_dir", None) or Path(cfg.paths.outputs) / "harness_requests")
         cache_dir = cache_dir.expanduser()
         results = run_simple_evaluate(lm, resolved, hcfg, request_cache_dir=cache_dir)
@@ -111,10 +126,21 @@ def _evaluate_in_memory(cfg, hcfg, info, job, resolved, timing: dict) -> dict | 
             timing["forward_s"] = lm.forward_seconds
         return results
     finally:
+        if entry is not None:
+            entry.close()  # what this rank computed is on disk (a SIGTERM passes here too)
         del model
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def harness_settings(lm, model, tokenizer) -> dict:
+    """What decides FastLM's results besides the checkpoint and each request's tokens (the result store's entry
+    settings; not the rank count, batch size or run dir)."""
+    from ckpteval.evaluation.request_cache import tokenizer_fingerprint
+
+    return {"kind": "harness", "backend": "fast", "dtype": str(lm.compute_dtype), "device": lm.device.type,
+            "attention": lm._attn_impl, "model": model_settings(model), "tokenizer": tokenizer_fingerprint(tokenizer)}
 
 
 def converted_checkpoint(cfg, hcfg, info) -> tuple[Path, Path | None]:

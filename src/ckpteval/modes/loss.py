@@ -9,6 +9,8 @@
 
 Every set is windowed and batched alike (data/windows.py); the model loads once. Per-window NLL sums of each
 set are saved as `window_nll.npz` in the run dir: scans compare checkpoints on the same windows with them.
+Every finished batch is kept in the result store (`cache.*`, evaluation/result_store.py): the same command after
+a kill computes only the rest, with identical numbers (docs/resume.md).
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from ckpteval.checkpoint import inspect_checkpoint, load_tokenizer
 from ckpteval.data import EvalSet, check_eval_sets, load_eval_sets
 from ckpteval.data.windows import check_token_ids, eval_batches, num_eval_batches
 from ckpteval.errors import CkptEvalError
-from ckpteval.evaluation.loss import EvalResult, evaluating, run_eval
+from ckpteval.evaluation.loss import EvalResult, document_sep_id, evaluating, run_eval
+from ckpteval.evaluation.result_store import digest, drop_when_finished, job_entry, model_settings, open_store
 from ckpteval.evaluation.statistics import WINDOW_FILE
 from ckpteval.parallel import load_eval_model, resolve_dtype
+from ckpteval.parallel.dist import fail_together
 
 log = logging.getLogger("ckpteval")
 
@@ -42,34 +46,75 @@ def evaluate_checkpoint_loss(cfg, job, ckpt: str, window_file: Path | None = Non
     job.step = info.step
     tokenizer = load_tokenizer(info)
     sets = load_eval_sets(cfg, tokenizer)  # every data error before the model loads
+    with fail_together("opening the result store"):
+        store = open_store(cfg.get("cache"), main=job.dist.is_main)  # a read-only cache.dir: before loading
     model, scorer = load_eval_model(cfg, info, job.dist)
     check_eval_shapes(cfg, model.config)
     for s in sets:
         check_token_ids(s.windows, model.config.vocab_size)
     table = byte_table(tokenizer, model.config.vocab_size, job)
     results: dict[str, EvalResult] = {}
-    with evaluating(model):
-        for s in sets:
-            results[s.name] = evaluate_set(cfg, job, scorer, s, model_dtype=next(model.parameters()).dtype,
-                                           table=table, what=f"{ckpt} (step {info.step})",
-                                           keep_windows=window_file is not None)
+    entries = []
+    try:
+        with evaluating(model):
+            for s in sets:
+                entry = None
+                if store is not None:
+                    entry = job_entry(store, info, loss_settings(cfg, job, model, s, table), job.dist)
+                    entries.append(entry)
+                    drop_when_finished(job, entry, bool(cfg.cache.keep))
+                results[s.name] = evaluate_set(cfg, job, scorer, s, model_dtype=next(model.parameters()).dtype,
+                                               table=table, what=f"{ckpt} (step {info.step})",
+                                               keep_windows=window_file is not None, results=entry)
+    finally:
+        for entry in entries:
+            entry.close()  # what this rank computed is on disk (a SIGTERM passes here too)
     if window_file is not None and job.dist.is_main:
         save_window_nll(window_file, results)
     return {"step": info.step, "tokens_seen": info.tokens_seen, **set_metrics(sets, results)}
 
 
 def evaluate_set(cfg, job, scorer, eval_set: EvalSet, *, model_dtype, table, what: str = "the model",
-                 keep_windows: bool = False, progress: bool = True) -> EvalResult:
-    """One set through `run_eval`: the same batches on every path (mode=loss, train_eval, watch)."""
+                 keep_windows: bool = False, progress: bool = True, results=None) -> EvalResult:
+    """One set through `run_eval`: the same batches on every path (mode=loss, train_eval, watch). With a result
+    store entry (`results`), blocks it holds are read and the rest computed and recorded (evaluation/resume.py):
+    the same numbers, bit for bit."""
     d = job.dist
     total = num_eval_batches(len(eval_set.windows), cfg.eval.batch_size, cfg.eval.steps, d.dp_size)
     if progress:
         job.log("evaluating %s on %s: %d windows x %d tokens, %d batches of %d", what, eval_set.name,
                 len(eval_set.windows), cfg.eval.seq_len, total, cfg.eval.batch_size)
+    if results is not None:
+        from ckpteval.evaluation.resume import evaluate_windows
+
+        return evaluate_windows(scorer, eval_set.windows, results, batch_size=cfg.eval.batch_size,
+                                steps=cfg.eval.steps, dist=d, device=d.device, dtype=resolve_dtype(cfg.eval.dtype),
+                                model_dtype=model_dtype, table=table, equal_batches=cfg.parallel.name != "none",
+                                writer=_records(d), progress=progress and d.is_main, keep_windows=keep_windows,
+                                what=f"loss on {eval_set.name}")
     batches = eval_batches(eval_set.windows, cfg.eval.batch_size, cfg.eval.steps, d.dp_rank, d.dp_size)
     return run_eval(scorer, batches, device=d.device, dtype=resolve_dtype(cfg.eval.dtype), model_dtype=model_dtype,
                     group=d.dp_group, progress=progress and d.is_main, total=total, byte_lengths=table,
                     keep_windows=keep_windows)
+
+
+def loss_settings(cfg, job, model, eval_set: EvalSet, table) -> dict:
+    """What decides a window's numbers besides the checkpoint and the window: the result store's entry settings
+    (not the rank count, batch size or run dir)."""
+    dims = job.dist.dims
+    return {"kind": "loss", "set": eval_set.name, "dtype": str(cfg.eval.dtype), "device": job.dist.device.type,
+            "model": model_settings(model), "tp": dims.tp if dims is not None else 1,
+            "param_dtype": cfg.parallel.param_dtype if cfg.parallel.name == "fsdp" else None,
+            "doc_sep": document_sep_id(cfg.eval, model.config),
+            "bytes": digest(table.tolist()) if table is not None else None}
+
+
+def _records(d) -> bool:
+    """Whether this rank records its blocks: one rank per tensor-parallel group and pipeline (they all hold the
+    same numbers)."""
+    if d.mesh is None:
+        return True
+    return d.mesh.get_local_rank("tp") == 0 and d.mesh.get_local_rank("pp") == 0
 
 
 def set_metrics(sets: list[EvalSet], results: dict[str, EvalResult]) -> dict[str, float]:
