@@ -45,8 +45,9 @@ import tempfile
 import time
 import uuid
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ckpteval.errors import CkptEvalError
 
@@ -129,7 +130,7 @@ def library_versions() -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------- store
 
 
-def open_store(cache_cfg, main: bool = True) -> "ResultStore | None":
+def open_store(cache_cfg, main: bool = True) -> ResultStore | None:
     """The store at `cache.dir` (None when `cache.enabled=false`). Checks that it is writable, so a read-only
     place is one error before any model loads; the main rank also evicts least recently used entries."""
     if cache_cfg is None or not cache_cfg.enabled:
@@ -164,7 +165,7 @@ class ResultStore:
     def __init__(self, root: Path, max_bytes: int, flush_s: float) -> None:
         self.root, self.max_bytes, self.flush_s = root, max_bytes, flush_s
 
-    def entry(self, checkpoint: dict, settings: dict, main: bool = True) -> "Entry":
+    def entry(self, checkpoint: dict, settings: dict, main: bool = True) -> Entry:
         """The entry of `checkpoint` (a `checkpoint_fingerprint`) under `settings`. The main rank deletes the
         entries of older contents of the same checkpoint path and rebuilds a damaged one; every rank writes."""
         family = digest({"path": checkpoint.get("path"), "settings": settings}, 6)
