@@ -276,11 +276,10 @@ def test_entry_round_trip_damaged_lines_and_live_writers(tmp_path, caplog):
     entry = store.entry({"path": "/x", "content": "1"}, {"kind": "t"})
     entry.add([("a", [1.0, True]), ("b", "text")], 2.0)
     assert not list(entry.dir.glob("*.jsonl"))  # buffered: flush_s not reached
-    entry.add([("c", 0.1 + 0.2)], 1.0)
-    entry.flush()
+    entry.add([("c", 0.1 + 0.2)], 3598.0)  # the unwritten work reaches flush_s: written now
     reader = store.entry({"path": "/x", "content": "1"}, {"kind": "t"})
     found = reader.lookup()
-    assert found == {"a": ([1.0, True], 1.0), "b": ("text", 1.0), "c": (0.1 + 0.2, 1.0)}  # floats exact
+    assert found == {"a": ([1.0, True], 1.0), "b": ("text", 1.0), "c": (0.1 + 0.2, 3598.0)}  # floats exact
     [path] = entry.dir.glob("*.jsonl")
     with open(path, "ab") as f:  # the writer is live (its lock is held): a line cut short is a write under way
         f.write(b"0000abcd {\"r\": [[\"d\"")
@@ -290,7 +289,7 @@ def test_entry_round_trip_damaged_lines_and_live_writers(tmp_path, caplog):
     good = path.read_bytes().split(b"\n")
     path.write_bytes(b"\n".join([good[0], good[1].replace(b'"c"', b'"e"'), good[2]]))
     with caplog.at_level(logging.WARNING, "ckpteval"):
-        assert reader.lookup() == {"a": ([1.0, True], 1.0), "b": ("text", 1.0)}
+        assert reader.lookup() == {"a": ([1.0, True], 1.0), "b": ("text", 1.0)}  # c's line is damaged
     [warning] = caplog.records
     assert "2 damaged record(s) in 1 file(s)" in warning.getMessage()
     assert path.read_bytes() == good[0] + b"\n"  # rewritten without them

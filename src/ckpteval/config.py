@@ -251,7 +251,7 @@ class CacheConfig:
     dir: str = "${paths.outputs}/result_store"  # one store per machine or shared filesystem (SLURM: shared), many jobs at once
     keep: bool = False  # keep a job's results after its run ended FINISHED (default: dropped then)
     max_gb: float = 20.0  # size cap: least recently used entries are evicted beyond it (checked at job start)
-    flush_s: float = 2.0  # results reach the disk at least this often while a job computes (0: every batch)
+    flush_s: float = 2.0  # a kill loses less than this many seconds of finished work (0: every batch written)
 
 
 @dataclass

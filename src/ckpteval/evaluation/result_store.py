@@ -3,7 +3,7 @@
     store = open_store(cfg.cache, main=dist.is_main)     # before the model loads: a read-only place fails here
     entry = store.entry(checkpoint_fingerprint(info), {"kind": "harness", "dtype": ..., ...}, main=...)
     found = entry.lookup()                               # {key: (value, seconds of work)}, rank 0 reads
-    entry.add([(key, value), ...], seconds)              # one batch's results; on disk within cache.flush_s
+    entry.add([(key, value), ...], seconds)              # one batch's results; a kill loses < cache.flush_s s
     entry.close()                                        # flushes (also on SIGTERM: the caller's `finally`)
     entry.drop()                                         # the job ended FINISHED (unless cache.keep=true)
 
@@ -222,6 +222,7 @@ def _ensure_meta(directory: Path, meta: dict) -> None:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".meta-")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(meta, f, sort_keys=True, indent=1, default=str)
+    os.chmod(tmp, 0o644)  # other users' jobs on a shared store read it
     os.replace(tmp, path)
 
 
@@ -271,6 +272,7 @@ class Entry:
         self._fd: int | None = None
         self._path: Path | None = None
         self._pending: list[bytes] = []
+        self._pending_s = 0.0  # seconds of work in `_pending`
         self._last_flush = time.monotonic()
         self._broken = False  # writing failed once (disk full, dir gone): the job goes on without saving
 
@@ -328,25 +330,28 @@ class Entry:
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".rewrite-")
             with os.fdopen(fd, "wb") as f:
                 f.write(b"".join(line + b"\n" for line in good))
+            os.chmod(tmp, 0o644)
             os.replace(tmp, path)
         except OSError as exc:
             log.warning("result store: could not rewrite %s (%s)", path, exc)
 
     # -- writing ------------------------------------------------------------------------------------------
     def add(self, pairs: Iterable[tuple[str, Any]], seconds: float) -> None:
-        """One batch's results (key, JSON-able value) and the seconds it took; written at once when the last
-        write is `flush_s` old, else with the next one (or `close`)."""
+        """One batch's results (key, JSON-able value) and the seconds it took. Written (and fsynced) once the
+        unwritten results hold `flush_s` seconds of work or the last write is `flush_s` old, else with the next
+        batch (or `close`): a kill loses less than `flush_s` seconds of finished work."""
         pairs = [[k, v] for k, v in pairs]
         if not pairs or self._broken:
             return
         self._pending.append(_line({"r": pairs, "s": round(float(seconds), 6)}))
-        if time.monotonic() - self._last_flush >= self.flush_s:
+        self._pending_s += float(seconds)
+        if self._pending_s >= self.flush_s or time.monotonic() - self._last_flush >= self.flush_s:
             self.flush()
 
     def flush(self) -> None:
         if not self._pending or self._broken:
             return
-        data, self._pending = b"".join(self._pending), []
+        data, self._pending, self._pending_s = b"".join(self._pending), [], 0.0
         try:
             if self._fd is None:
                 self._open()
@@ -364,7 +369,7 @@ class Entry:
         name = f"{socket.gethostname().split('.')[0]}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
         self._path = self.dir / name
         self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)  # held while this writer lives (a reader may hold it for a moment)
 
     def close(self) -> None:
         """Write what is pending and release this writer (its file stays for the next job)."""
