@@ -1,21 +1,24 @@
-"""Resume benchmark: a `mode=harness` job killed (SIGKILL) at 60% of its work, then the same command again; printed:
-the resumed job's wall clock over an uninterrupted job's, start-up and model load included (goal <= 0.5).
+"""Resume benchmark: a `mode=harness` job killed (SIGKILL) at 60% of its work, then the same command again;
+printed: the resumed job's wall clock over an uninterrupted job's, start-up and model load included (goal <= 0.5).
 
     python benchmarks/bench_resume.py                         # the ~134M Llama of the speed benchmarks (small)
-    python benchmarks/bench_resume.py --size tiny --docs 200 --gen 64 --device cuda
+    python benchmarks/bench_resume.py --size tiny --docs 200 --gen 256 --device cuda
 
 The checkpoint is a random-weight Llama (an HF dir with a BPE tokenizer); the tasks are written here with offline
 JSON data: a 4-choice multiple-choice task of --docs documents (loglikelihood requests) and a short-answer task of
 --gen prompts decoded greedily for up to --max-gen tokens (generate_until). Three processes, one after another:
 
-1. the uninterrupted job, its result store kept (cache.keep=true) to know how many seconds of work it recorded;
-2. the same job in a fresh store, killed with SIGKILL once it has recorded 60% of those seconds
-   (tests/resume_child.py: the signal a preemption or `kill -9` sends, to the whole process group);
+1. the uninterrupted job, timed;
+2. the same job in a fresh result store, killed with SIGKILL (its whole process group, as `kill -9` or a node
+   failure does; tests/resume_child.py) right after it recorded the results that took the uninterrupted job
+   --fraction (0.6) of its work (the seconds its batches took, in the order it ran them). A kill in the middle of
+   a batch would also lose that batch (for generation: a segment of 8 batches);
 3. the same command again on that store: it prints `resumed N of M requests (K s of work saved)` per request type
    and computes the rest.
 
 Printed: the three wall clocks, the resumed job's lines, the ratio, and whether every metric of the resumed job is
-the uninterrupted job's (bit for bit: it must be).
+the uninterrupted job's (bit for bit: it must be). Generation is recorded per segment of 8 batches: with few
+segments (--gen / (8 x --batch-size)) the segment under way at the kill is a large share of the work.
 """
 
 from __future__ import annotations
@@ -112,13 +115,13 @@ def make_checkpoint(root: Path, size: str) -> Path:
     return ckpt
 
 
-def run(cmd: list[str], cwd: Path, env: dict, expect_ok: bool = True) -> tuple[float, str]:
+def run(cmd: list[str], cwd: Path, env: dict) -> tuple[float, str]:
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, start_new_session=True,
                           check=False)
     elapsed = time.perf_counter() - start
     text = proc.stdout + proc.stderr
-    if expect_ok and proc.returncode != 0:
+    if proc.returncode != 0:
         sys.exit(f"failed (exit {proc.returncode}): {' '.join(cmd)}\n{text[-4000:]}")
     return elapsed, text
 
@@ -142,6 +145,20 @@ def recorded_seconds(store: Path) -> tuple[float, int]:
     return seconds, results
 
 
+def results_at(store: Path, seconds: float) -> int:
+    """How many results the uninterrupted job had recorded once its recorded work reached `seconds` (its one
+    writer's lines, in the order it computed them)."""
+    total, count = 0.0, 0
+    for f in store.glob("*/*.jsonl"):
+        for line in f.read_bytes().split(b"\n")[:-1]:
+            record = json.loads(line[9:])
+            total += record["s"]
+            count += len(record["r"])
+            if total >= seconds:
+                return count
+    return count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
@@ -149,7 +166,7 @@ def main() -> None:
     parser.add_argument("--gen", type=int, default=96, help="generation prompts")
     parser.add_argument("--max-gen", type=int, default=32, help="max new tokens per generation")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--fraction", type=float, default=0.6, help="share of the work done when the job is killed")
+    parser.add_argument("--fraction", type=float, default=0.6, help="kill after this share of the work")
     parser.add_argument("--device", default="cuda" if shutil.which("nvidia-smi") else "cpu")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir")
     args = parser.parse_args()
@@ -169,18 +186,21 @@ def main() -> None:
         print(f"{args.size} Llama on {args.device}: {args.docs} multiple-choice documents (x4 choices), {args.gen} "
               f"generations of <= {args.max_gen} tokens, batch size {args.batch_size}", flush=True)
         full_s, full = run([sys.executable, str(ROOT / "run.py"), *job(tmp / "store_full", "full"), "cache.keep=true"],
-                           tmp, env)
+                           tmp, env)  # its store kept: how much work, how many results
         work, results = recorded_seconds(tmp / "store_full")
         print(f"uninterrupted job: {full_s:.1f} s ({work:.1f} s of recorded work, {results} results)", flush=True)
 
-        child = [sys.executable, str(ROOT / "tests" / "resume_child.py"), "SIGKILL", "time",
-                 f"{args.fraction * work:.3f}", "--"]
-        killed_s, killed = run(child + job(tmp / "store", "killed"), tmp, env, expect_ok=False)
-        if "sending SIGKILL" not in killed:
-            sys.exit(f"the job was not killed:\n{killed[-3000:]}")
+        count = results_at(tmp / "store_full", args.fraction * work)
+        child = [sys.executable, str(ROOT / "tests" / "resume_child.py"), "SIGKILL", "*", str(count), "--"]
+        start = time.perf_counter()
+        proc = subprocess.run(child + job(tmp / "store", "killed"), cwd=tmp, env=env, capture_output=True, text=True,
+                              start_new_session=True, check=False)
+        if "sending SIGKILL" not in proc.stdout:
+            sys.exit(f"the job was not killed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+        killed_s = time.perf_counter() - start
         done, saved_results = recorded_seconds(tmp / "store")
-        print(f"killed job: SIGKILL after {killed_s:.1f} s, {done:.1f} s of work ({saved_results} results) saved",
-              flush=True)
+        print(f"killed job: SIGKILL after {killed_s:.1f} s; {done:.1f} s of work ({saved_results} of {results} "
+              f"results) were saved", flush=True)
 
         resumed_s, resumed = run([sys.executable, str(ROOT / "run.py"), *job(tmp / "store", "resumed")], tmp, env)
         for line in re.findall(r"\w+: resumed \d+ of \d+ \w+ \([\d.]+ s of work saved\) from \S+", resumed):

@@ -56,7 +56,7 @@ from ckpteval.evaluation import generate as gen
 from ckpteval.evaluation.loss import _PLAIN_HEAD_TYPES, additive_mask, auto_chunk
 from ckpteval.evaluation.prefix_cache import PrefixStore, cache_tensors, expanded_cache, plan_shared_prefixes
 from ckpteval.evaluation.request_cache import token_memo
-from ckpteval.evaluation.result_store import request_key
+from ckpteval.evaluation.result_store import continuation_keys, request_key
 from ckpteval.evaluation.resume import GEN_SEGMENT_BATCHES, report, stored_units
 
 log = logging.getLogger(__name__)
@@ -402,7 +402,7 @@ class FastLM(TemplateLM):
         """({batch index: its (loglikelihood, is_greedy) results} for the batches the result store holds, a
         function giving a batch's keys in `_score_batch`'s result order). Nothing without a store."""
         def keys(unit: _Unit) -> list[str]:
-            return [request_key(kind, g.prefix, c) for g in unit.items for c in g.conts]
+            return [k for g in unit.items for k in continuation_keys(kind, g.prefix, g.conts)]
 
         if self.results is None:
             return {}, keys
