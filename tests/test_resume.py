@@ -316,7 +316,9 @@ def test_eviction_keeps_live_and_recent_entries(tmp_path):
     store.evict()
     assert [e.dir.exists() for e in entries] == [True, False, True]  # the oldest free one went
     store.max_bytes = 10_000
-    store.evict()
+    again = store.entry({"path": "/ckpt2", "content": "1"}, {"kind": "t"})  # a job resumes the oldest free entry:
+    assert again.dir == entries[2].dir and [e.dir.exists() for e in entries] == [True, False, True]  # kept
+    store.entry({"path": "/ckpt3", "content": "1"}, {"kind": "t"})  # another job's entry: entry 2 has to go now
     assert [e.dir.exists() for e in entries] == [True, False, False]
 
 

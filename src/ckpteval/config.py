@@ -250,7 +250,7 @@ class CacheConfig:
     enabled: bool = True  # keep each finished batch of results; the same command after a kill computes only the rest
     dir: str = "${paths.outputs}/result_store"  # one store per machine or shared filesystem (SLURM: shared), many jobs at once
     keep: bool = False  # keep a job's results after its run ended FINISHED (default: dropped then)
-    max_gb: float = 20.0  # size cap: least recently used entries are evicted beyond it (checked at job start)
+    max_gb: float = 20.0  # size cap: least recently used entries are evicted beyond it (when a job opens its entry)
     flush_s: float = 2.0  # a kill loses less than this many seconds of finished work (0: every batch written)
 
 

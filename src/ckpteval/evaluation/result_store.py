@@ -26,8 +26,9 @@ a finished or dead writer's file (lock free) from a live one's. A line is `<crc3
 batch's results: a line cut short (SIGKILL mid-write, a full disk) or damaged fails its checksum, is reported in
 one warning line, left out (its work is done again), and a dead writer's file is rewritten without it.
 
-Bounded: entries of a job that ended FINISHED are dropped (`cache.keep=true` keeps them); when the store is
-opened and holds more than `cache.max_gb`, the least recently used entries without a live writer are evicted.
+Bounded: entries of a job that ended FINISHED are dropped (`cache.keep=true` keeps them); when a job opens its
+entry and the store holds more than `cache.max_gb`, the least recently used other entries without a live writer
+are evicted.
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ def library_versions() -> dict[str, str]:
 
 def open_store(cache_cfg, main: bool = True) -> ResultStore | None:
     """The store at `cache.dir` (None when `cache.enabled=false`). Checks that it is writable, so a read-only
-    place is one error before any model loads; the main rank also evicts least recently used entries."""
+    place is one error before any model loads."""
     if cache_cfg is None or not cache_cfg.enabled:
         return None
     max_gb, flush_s = float(cache_cfg.max_gb), float(cache_cfg.flush_s)
@@ -160,10 +161,7 @@ def open_store(cache_cfg, main: bool = True) -> ResultStore | None:
         raise CkptEvalError(f"cache.flush_s={cache_cfg.flush_s} is out of range: use 0 or more seconds")
     root = Path(str(cache_cfg.dir)).expanduser().resolve()
     _check_writable(root)
-    store = ResultStore(root, int(max_gb * 1e9), flush_s)
-    if main:
-        store.evict()
-    return store
+    return ResultStore(root, int(max_gb * 1e9), flush_s)
 
 
 def _check_writable(root: Path) -> None:
@@ -184,7 +182,8 @@ class ResultStore:
 
     def entry(self, checkpoint: dict, settings: dict, main: bool = True) -> Entry:
         """The entry of `checkpoint` (a `checkpoint_fingerprint`) under `settings`. The main rank deletes the
-        entries of older contents of the same checkpoint path and rebuilds a damaged one; every rank writes."""
+        entries of older contents of the same checkpoint path, rebuilds a damaged one, and evicts least recently
+        used entries beyond `max_bytes` (this one, just touched, last); every rank writes."""
         family = digest({"path": checkpoint.get("path"), "settings": settings}, 6)
         directory = self.root / f"{family}-{digest(checkpoint, 6)}"
         meta = json.loads(json.dumps({"format": _FORMAT, "checkpoint": checkpoint, "settings": settings},
@@ -196,13 +195,15 @@ class ResultStore:
                              checkpoint.get("path"))
                     shutil.rmtree(stale, ignore_errors=True)
             _ensure_meta(directory, meta)
+            self.evict(keep=directory)
         return Entry(directory, self.flush_s)
 
-    def evict(self) -> None:
-        """Least recently used entries out, until the store holds at most `max_bytes` (live entries stay)."""
+    def evict(self, keep: Path | None = None) -> None:
+        """Least recently used entries out, until the store holds at most `max_bytes` (entries a live writer
+        holds, and `keep`, stay)."""
         entries = []
         for d in self.root.iterdir() if self.root.is_dir() else ():
-            if not d.is_dir() or "-" not in d.name:
+            if not d.is_dir() or "-" not in d.name or d == keep:
                 continue
             files = [f for f in d.iterdir() if f.is_file()]
             stats = [f.stat() for f in files]
