@@ -6,8 +6,11 @@ Losses are checked against plain transformers (`factories.reference_loss`) on th
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -340,6 +343,68 @@ def test_scancel_ends_the_run_killed(tmp_path, slurm_cluster, tiny_hf_ckpt, tiny
         assert state == "CANCELLED"
     finally:
         kill_group(proc)
+
+
+def _store_windows(store: Path, ckpt: Path) -> int:
+    """Windows the result store holds for `ckpt` (read here: `<crc32> <json>` lines, entries by their meta)."""
+    count = 0
+    for meta in store.glob("*/meta.json"):
+        try:
+            if json.loads(meta.read_text())["checkpoint"]["path"] != str(ckpt):
+                continue
+        except (OSError, ValueError, KeyError):
+            continue
+        for f in meta.parent.glob("*.jsonl"):
+            count += sum(len(json.loads(line[9:])["r"]) for line in f.read_bytes().split(b"\n")[:-1])
+    return count
+
+
+def test_slurm_requeue_of_a_running_scan_job_resumes_it(tmp_path, slurm_cluster, tiny_hf_ckpt):
+    """`scontrol requeue` (what a preemption does) of a running scan job: SLURM stops it (that run ends KILLED) and
+    runs it again; the second run resumes from the result store and ends FINISHED with the numbers of the scan's
+    other job, which evaluated a copy of the same weights without being stopped."""
+    from mlflow.tracking import MlflowClient
+
+    ckpts = tmp_path / "ckpts"
+    shutil.copytree(tiny_hf_ckpt, ckpts / "step_100")
+    shutil.copytree(tiny_hf_ckpt, ckpts / "step_200")
+    shards = factories.make_token_shards(tmp_path / "shards", lengths=(400_001,))  # 12500 windows: a long job
+    db, store, log = tmp_path / "mlflow.db", tmp_path / "store", tmp_path / "scan.log"
+    cmd = [sys.executable, str(factories.REPO / "run.py"), "-m", "mode=loss", "ckpt=glob:ckpts/step_*", "data=local",
+           f"eval.seq_len={SEQ}", "eval.batch_size=4", "eval.steps=-1", f"data.dataset_path={shards}",
+           f"tracking.uri=sqlite:///{db}", f"cache.dir={store}", "cache.flush_s=0", *SLURM]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        def progress():
+            if proc.poll() is not None:
+                raise AssertionError(log.read_text()[-3000:])
+            return _store_windows(store, ckpts / "step_100") >= 1500
+
+        wait_for(progress, 400, "the first job to have evaluated 1500 windows")
+        ids = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True).stdout.split()
+        [first] = [i for i in ids if i.endswith("_0")]  # array task 0: the first checkpoint, step_100
+        subprocess.run(["scontrol", "requeue", first], check=True)
+        proc.wait(timeout=900)
+    finally:
+        kill_group(proc)
+    text = log.read_text()
+    assert proc.returncode == 0 and "sweep summary: 2 job(s), 2 completed" in text, text[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    runs = collections.defaultdict(list)
+    for r in _all_runs(client):
+        if r.data.tags.get("mlflow.parentRunId"):
+            runs[r.info.run_name].append(r)
+    assert sorted(r.info.status for r in runs["loss@100"]) == ["FINISHED", "KILLED"]  # stopped, then resumed
+    [again] = [r for r in runs["loss@100"] if r.info.status == "FINISHED"]
+    [other] = runs["loss@200"]
+    assert other.info.status == "FINISHED"
+    for key in ("eval/loss", "eval/bpb", "eval/loss_stderr", "eval/tokens"):
+        assert again.data.metrics[key] == other.data.metrics[key], key  # the uninterrupted numbers, bit for bit
+    job_log = "".join(p.read_text() for p in (tmp_path / "sweep" / ".submitit").glob(f"{first}/*_log.*"))
+    found = re.search(r"loss on data: resumed (\d+) of 12500 windows", job_log)
+    assert found and int(found.group(1)) >= 1500, job_log[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------- shared MLflow

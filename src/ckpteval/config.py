@@ -295,6 +295,17 @@ class UiConfig:
 
 
 @dataclass
+class CacheConfig:
+    """The result store that lets a killed loss/harness job resume where it stopped (docs/resume.md)."""
+
+    enabled: bool = True  # keep each finished batch of results; the same command after a kill computes only the rest
+    dir: str = "${paths.outputs}/result_store"  # one store per machine or shared filesystem (SLURM: shared), many jobs at once
+    keep: bool = False  # keep a job's results after its run ended FINISHED (default: dropped then)
+    max_gb: float = 20.0  # size cap: least recently used entries are evicted beyond it (when a job opens its entry)
+    flush_s: float = 2.0  # a kill loses less than this many seconds of finished work (0: every batch written)
+
+
+@dataclass
 class PathsConfig:
     outputs: str = "outputs"  # root of everything we write (Hydra run dirs, MLflow db, demo corpus)
     demo_data: str = "${paths.outputs}/demo_corpus"  # prepared demo corpus (train/, validation/, tokenizer.json)
@@ -339,6 +350,7 @@ class Config:
     signal: SignalConfig = field(default_factory=SignalConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     ui: UiConfig = field(default_factory=UiConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     ckpt: Optional[str] = None  # checkpoint to evaluate: HF dir, DCP dir, .gguf, nanoGPT ckpt.pt, Lightning .ckpt, ... (glob:PATTERN with -m)
     ckpt_format: CkptFormat = CkptFormat.auto  # auto = detect from the path; a family name forces that family

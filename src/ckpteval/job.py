@@ -55,6 +55,9 @@ class Job:
     run: Any = None  # ckpteval.tracking.Run (an inactive one when tracking is off or on ranks > 0)
     # Filled by the mode for the result header and MLflow tags; `step` is the x-axis of every metric.
     step: int | None = None
+    # Called on rank 0 once the run ended FINISHED and results.json is published (the result store drops the
+    # job's entries there: ckpteval.evaluation.result_store.drop_when_finished).
+    on_finished: list[Callable[[], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.run is None:
@@ -341,6 +344,8 @@ def run_tracked(cfg: DictConfig, fn: Callable[[Job], dict[str, Any] | None], job
         if run.active:
             run.end("FINISHED", results=(staged, final))  # raises TrackingError when the store went away
     publish(staged, job.out_dir)
+    for hook in job.on_finished:
+        hook()
     return result
 
 

@@ -75,12 +75,24 @@ def eval_batches(windows: TokenWindows, batch_size: int, steps: int, rank: int =
     if n == 0:
         raise CkptEvalError(f"the held-out data has no window of {windows.seq_len + 1} tokens: use a smaller "
                             "eval.seq_len or more data")
-    exact = steps == -1
     for s in range(num_eval_batches(n, batch_size, steps, world)):
-        base = s * batch_size * world + rank * batch_size
-        ids = [base + j for j in range(batch_size)]
-        ids = [i if i < n else -1 for i in ids] if exact else [i % n for i in ids]
-        yield windows.rows(ids)
+        yield windows.rows(block_window_ids(s * world + rank, n, batch_size, steps))
+
+
+def block_window_ids(block: int, n_windows: int, batch_size: int, steps: int) -> list[int]:
+    """The windows of block k of the global order (positions k*B .. k*B+B-1; batch s of rank r is block s*W+r):
+    wrapped around with `steps > 0`, -1 (a padding row) past the last window with `steps = -1`. A block holds
+    the same windows in the same rows whatever the rank count, so its numbers do too."""
+    ids = range(block * batch_size, block * batch_size + batch_size)
+    return [i if i < n_windows else -1 for i in ids] if steps == -1 else [i % n_windows for i in ids]
+
+
+def num_eval_blocks(n_windows: int, batch_size: int, steps: int, world: int = 1) -> int:
+    """Blocks of the global order an evaluation covers: `steps` batches per rank, or one pass (no block of
+    padding only)."""
+    if steps == -1:
+        return math.ceil(n_windows / batch_size)
+    return num_eval_batches(n_windows, batch_size, steps, world) * world
 
 
 def train_batches(windows: TokenWindows, batch_size: int, seed: int, start: int = 0, rank: int = 0, world: int = 1

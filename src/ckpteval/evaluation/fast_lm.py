@@ -56,6 +56,8 @@ from ckpteval.evaluation import generate as gen
 from ckpteval.evaluation.loss import _PLAIN_HEAD_TYPES, additive_mask, auto_chunk
 from ckpteval.evaluation.prefix_cache import PrefixStore, cache_tensors, expanded_cache, plan_shared_prefixes
 from ckpteval.evaluation.request_cache import token_memo
+from ckpteval.evaluation.result_store import continuation_keys, request_key
+from ckpteval.evaluation.resume import GEN_SEGMENT_BATCHES, report, stored_units
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +148,7 @@ class FastLM(TemplateLM):
             model.get_output_embeddings() is not None
         self._hflm = None
         self.prefix_store = PrefixStore(max_tokens=int(prefix_cache_tokens))
+        self.results = None  # a result-store entry (result_store.Entry): batches found there are not run again
         self.forward_seconds = 0.0  # time in model forwards and vocabulary scoring (`_compute`: not overhead)
         if self._attn_impl not in _MASKABLE_ATTENTION:
             log.warning("FastLM: attention implementation %r takes no custom mask; loglikelihood requests go "
@@ -274,7 +277,7 @@ class FastLM(TemplateLM):
                     context_len=1)):
                 windows.append((None, ctx, cont))
                 owners.append(i)
-        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm, kind="roll")
         totals = [0.0] * len(strings)
         for i, (ll, _) in zip(owners, scores):
             totals[i] += ll
@@ -288,6 +291,7 @@ class FastLM(TemplateLM):
         if not requests:
             return []
         local: list[tuple[int, str]] = []
+        reused: list[tuple[int, str]] = []  # read from the result store: every rank holds them
         delegated: list[int] = []
         usable = self._attn_impl in _MASKABLE_ATTENTION
         pbar = tqdm(total=len(requests), desc="generate_until (fast)", disable=disable_tqdm or self.dp_rank != 0)
@@ -298,6 +302,11 @@ class FastLM(TemplateLM):
                 continue
             prompts, until, max_gen = prepared
             units = self._plan([prompts[i] for i in idxs], idxs, lambda i: len(prompts[i]))
+            if self.results is not None:
+                computed, read = self._generate_segments(units, prompts, until, max_gen, pbar)
+                local += computed
+                reused += read
+                continue
             jobs = [(i, u.shared, prompts[i][len(u.shared):]) for u in _shard(units, self.dp_rank, self.dp_size)
                     for i in u.items]  # this rank's prompts, a shared prefix's prompts adjacent, longest first
             local += gen.greedy_generate(self, jobs, max_gen, until, gen.eos_ids(self.model),
@@ -308,13 +317,52 @@ class FastLM(TemplateLM):
             outs = self.hflm.generate_until([requests[i] for i in mine], disable_tqdm=disable_tqdm)
             local += list(zip(mine, outs))
         results = self._gather_ordered(local, len(requests))
+        for i, text in reused:
+            results[i] = text
         for req, text in zip(requests, results):
             self.cache_hook.add_partial("generate_until", req.args, text)
         return results
 
+    def _generate_segments(self, units: list[_Unit], prompts: dict, until: list[str], max_gen: int, pbar
+                           ) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+        """Greedy generation with the result store: segments of `GEN_SEGMENT_BATCHES` consecutive batches, each
+        decoded as one continuous batch on its own (rows of a batch share every decode step, so a segment gives the
+        same text whichever rank runs it and whatever ran before). Segments the store holds are read; the rest
+        are split over ranks and recorded as each finishes. (this rank's (request index, text) pairs, the pairs
+        read from the store, which every rank holds)."""
+        segments = [units[k:k + GEN_SEGMENT_BATCHES] for k in range(0, len(units), GEN_SEGMENT_BATCHES)]
+        seen: dict[str, int] = {}
+        keys = {}
+        for i in [i for u in units for i in u.items]:  # identical requests: one key each, numbered in plan order
+            base = request_key("gen", prompts[i], until, max_gen)
+            seen[base] = seen.get(base, -1) + 1
+            keys[i] = f"{base}#{seen[base]}"
+
+        def order(seg):
+            return [i for u in seg for i in u.items]
+
+        done, saved = stored_units(self.results, len(segments), lambda k: [keys[i] for i in order(segments[k])],
+                                   main=self.dp_rank == 0, world=self.dp_size, group=self.group)
+        reused = [(i, text) for k, texts in done.items() for i, text in zip(order(segments[k]), texts)]
+        if self.dp_rank == 0:
+            report("generate_until", len(reused), len(keys), "requests", saved, self.results)
+        pbar.update(len(reused))
+        todo = [_Unit((), seg, sum(u.cost for u in seg)) for k, seg in enumerate(segments) if k not in done]
+        out = []
+        for segment in _shard(todo, self.dp_rank, self.dp_size):
+            jobs = [(i, u.shared, prompts[i][len(u.shared):]) for u in segment.items for i in u.items]
+            start = time.perf_counter()
+            texts = dict(gen.greedy_generate(self, jobs, max_gen, until, gen.eos_ids(self.model),
+                                             progress=lambda: pbar.update(self.dp_size)))
+            self.results.add([(keys[i], texts[i]) for i, _, _ in jobs], time.perf_counter() - start)
+            out += texts.items()
+        return out, reused
+
     # ---- the engine ----------------------------------------------------------------------------------------
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kw) -> list[tuple[float, bool]]:
-        """Score (key, context_tokens, continuation_tokens) requests; results in request order."""
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, kind: str = "ll",
+                              **kw) -> list[tuple[float, bool]]:
+        """Score (key, context_tokens, continuation_tokens) requests; results in request order. `kind` (ll, or
+        roll for rolling windows) names them in the result store."""
         if not requests:
             return []
         if self._attn_impl not in _MASKABLE_ATTENTION:
@@ -322,21 +370,48 @@ class FastLM(TemplateLM):
         groups = self._group(requests)
         units = self._plan([g.prefix for g in groups], groups, lambda g: g.length,
                            plain=lambda g: len(g.conts) == 1)
-        mine = _shard(units, self.dp_rank, self.dp_size)
+        done, keys = self._stored_batches(units, kind, len(requests))
+        mine = _shard([u for k, u in enumerate(units) if k not in done], self.dp_rank, self.dp_size)
         pbar = tqdm(total=sum(len(m) for u in mine for g in u.items for m in g.members), desc="loglikelihood (fast)",
                     disable=disable_tqdm or self.dp_rank != 0)
         local = []
         for unit in mine:
-            for g, scores in zip(unit.items, self._score_batch(unit.items, unit.shared)):
+            start = time.perf_counter()
+            scored = self._score_batch(unit.items, unit.shared)
+            if self.results is not None:
+                self.results.add(zip(keys(unit), [s for scores in scored for s in scores]),
+                                 time.perf_counter() - start)
+            for g, scores in zip(unit.items, scored):
                 for members, score in zip(g.members, scores):
                     local += [(i, score) for i in members]
                     pbar.update(len(members))
         pbar.close()
         results = self._gather_ordered(local, len(requests))
+        for k, values in done.items():  # batches read from the store: every rank fills them in
+            conts = [members for g in units[k].items for members in g.members]
+            for members, (ll, greedy) in zip(conts, values):
+                for i in members:
+                    results[i] = (float(ll), bool(greedy))
         for (key, _, _), answer in zip(requests, results):
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, answer)
         return results
+
+    def _stored_batches(self, units: list[_Unit], kind: str, n_requests: int):
+        """({batch index: its (loglikelihood, is_greedy) results} for the batches the result store holds, a
+        function giving a batch's keys in `_score_batch`'s result order). Nothing without a store."""
+        def keys(unit: _Unit) -> list[str]:
+            return [k for g in unit.items for k in continuation_keys(kind, g.prefix, g.conts)]
+
+        if self.results is None:
+            return {}, keys
+        done, saved = stored_units(self.results, len(units), lambda k: keys(units[k]), main=self.dp_rank == 0,
+                                   world=self.dp_size, group=self.group)
+        if self.dp_rank == 0:
+            reused = sum(len(m) for k in done for g in units[k].items for m in g.members)
+            what = "loglikelihood_rolling" if kind == "roll" else "loglikelihood"
+            report(what, reused, n_requests, "windows" if kind == "roll" else "requests", saved, self.results)
+        return done, keys
 
     def _group(self, requests) -> list[_Group]:
         """Group by the prefix HFLM conditions on: its input is (ctx + cont)[-(L+1):][:-1], whose last

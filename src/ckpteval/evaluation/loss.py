@@ -1,8 +1,9 @@
 """Held-out loss: the one evaluation loop behind `mode=loss`, `train_eval`'s in-loop evaluation and `watch`.
 
-Loss = (sum of target-token NLL) / (number of target tokens), summed as float64 on every data-parallel rank,
-all-reduced once and divided once: never a mean of per-batch or per-rank means, so uneven last batches and
-padding rows (targets = -100) weigh exactly what they hold.
+Loss = (sum of target-token NLL) / (number of target tokens): float64 sums per window, gathered from every
+data-parallel rank, added once with exact rounding and divided once: never a mean of per-batch or per-rank means,
+so uneven last batches and padding rows (targets = -100) weigh exactly what they hold, and the total does not
+depend on which rank ran a window (a resumed job, evaluation/resume.py, adds up to the same bits).
 
 A *scorer* turns one batch into (nll_sum, token_count). The default one runs the decoder once and projects to
 the vocabulary in chunks of `logits_chunk` tokens (auto: about 16M logits per chunk), so the full (B, L, V)
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -181,17 +183,37 @@ def run_eval(scorer: Scorer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]
              byte_lengths: torch.Tensor | None = None, keep_windows: bool = False) -> EvalResult:
     """Token-weighted loss over `batches` of (inputs (B, L), targets (B, L)); reduced across `group` ranks.
 
-    Every statistic is a sum on each rank, all-reduced once and divided once: loss (NLL / tokens), bpb (NLL of
-    the tokens that stand for >= 1 byte / (ln 2 x their bytes), `byte_lengths[id]` = UTF-8 bytes of token id)
-    and the loss's standard error over windows (count, sum and sum of squares of per-window mean NLL).
-    `keep_windows` also gathers each window's NLL sum, in the global window order, for paired tests.
+    Every statistic is a sum over windows, gathered from every rank and added once, exactly rounded
+    (`windows_result`): loss (NLL / tokens), bpb (NLL of the tokens that stand for >= 1 byte / (ln 2 x their
+    bytes), `byte_lengths[id]` = UTF-8 bytes of token id) and the loss's standard error over windows (count, sum
+    and sum of squares of per-window mean NLL). The total therefore depends on each window's numbers only, not on
+    which rank ran it or in which order: a resumed evaluation (evaluation/resume.py) adds up to the same bits.
+    `keep_windows` also returns each window's NLL sum, in the global window order, for paired tests.
 
     The caller puts the model in eval mode (`evaluating(model)`); this loop never touches model state, so the
     same function serves a standalone checkpoint, a model mid-training, and every parallel layout.
     """
-    sums = torch.zeros(7, dtype=torch.float64, device=device)  # nll, tokens, byte nll, bytes, n, sum x, sum x^2
-    per_window: list[torch.Tensor] = []
     table = byte_lengths.to(device) if byte_lengths is not None else None
+    parts = score_batches(scorer, batches, device=device, dtype=dtype, model_dtype=model_dtype, table=table,
+                          progress=progress, total=total)
+    rows = torch.cat(parts) if parts else torch.zeros(0, 4, dtype=torch.float64, device=device)
+    distributed = reduce and torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_world_size(group) > 1 and parts:
+        gathered = [torch.empty_like(rows) for _ in range(torch.distributed.get_world_size(group))]
+        torch.distributed.all_gather(gathered, rows.contiguous(), group=group)
+        # Every rank runs the same number of equally shaped batches: batch s of rank r holds windows
+        # s*B*W + r*B + j, so (S, W, B) is the global window order.
+        rows = torch.stack([g.reshape(len(parts), -1, 4) for g in gathered], dim=1).reshape(-1, 4)
+    return windows_result(rows.cpu().numpy(), table is not None, keep_windows)
+
+
+def score_batches(scorer: Scorer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, device: torch.device,
+                  dtype: torch.dtype = torch.float32, model_dtype: torch.dtype | None = None,
+                  table: torch.Tensor | None = None, progress: bool = False, total: int | None = None,
+                  on_batch: Callable[[int, torch.Tensor, float], None] | None = None) -> list[torch.Tensor]:
+    """`window_sums` of each batch, in order (on `device`). `on_batch(index, sums, start)` sees each batch's
+    sums as soon as they are computed (`start`: `time.perf_counter()` when the batch began)."""
+    parts: list[torch.Tensor] = []
     iterator = batches
     if progress:
         from tqdm.auto import tqdm
@@ -199,44 +221,35 @@ def run_eval(scorer: Scorer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]
         iterator = tqdm(batches, total=total, desc="eval", unit="batch", leave=False)
     with torch.inference_mode(), _autocast(device, dtype, model_dtype):
         for inputs, targets in iterator:
+            start = time.perf_counter()
             targets = targets.to(device, non_blocking=True)
             nll, mask = scorer(inputs.to(device, non_blocking=True), targets)
-            sums += _batch_sums(nll, mask, targets, table)
-            if keep_windows:
-                row = nll.sum(dim=1)
-                per_window.append(torch.where(mask.sum(dim=1) > 0, row, torch.full_like(row, float("nan"))))
-    distributed = reduce and torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed:
-        torch.distributed.all_reduce(sums, group=group)
-    window_nll = _gather_windows(per_window, distributed, group) if keep_windows else None
-    return _result(sums.tolist(), table is not None, window_nll)
+            parts.append(window_sums(nll, mask, targets, table))
+            if on_batch is not None:
+                on_batch(len(parts) - 1, parts[-1], start)
+    return parts
 
 
-def _batch_sums(nll: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor, table: torch.Tensor | None
+def window_sums(nll: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor, table: torch.Tensor | None
                 ) -> torch.Tensor:
-    """One batch's contribution to run_eval's seven sums (see there)."""
-    tokens = mask.sum(dim=1)
-    real = tokens > 0  # padding rows (eval.steps=-1) are not windows
-    x = nll.sum(dim=1)[real] / tokens[real]
+    """Per window (row), float64 [B, 4]: its NLL sum, target tokens, NLL of the target tokens that stand for
+    >= 1 byte, and their bytes (zeros without a byte table). A padding row is all zeros."""
     if table is not None:
         nbytes = table[targets.clamp(min=0)].to(torch.float64) * mask
-        byte_nll, total_bytes = (nll * (nbytes > 0)).sum(), nbytes.sum()
+        byte_nll, total_bytes = (nll * (nbytes > 0)).sum(dim=1), nbytes.sum(dim=1)
     else:
-        byte_nll = total_bytes = torch.zeros((), dtype=torch.float64, device=nll.device)
-    return torch.stack([nll.sum(), mask.sum(), byte_nll, total_bytes, real.sum().to(torch.float64), x.sum(),
-                        (x * x).sum()])
+        byte_nll = total_bytes = torch.zeros(nll.shape[0], dtype=torch.float64, device=nll.device)
+    return torch.stack([nll.sum(dim=1), mask.sum(dim=1), byte_nll, total_bytes], dim=1)
 
 
-def _gather_windows(per_window: list[torch.Tensor], distributed: bool, group) -> np.ndarray:
-    """Per-window NLL sums of every rank in the global window order (batch s, rank r, row j), padding dropped.
-    Every rank runs the same number of equally shaped batches, so the per-rank vectors have equal lengths."""
-    mine = torch.stack(per_window) if per_window else torch.zeros(0, 0, dtype=torch.float64)
-    if distributed and torch.distributed.get_world_size(group) > 1:
-        parts = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size(group))]
-        torch.distributed.all_gather(parts, mine.contiguous(), group=group)
-        mine = torch.stack(parts, dim=1)  # (S, W, B): batch s of rank r holds windows s*B*W + r*B + j
-    flat = mine.reshape(-1).cpu().numpy()
-    return flat[~np.isnan(flat)]
+def windows_result(rows: np.ndarray, with_bytes: bool, keep_windows: bool = False) -> EvalResult:
+    """The evaluation's result from every window's `window_sums` row (global window order; padding rows, with no
+    tokens, left out). Sums are exactly rounded (`math.fsum`), so they do not depend on the rows' order."""
+    real = rows[rows[:, 1] > 0] if len(rows) else np.zeros((0, 4))
+    x = real[:, 0] / real[:, 1] if len(real) else real[:, 0]  # per-window mean NLL (standard error)
+    sums = [math.fsum(real[:, 0]), math.fsum(real[:, 1]), math.fsum(real[:, 2]), math.fsum(real[:, 3]),
+            float(len(real)), math.fsum(x), math.fsum(x * x)]
+    return _result(sums, with_bytes, real[:, 0].copy() if keep_windows else None)
 
 
 def _result(sums: list[float], with_bytes: bool, window_nll: np.ndarray | None) -> EvalResult:

@@ -21,13 +21,23 @@ from ckpteval.evaluation.loss import EvalResult, run_eval
 
 
 def evaluate_set(cfg, job, scorer, eval_set: EvalSet, *, model_dtype, table, what: str = "the model",
-                 keep_windows: bool = False, progress: bool = True) -> EvalResult:
-    """One set through `run_eval`: the same batches on every path (mode=loss, train_eval, watch)."""
+                 keep_windows: bool = False, progress: bool = True, results=None, records: bool = True) -> EvalResult:
+    """One set through `run_eval`: the same batches on every path (mode=loss, train_eval, watch). With a result
+    store entry (`results`), blocks it holds are read and the rest computed and recorded (evaluation/resume.py):
+    the same numbers, bit for bit; `records`: whether this rank writes its blocks."""
     d = job.dist
     total = num_eval_batches(len(eval_set.windows), cfg.eval.batch_size, cfg.eval.steps, d.dp_size)
     if progress:
         job.log("evaluating %s on %s: %d windows x %d tokens, %d batches of %d", what, eval_set.name,
                 len(eval_set.windows), cfg.eval.seq_len, total, cfg.eval.batch_size)
+    if results is not None:
+        from ckpteval.evaluation.resume import evaluate_windows
+
+        return evaluate_windows(scorer, eval_set.windows, results, batch_size=cfg.eval.batch_size,
+                                steps=cfg.eval.steps, dist=d, device=d.device, dtype=torch_dtype(cfg.eval.dtype),
+                                model_dtype=model_dtype, table=table, equal_batches=cfg.parallel.name != "none",
+                                writer=records, progress=progress and d.is_main, keep_windows=keep_windows,
+                                what=f"loss on {eval_set.name}")
     batches = eval_batches(eval_set.windows, cfg.eval.batch_size, cfg.eval.steps, d.dp_rank, d.dp_size)
     return run_eval(scorer, batches, device=d.device, dtype=torch_dtype(cfg.eval.dtype), model_dtype=model_dtype,
                     group=d.dp_group, progress=progress and d.is_main, total=total, byte_lengths=table,

@@ -10,6 +10,8 @@ Tasks are resolved (names, code-execution policy, offline data) before the check
 once), `subprocess` converts the checkpoint once (cached by checkpoint identity) and runs the `lm_eval` CLI on
 the HF dir. Every metric goes to MLflow as `harness/{task}/{metric}` at the checkpoint step, with each task's
 primary metric and `harness/mean_primary`; lm-eval's results JSON and per-sample logs are run artifacts.
+With `fast`, every finished batch is kept in the result store (`cache.*`): the same command after a kill
+computes only the rest, with identical results (docs/resume.md).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from ckpteval.evaluation.harness import (
     run_simple_evaluate,
     save_results,
 )
+from ckpteval.evaluation.result_store import drop_when_finished, job_entry, model_settings, open_store
+from ckpteval.parallel.dist import fail_together
 
 log = logging.getLogger(__name__)
 
@@ -106,21 +110,33 @@ def _check_setup(cfg, hcfg, dist) -> None:
 
 
 def _evaluate_in_memory(cfg, hcfg, info, job, resolved, timing: dict) -> dict | None:
+    store = None
+    if hcfg.backend == "fast":  # FastLM records every finished batch: a killed job's next start resumes
+        with fail_together("opening the result store"):
+            store = open_store(cfg.get("cache"), main=job.dist.is_main)  # a read-only cache.dir: before loading
+    elif cfg.get("cache") is not None and cfg.cache.enabled:
+        job.log("harness.backend=%s keeps no result store: a killed job starts over (backend=fast resumes)",
+                hcfg.backend)
     start = time.perf_counter()
     tokenizer = load_tokenizer(info, required=True)
     model = load_model(info, cfg.model, device=job.dist.device, dtype=torch_dtype(hcfg.dtype),
                        shared_base=True)  # only read: an adapter's base is loaded once per process
     timing["load_s"] = time.perf_counter() - start
     startup.watch_first_request()
-    lm = None
+    lm = entry = None
     try:
         lm = build_lm(hcfg.backend, model, tokenizer, hcfg, job.dist)
+        if store is not None:
+            entry = lm.results = job_entry(store, info, harness_settings(lm, model, tokenizer), job.dist)
+            drop_when_finished(job, entry, bool(cfg.cache.keep))
         cache_dir = _cache_dir(cfg, hcfg, "request_cache_dir", "harness_requests")
         results = run_simple_evaluate(lm, resolved, hcfg, request_cache_dir=cache_dir)
         if hasattr(lm, "forward_seconds"):
             timing["forward_s"] = lm.forward_seconds
         return results
     finally:
+        if entry is not None:
+            entry.close()  # what this rank computed is on disk (a SIGTERM passes here too)
         timing["evaluate_s"] = time.perf_counter() - start - timing["load_s"]
         alive = weakref.ref(model)
         del lm, model  # the LM holds the model: with both gone its memory is free before the next checkpoint loads
@@ -134,6 +150,15 @@ def _evaluate_in_memory(cfg, hcfg, info, job, resolved, timing: dict) -> dict | 
 def _cache_dir(cfg, hcfg, key: str, default: str) -> Path:
     """`harness.<key>`, default <paths.outputs>/<default>."""
     return Path(getattr(hcfg, key, None) or Path(cfg.paths.outputs) / default).expanduser()
+
+
+def harness_settings(lm, model, tokenizer) -> dict:
+    """What decides FastLM's results besides the checkpoint and each request's tokens (the result store's entry
+    settings; not the rank count, batch size or run dir)."""
+    from ckpteval.evaluation.request_cache import tokenizer_fingerprint
+
+    return {"kind": "harness", "backend": "fast", "dtype": str(lm.compute_dtype), "device": lm.device.type,
+            "attention": lm._attn_impl, "model": model_settings(model), "tokenizer": tokenizer_fingerprint(tokenizer)}
 
 
 def converted_checkpoint(cfg, hcfg, info) -> tuple[Path, Path | None]:
