@@ -24,7 +24,8 @@ from ckpteval.checkpoint import inspect_checkpoint, load_tokenizer
 from ckpteval.data import EvalSet, check_eval_sets, load_eval_sets
 from ckpteval.data.windows import check_token_ids, eval_batches, num_eval_batches
 from ckpteval.errors import CkptEvalError
-from ckpteval.evaluation.loss import EvalResult, evaluating, run_eval
+from ckpteval.evaluation.auto_batch import LossBatch, is_auto, loss_batch, resilient_scorer
+from ckpteval.evaluation.loss import EvalResult, causal_lm_scorer, document_sep_id, evaluating, run_eval
 from ckpteval.evaluation.statistics import WINDOW_FILE
 from ckpteval.parallel import load_eval_model, resolve_dtype
 
@@ -52,24 +53,43 @@ def evaluate_checkpoint_loss(cfg, job, ckpt: str, window_file: Path | None = Non
         for s in sets:
             results[s.name] = evaluate_set(cfg, job, scorer, s, model_dtype=next(model.parameters()).dtype,
                                            table=table, what=f"{ckpt} (step {info.step})",
-                                           keep_windows=window_file is not None)
+                                           keep_windows=window_file is not None, model=model)
     if window_file is not None and job.dist.is_main:
         save_window_nll(window_file, results)
     return {"step": info.step, "tokens_seen": info.tokens_seen, **set_metrics(sets, results)}
 
 
 def evaluate_set(cfg, job, scorer, eval_set: EvalSet, *, model_dtype, table, what: str = "the model",
-                 keep_windows: bool = False, progress: bool = True) -> EvalResult:
-    """One set through `run_eval`: the same batches on every path (mode=loss, train_eval, watch)."""
+                 keep_windows: bool = False, progress: bool = True, model=None) -> EvalResult:
+    """One set through `run_eval`: the same batches on every path (mode=loss, train_eval, watch).
+
+    `model` (the plain transformers model `scorer` runs) is what `eval.batch_size=auto` probes."""
     d = job.dist
-    total = num_eval_batches(len(eval_set.windows), cfg.eval.batch_size, cfg.eval.steps, d.dp_size)
+    dtype = resolve_dtype(cfg.eval.dtype)
+    batch = _eval_batch(cfg, model, eval_set, d, dtype)
+    total = num_eval_batches(len(eval_set.windows), batch.windows, cfg.eval.steps, d.dp_size)
     if progress:
         job.log("evaluating %s on %s: %d windows x %d tokens, %d batches of %d", what, eval_set.name,
-                len(eval_set.windows), cfg.eval.seq_len, total, cfg.eval.batch_size)
-    batches = eval_batches(eval_set.windows, cfg.eval.batch_size, cfg.eval.steps, d.dp_rank, d.dp_size)
-    return run_eval(scorer, batches, device=d.device, dtype=resolve_dtype(cfg.eval.dtype), model_dtype=model_dtype,
-                    group=d.dp_group, progress=progress and d.is_main, total=total, byte_lengths=table,
-                    keep_windows=keep_windows)
+                len(eval_set.windows), cfg.eval.seq_len, total, batch.windows)
+    if cfg.parallel.name == "none":  # one model per rank: an out-of-memory error splits the batch (auto)
+        scorer = resilient_scorer(scorer, batch, d.device)
+    batches = eval_batches(eval_set.windows, batch.windows, cfg.eval.steps, d.dp_rank, d.dp_size)
+    result = run_eval(scorer, batches, device=d.device, dtype=dtype, model_dtype=model_dtype, group=d.dp_group,
+                      progress=progress and d.is_main, total=total, byte_lengths=table, keep_windows=keep_windows)
+    if batch.auto:
+        result.batch_size = batch.windows
+    return result
+
+
+def _eval_batch(cfg, model, eval_set: EvalSet, dist, dtype) -> LossBatch:
+    """`eval.batch_size`, or for auto the probe's answer for this model (probed uncompiled: same memory, no
+    compilation for the probe's shapes)."""
+    if not is_auto(cfg.eval.batch_size):
+        return loss_batch(cfg, None, None, len(eval_set.windows), dist.dp_size, dist.device, dtype)
+    if model is None:
+        raise CkptEvalError("eval.batch_size=auto needs the model to probe here: set eval.batch_size=N")
+    probe_scorer = causal_lm_scorer(model, cfg.eval.logits_chunk, document_sep_id(cfg.eval, model.config))
+    return loss_batch(cfg, model, probe_scorer, len(eval_set.windows), dist.dp_size, dist.device, dtype)
 
 
 def set_metrics(sets: list[EvalSet], results: dict[str, EvalResult]) -> dict[str, float]:
