@@ -244,6 +244,21 @@ def test_fastlm_out_of_memory_goes_on(lm_setup, monkeypatch):
         FastLM(model, tok, batch_size=8).loglikelihood(_instances(reqs))
 
 
+def test_harness_job_auto_gives_the_fixed_metrics(in_tmp, tiny_hf_ckpt):
+    """`mode=harness harness.batch_size=auto` (FastLM) on the offline tasks: the metrics of a fixed batch size,
+    the tokens per forward in the results."""
+    from pathlib import Path
+
+    tasks = Path(__file__).resolve().parent / "tasks"
+    common = ["mode=harness", f"ckpt={tiny_hf_ckpt}", "harness=offline", f"harness.include_path={tasks}",
+              "harness.limit=8", "tracking.enabled=false", f"eval.device={DEVICE}", "harness.log_samples=false"]
+    fixed = app.main(factories.compose([*common, "harness.batch_size=4"]))
+    auto = app.main(factories.compose([*common, "harness.batch_size=auto", "harness.memory_budget_gb=0.05"]))
+    assert auto["harness/batch_tokens"] >= 64 and "harness/batch_tokens" not in fixed
+    keys = [k for k in fixed if k.startswith("harness/ckpteval_") and not k.endswith("_stderr")]
+    assert keys and all(auto[k] == pytest.approx(fixed[k], rel=1e-6) for k in keys)
+
+
 # ------------------------------------------------------------------------------------------ compile
 
 
