@@ -259,6 +259,38 @@ def test_harness_job_auto_gives_the_fixed_metrics(in_tmp, tiny_hf_ckpt):
     assert keys and all(auto[k] == pytest.approx(fixed[k], rel=1e-6) for k in keys)
 
 
+# ------------------------------------------------------------------------------------------ attention path
+
+
+def test_attention_takes_the_masked_path_only_where_needed(monkeypatch):
+    """The loss path without document masks calls SDPA with no mask and is_causal (its flash / efficient kernels:
+    it runs under a flash-only kernel choice); with document masks it passes one. On CUDA flash takes no arbitrary
+    mask, so there the flash-only run proves the kernel. (FastLM's rows: tests/test_fast_lm.py, `_spy_masks`.)"""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from ckpteval.evaluation.loss import causal_lm_scorer
+
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        calls.append((attn_mask is None, is_causal))
+        return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    model = factories.make_model().to(DEVICE, torch.bfloat16)
+    tokens = torch.randint(2, 512, (3, SEQ + 1), device=DEVICE)
+    tokens[:, 10] = 1  # a document ends inside each window
+    with torch.inference_mode(), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        plain, _ = causal_lm_scorer(model)(tokens[:, :-1], tokens[:, 1:])
+    assert calls and set(calls) == {(True, True)}
+    calls.clear()
+    with torch.inference_mode():
+        causal_lm_scorer(model, doc_sep=1)(tokens[:, :-1], tokens[:, 1:])
+    assert calls and set(calls) == {(False, False)}
+    assert torch.isfinite(plain).all()
+
+
 # ------------------------------------------------------------------------------------------ compile
 
 
