@@ -1,4 +1,5 @@
-"""What the benchmarks share: the ~100M Llama they time, peak memory of one loop, and the machine's matmul peak."""
+"""What the benchmarks share: the Llamas they time (random weights), peak memory of one loop, the machine's matmul
+peak, and the model FLOPs per token that a share of that peak counts."""
 
 from __future__ import annotations
 
@@ -12,17 +13,46 @@ SIZES = {
               "num_attention_heads": 12, "num_key_value_heads": 12, "max_position_embeddings": 2048},
     "tiny": {"vocab_size": 4096, "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 4,
              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512},
+    # Llama-3 shapes (Llama-3.2-1B with its head untied, Llama-3.1-8B): built on the device, in its dtype
+    "1b": {"vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+           "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 8192,
+           "rope_theta": 500000.0},
+    "8b": {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+           "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 8192,
+           "rope_theta": 500000.0},
 }
+BIG = {"1b", "8b"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def build(size: str, dtype: torch.dtype, device: str):
-    """A Llama of `size` with random (seeded) weights, in eval mode."""
+    """A Llama of `size` with random (seeded) weights, in eval mode. The 1B and 8B are initialised where they run,
+    in their dtype (an 8B in float32 on the CPU first would take 32 GB and minutes)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SIZES[size], tie_word_embeddings=False))
-    return model.to(device=device, dtype=dtype).eval()
+    config = LlamaConfig(**SIZES[size], tie_word_embeddings=False)
+    if size not in BIG:
+        return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def flops_per_token(config, seq: int) -> float:
+    """Model FLOPs per token of a causal forward over `seq` tokens: 2 x every matmul weight (q, k, v, o, the MLP,
+    the vocabulary projection; not the embedding lookup) + causal attention, 2 x 2 x seq/2 x heads x head_dim
+    per layer (scores and their product with the values, half the keys on average)."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    weights = layers * (h * (q + 2 * kv) + q * h + 3 * h * config.intermediate_size) + h * config.vocab_size
+    return 2 * weights + layers * 2 * 2 * (seq / 2) * q
 
 
 def reset_peak(device: str) -> int:

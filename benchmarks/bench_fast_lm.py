@@ -46,7 +46,10 @@ def word_tokenizer(vocab: int):
 
 
 def build(size: str, dtype: torch.dtype, device: str):
-    model = _measure.build(size, torch.float32, "cpu")
+    if size in _measure.BIG:  # built on the device in its dtype (see _measure.build)
+        model = _measure.build(size, dtype, device)
+    else:
+        model = _measure.build(size, torch.float32, "cpu")
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)  # less uniform predictions, so is_greedy is not always False
     return model.to(device=device, dtype=dtype).eval()

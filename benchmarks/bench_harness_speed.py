@@ -5,6 +5,8 @@
     python benchmarks/bench_harness_speed.py --docs 3 --cases b   # one case, fewer documents (a loaded machine)
     python benchmarks/bench_harness_speed.py --small         # tiny Llama, a smoke run in seconds
     python benchmarks/bench_harness_speed.py --cases b,c     # some of: a b c d
+    python benchmarks/bench_harness_speed.py --size 8b --dtype bfloat16 --device cuda --batch auto --cases a,b,c
+                      # Llama-3-shaped 8B on a GPU, both backends at batch_size=auto (HFLM: lm-eval's own probe)
 
 Cases (text over a word-level tokenizer whose words are token ids, "w17 w4 ..."):
   (a) 0-shot multiple choice: ~100-token context, 4 choices of 4..20 tokens.
@@ -44,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _measure import DTYPES, matmul_peak, peak_since, reset_peak  # noqa: E402
+from _measure import DTYPES, SIZES, matmul_peak, peak_since, reset_peak  # noqa: E402
 from bench_fast_lm import build, word_tokenizer  # noqa: E402
 
 
@@ -185,6 +187,17 @@ def run_case(name: str, fast, hf, method: str, reqs: list, tokens: dict, args, p
             acc = [[max(range(4), key=lambda c: r[k + c][0]) for k in range(0, n, 4)] for r in (r_fast, r_hf)]
             check = f"greedy= {greedy}/{n}, argmax choice identical {acc[0] == acc[1]}"
     frac = {k: 2 * params * tokens[k] / min(t) / peak for k, t in (("fast", t_fast), ("hf", t_hf))}
+    if args.json:
+        import json
+
+        chosen = fast.rows_plan.chosen() if hasattr(fast, "rows_plan") else {}
+        with open(args.json, "a") as f:
+            f.write(json.dumps({"case": name, "requests": n, "fast_rps": rps_fast, "hf_rps": rps_hf,
+                                "ratio": rps_fast / rps_hf, "fast_peak_mb": m_fast / 2**20, "hf_peak_mb": m_hf / 2**20,
+                                "max_abs_dll": diff, "check": check, "fast_share_of_peak": frac["fast"],
+                                "hf_share_of_peak": frac["hf"], "fast_s": t_fast, "hf_s": t_hf,
+                                "batch": str(args.batch), "hf_batch_sizes": str(getattr(hf, "batch_sizes", "")),
+                                **chosen}) + "\n")
     print(f"({name}) {n:4d} req  fast {rps_fast:8.2f} req/s  HFLM {rps_hf:8.2f} req/s  ratio {rps_fast / rps_hf:6.2f}x  "
           f"peak MB fast {m_fast / 2**20:7.1f} HFLM {m_hf / 2**20:7.1f}  max|dLL| {diff:.1e}  {check}")
     print(f"    %matmul peak (2*params*tokens run): fast {100 * frac['fast']:.1f}% HFLM {100 * frac['hf']:.1f}%; "
@@ -200,7 +213,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="tiny model, few requests: seconds")
     ap.add_argument("--cases", default="a,b,c,d")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", default="8", help="rows per forward of both backends, or auto (FastLM: its token "
+                    "budget from free memory; HFLM: lm-eval's --batch_size auto)")
+    ap.add_argument("--size", choices=sorted(SIZES), default=None, help="model (default: small; --small: tiny)")
+    ap.add_argument("--json", help="append one JSON line per case here")
     ap.add_argument("--docs", type=int, default=4, help="documents per group; (a) and (d) use twice as many")
     ap.add_argument("--groups", type=int, default=2, help="(b): groups of documents, each its own preamble")
     ap.add_argument("--repeats", type=int, default=1)
@@ -223,7 +239,8 @@ def main() -> None:
 
     from ckpteval.evaluation.fast_lm import FastLM
 
-    size = "tiny" if args.small else "small"
+    size = args.size or ("tiny" if args.small else "small")
+    args.batch = "auto" if args.batch == "auto" else int(args.batch)
     dtype = DTYPES[args.dtype]
     model = build(size, dtype, args.device)  # both backends compute in the model's dtype
     vocab = model.config.vocab_size
@@ -287,7 +304,7 @@ def main() -> None:
         n_docs = 2 * docs if args.rolling == "uniform" else docs
         reqs = rolling_requests(rng, vocab, n_docs, rolling_lengths(rng, args.rolling, n_docs, max_length))
         fast, hf = pair(max_length)
-        pad = padded_window_tokens(fast, reqs, args.batch)
+        pad = padded_window_tokens(fast, reqs, args.batch if isinstance(args.batch, int) else 64)  # auto: at most 64
         print(f"(d) {args.rolling}: {len(reqs)} documents, {pad['windows']} windows of max_length {max_length}, "
               f"{pad['real']} input tokens; with padding HFLM runs {pad['hf']}, FastLM {pad['fast']}: "
               f"bound on the ratio {pad['hf'] / pad['fast']:.2f}x")

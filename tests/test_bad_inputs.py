@@ -60,6 +60,8 @@ CASES = [
      ["eval.batch_size=0", "1 or more"]),
     ("batch_size_negative", lambda t, c, s: ["mode=loss", f"ckpt={c}", *_data(s), "eval.batch_size=-4"],
      ["eval.batch_size=-4", "1 or more"]),
+    ("batch_size_word", lambda t, c, s: ["mode=loss", f"ckpt={c}", *_data(s), "eval.batch_size=abc"],
+     ["eval.batch_size=abc", "eval.batch_size=auto"]),  # an int or auto: checked after composing (see auto_batch)
     ("seq_len_zero", lambda t, c, s: ["mode=loss", f"ckpt={c}", *_data(s), "eval.seq_len=0"],
      ["eval.seq_len=0", "1 or more"]),
     ("seq_len_beyond_positions", lambda t, c, s: ["mode=loss", f"ckpt={c}", *_data(s), "eval.seq_len=300"],
@@ -198,7 +200,6 @@ COMPOSE_CASES = [
     ("harness.dtype=float64", "float32"),
     ("watch.order=random", "newest"),
     ("convert.dtype=int4", "bfloat16"),
-    ("eval.batch_size=abc", "batch_size"),
     ("parallel.pp_schedule=Zigzag", "GPipe"),
     ("parallel.param_dtype=fp8", "bfloat16"),
     ("mode.name=bogus", "train_eval"),

@@ -142,7 +142,9 @@ class EvalConfig:
     enabled: bool = True  # train_eval: evaluate held-out loss during training
     interval: int = 100  # train_eval: evaluate every N optimizer steps (and at the last step)
     steps: int = 20  # batches per evaluation; -1 = exactly one pass over every window
-    batch_size: int = 8  # windows per batch (per data-parallel rank)
+    batch_size: Any = 8  # windows per batch (per data-parallel rank), or auto: the most that fit in memory (parallel=none)
+    memory_budget_gb: Optional[float] = None  # batch_size=auto: memory a batch may use; default 0.9 x free GPU memory, 0.5 x available RAM
+    compile: bool = False  # torch.compile the decoder (parallel=none): same loss to 1e-5 (float32), faster on a GPU
     seq_len: int = 256  # tokens per window (inputs); targets are the next L tokens
     dtype: ComputeDtype = ComputeDtype.float32  # float32 | bfloat16 | float16: compute dtype (loss always accumulated in float32)
     logits_chunk: int = 0  # tokens per chunk of the vocabulary projection; 0 = auto (~16M logits, 64 MB float32)
@@ -198,7 +200,8 @@ class TrackingConfig:
 class HarnessConfig:
     tasks: list[str] = field(default_factory=lambda: ["hellaswag", "arc_easy", "arc_challenge", "winogrande", "piqa", "boolq"])
     num_fewshot: Optional[int] = None  # None = each task's default
-    batch_size: int = 8
+    batch_size: Any = 8  # rows per forward, or auto: fast: a token budget from free memory; hf/subprocess: lm-eval's own auto
+    memory_budget_gb: Optional[float] = None  # batch_size=auto (fast): memory a batch may use; default as eval.memory_budget_gb
     limit: Optional[float] = None  # examples per task (int) or fraction (< 1.0)
     seed: int = 1234
     include_path: Optional[str] = None  # dir of extra task YAMLs

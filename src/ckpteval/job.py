@@ -239,7 +239,7 @@ def in_multirun(config: DictConfig | None = None) -> bool:
 
 # (key, check, requirement): every numeric range of the config, checked before any work.
 RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
-    ("eval.batch_size", lambda v: v >= 1, "1 or more"),
+    ("eval.batch_size", lambda v: v >= 1, "1 or more, or auto"),
     ("eval.seq_len", lambda v: v >= 1, "1 or more"),
     ("eval.steps", lambda v: v == -1 or v >= 1, "1 or more, or -1 for one full pass"),
     ("eval.interval", lambda v: v >= 1, "1 or more"),
@@ -255,7 +255,7 @@ RANGES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("train.weight_decay", lambda v: v >= 0, "0 or more"),
     ("train.log_interval", lambda v: v >= 1, "1 or more"),
     ("checkpoint.keep_last", lambda v: v >= 0, "0 (keep all) or more"),
-    ("harness.batch_size", lambda v: v >= 1, "1 or more"),
+    ("harness.batch_size", lambda v: v >= 1, "1 or more, or auto"),
     ("harness.limit", lambda v: v is None or v > 0, "a positive count, a fraction below 1, or null for all"),
     ("harness.num_fewshot", lambda v: v is None or v >= 0, "0 or more, or null for each task's default"),
     ("parallel.tp", lambda v: v >= 1, "1 or more"),
@@ -294,6 +294,9 @@ def validate_config(cfg: DictConfig) -> None:
         from ckpteval.tracking.registry import check_model_name
 
         check_model_name(str(model_name))
+    from ckpteval.evaluation.auto_batch import check_config
+
+    check_config(cfg)  # batch_size=auto, memory budgets, eval.compile
 
 
 def check_device(requested: str | None) -> None:

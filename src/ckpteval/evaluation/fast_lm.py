@@ -53,6 +53,7 @@ from tqdm import tqdm
 
 from ckpteval.errors import CkptEvalError
 from ckpteval.evaluation import generate as gen
+from ckpteval.evaluation.auto_batch import RowPlanner, is_auto, is_oom
 from ckpteval.evaluation.loss import _PLAIN_HEAD_TYPES, additive_mask, auto_chunk
 from ckpteval.evaluation.prefix_cache import PrefixStore, cache_tensors, expanded_cache, plan_shared_prefixes
 from ckpteval.evaluation.request_cache import token_memo
@@ -103,7 +104,8 @@ class FastLM(TemplateLM):
     Args:
         model: an in-memory transformers causal LM (eval mode).
         tokenizer: its HF tokenizer.
-        batch_size: rows (context groups, or rolling windows) per forward pass.
+        batch_size: rows (context groups, or rolling windows) per forward pass; "auto": as many rows of each
+            batch's length as fit the device's free memory (``auto_batch.RowPlanner``).
         device: where inputs go; defaults to the model's device (the model is never moved).
         dtype: compute dtype. None: the model's own. bfloat16/float16 on a float32 model: autocast.
         rank, world_size: this process's data-parallel coordinates (``torch.distributed`` must be initialised
@@ -112,15 +114,19 @@ class FastLM(TemplateLM):
         group: the process group for the data-parallel gather (default: the world).
         prefix_cache_tokens: cap on the tokens of shared prefixes whose keys/values are kept (0: no sharing
             beyond identical contexts).
+        memory_budget_gb: batch_size="auto": the memory a forward may use (default: 0.9 x free GPU memory,
+            0.5 x available RAM).
     """
 
     def __init__(self, model, tokenizer, batch_size: int = 8, device=None, dtype=None, rank: int = 0,
                  world_size: int = 1, max_length: int | None = None, group=None,
-                 prefix_cache_tokens: int = 8192) -> None:
+                 prefix_cache_tokens: int = 8192, memory_budget_gb: float | None = None) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size_per_gpu = _parse_batch_size(batch_size)
+        self.rows_plan = RowPlanner(self, "auto" if is_auto(batch_size) else self.batch_size_per_gpu,
+                                    memory_budget_gb)
         first = next(model.parameters())
         self._device = first.device  # inputs follow the model, which is never moved
         asked = torch.device(device) if device is not None else first.device
@@ -204,7 +210,8 @@ class FastLM(TemplateLM):
         if self._hflm is None:
             from lm_eval.models.huggingface import HFLM
 
-            self._hflm = HFLM(pretrained=self.model, tokenizer=self.tokenizer, batch_size=self.batch_size,
+            batch = "auto" if self.rows_plan.auto else self.batch_size  # HFLM's own auto for what it runs
+            self._hflm = HFLM(pretrained=self.model, tokenizer=self.tokenizer, batch_size=batch,
                               max_length=self._max_length, mixed_precision_dtype=self._autocast)
         self._hflm.cache_hook = self.cache_hook
         return self._hflm
@@ -309,8 +316,7 @@ class FastLM(TemplateLM):
                 continue
             jobs = [(i, u.shared, prompts[i][len(u.shared):]) for u in _shard(units, self.dp_rank, self.dp_size)
                     for i in u.items]  # this rank's prompts, a shared prefix's prompts adjacent, longest first
-            local += gen.greedy_generate(self, jobs, max_gen, until, gen.eos_ids(self.model),
-                                         progress=lambda: pbar.update(self.dp_size))
+            local += self._generate(jobs, max_gen, until, progress=lambda: pbar.update(self.dp_size))
         pbar.close()
         if delegated:
             mine = delegated[self.dp_rank::self.dp_size]
@@ -352,8 +358,7 @@ class FastLM(TemplateLM):
         for segment in _shard(todo, self.dp_rank, self.dp_size):
             jobs = [(i, u.shared, prompts[i][len(u.shared):]) for u in segment.items for i in u.items]
             start = time.perf_counter()
-            texts = dict(gen.greedy_generate(self, jobs, max_gen, until, gen.eos_ids(self.model),
-                                             progress=lambda: pbar.update(self.dp_size)))
+            texts = dict(self._generate(jobs, max_gen, until, progress=lambda: pbar.update(self.dp_size)))
             self.results.add([(keys[i], texts[i]) for i, _, _ in jobs], time.perf_counter() - start)
             out += texts.items()
         return out, reused
@@ -377,7 +382,7 @@ class FastLM(TemplateLM):
         local = []
         for unit in mine:
             start = time.perf_counter()
-            scored = self._score_batch(unit.items, unit.shared)
+            scored = self._score_unit(unit.items, unit.shared)
             if self.results is not None:
                 self.results.add(zip(keys(unit), [s for scores in scored for s in scores]),
                                  time.perf_counter() - start)
@@ -450,11 +455,53 @@ class FastLM(TemplateLM):
                 parts = [[m for m in members if plain(items[m])], [m for m in members if not plain(items[m])]]
             shared = seqs[members[0]][:shared_len]
             for part in parts:
-                for start in range(0, len(part), self.batch_size):
-                    chunk = [items[m] for m in part[start:start + self.batch_size]]
+                start = 0
+                while start < len(part):  # longest first: the first item's length sizes the batch
+                    new = length(items[part[start]]) - shared_len
+                    chunk = [items[m] for m in part[start:start + self.rows_plan.rows(new, shared_len + new)]]
                     cost = sum(length(x) - shared_len for x in chunk) + shared_len
                     units.append(_Unit(shared, chunk, cost))
+                    start += len(chunk)
         return units
+
+    def _score_unit(self, items: list[_Group], shared: tuple[int, ...]) -> list[list[tuple[float, bool]]]:
+        """`_score_batch`; after an out-of-memory error (batch_size=auto) the batch is split smaller and each
+        piece scored (a group's scores do not depend on the rows beside it)."""
+        try:
+            return self._score_batch(items, shared)
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one
+            if not is_oom(exc):
+                raise
+        rows = self.rows_plan.after_oom(len(items))  # outside the except block: the failed forward's tensors are gone
+        return [s for start in range(0, len(items), rows) for s in self._score_unit(items[start:start + rows], shared)]
+
+    def _generate(self, jobs, max_gen: int, until: list[str], progress) -> list[tuple[int, str]]:
+        """`generate.greedy_generate`; after an out-of-memory error (batch_size=auto) the rows not yet finished run
+        again with fewer slots (a row's greedy text does not depend on the rows beside it)."""
+        out: list[tuple[int, str]] = []
+        while True:
+            done = {i for i, _ in out}
+            try:
+                return gen.greedy_generate(self, [j for j in jobs if j[0] not in done], max_gen, until,
+                                           gen.eos_ids(self.model), progress=progress, out=out)
+            except RuntimeError as exc:
+                if not is_oom(exc):
+                    raise
+            cap = max(len(s) + len(r) for _, s, r in jobs) + max_gen
+            self.rows_plan.after_oom(max(2, self.rows_plan.gen_rows(cap)))
+
+    def probe_forward(self, rows: int, length: int) -> None:
+        """`rows` packed rows of `length` random tokens through the 4-D-mask path, every position scored: the
+        costliest forward FastLM runs, which `harness.batch_size=auto` measures."""
+        g = torch.Generator().manual_seed(0)
+        vocab = int(self.model.config.vocab_size)
+        ids = torch.randint(0, vocab, (rows, length), generator=g)
+        mask = torch.ones(length, length, dtype=torch.bool).tril().expand(rows, 1, length, length)
+        keep = torch.ones(rows, length, dtype=torch.bool)
+        targets = torch.randint(0, vocab, (rows * length,), generator=g)
+        lp, _ = self._token_scores(ids, torch.arange(length).expand(rows, length), mask, keep, None,
+                                   torch.arange(rows * length), targets)
+        lp.sum().item()
 
     def _score_batch(self, batch: list[_Group], shared: tuple[int, ...] = ()) -> list[list[tuple[float, bool]]]:
         """One forward over packed rows (after `shared`, whose KV comes from the prefix store); per group,
@@ -629,7 +676,7 @@ def _shard(units: list[_Unit], rank: int, world: int) -> list[_Unit]:
 
 def _parse_batch_size(batch_size) -> int:
     if isinstance(batch_size, str) and batch_size.startswith("auto"):
-        return 16  # no probing: rows are packed, a fixed row count is predictable in memory
+        return 64  # HFLM's max_batch_size, where its auto starts: mirrored for its BOS handling (generate.py)
     try:
         value = int(batch_size)
     except (TypeError, ValueError):

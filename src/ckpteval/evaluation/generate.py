@@ -241,31 +241,40 @@ def prefill(lm, shared: tuple[int, ...], rows: list[tuple[int, ...]]):
 
 
 def greedy_generate(lm, jobs: list[tuple[int, tuple[int, ...], tuple[int, ...]]], max_gen: int, until: list[str],
-                    stop_ids: set[int], progress=None) -> list[tuple[int, str]]:
+                    stop_ids: set[int], progress=None, out: list | None = None) -> list[tuple[int, str]]:
     """(request index, text cut like HFLM's) for `jobs` = (request index, shared prefix, rest of the prompt).
 
     Continuous batching over at most `lm.batch_size` rows: jobs are prefilled in their order, consecutive jobs
     of one shared prefix together, on top of that prefix's cached KV; their caches move into one slot cache, and
     rows of any prefix decode together, one token per row per step, each at its own position. A finished row
-    leaves at once; when half the slots are free (or none is busy), waiting jobs are prefilled into them."""
-    out: list[tuple[int, str]] = []
+    leaves at once; when half the slots are free (or none is busy), waiting jobs are prefilled into them.
+
+    Slots and prefill rows come from `lm.rows_plan` (harness.batch_size, or auto: what memory holds); finished
+    rows are appended to `out` as they finish (what an out-of-memory retry need not run again)."""
+    out = [] if out is None else out
+    if not jobs:
+        return out
     if max_gen <= 0:
-        return [(i, postprocess_generated_text("", until, None)) for i, _, _ in jobs]
+        out += [(i, postprocess_generated_text("", until, None)) for i, _, _ in jobs]
+        return out
     waiting = collections.deque(jobs)
     cap = max(len(s) + len(r) for _, s, r in jobs) + max_gen
+    rows = lm.rows_plan.gen_rows(cap)
     active: list[_Row] = []
     slots = None
-    refill_at = max(1, lm.batch_size // 2)
+    refill_at = max(1, rows // 2)
     while waiting or active:
         fresh: list[_Row] = []
-        while waiting and (lm.batch_size - len(active) >= refill_at or not active):
+        while waiting and (rows - len(active) >= refill_at or not active):
             shared = waiting[0][1]
+            new = len(waiting[0][2])  # the longest of its prefix's run: jobs come longest first
+            limit = lm.rows_plan.rows(new, len(shared) + new, share=0.5)
             chunk = []
-            while waiting and waiting[0][1] == shared and len(active) + len(chunk) < lm.batch_size:
+            while waiting and waiting[0][1] == shared and len(active) + len(chunk) < rows and len(chunk) < limit:
                 chunk.append(waiting.popleft())
             first, kv = prefill(lm, shared, [r for _, _, r in chunk])
             if slots is None:
-                slots = _SlotCache(kv, lm.batch_size, cap)
+                slots = _SlotCache(kv, rows, cap)
             for j, ((i, s, r), tok) in enumerate(zip(chunk, first)):
                 slots.put(len(active), kv, j, len(s) + len(r))
                 row = _Row(i, len(s) + len(r), [tok])

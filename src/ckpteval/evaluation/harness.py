@@ -299,13 +299,21 @@ def build_lm(backend: str, model, tokenizer, harness_cfg, dist):
         if dist is not None and dist.dp_size > 1:
             kwargs = {"rank": dist.dp_rank, "world_size": dist.dp_size, "group": dist.dp_group}
         kwargs["prefix_cache_tokens"] = int(getattr(harness_cfg, "prefix_cache_tokens", 8192))
-        return FastLM(model, tokenizer, batch_size=int(harness_cfg.batch_size), device=dist.device if dist else None,
-                      dtype=harness_cfg.dtype, max_length=max_length, **kwargs)
+        kwargs["memory_budget_gb"] = getattr(harness_cfg, "memory_budget_gb", None)
+        return FastLM(model, tokenizer, batch_size=batch_size_arg(harness_cfg.batch_size),
+                      device=dist.device if dist else None, dtype=harness_cfg.dtype, max_length=max_length, **kwargs)
     from lm_eval.models.huggingface import HFLM
 
     # simple_evaluate ignores its batch_size for an LM object: HFLM's own batch_size is the one that counts.
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(harness_cfg.batch_size),
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size_arg(harness_cfg.batch_size),
                 trust_remote_code=bool(harness_cfg.trust_remote_code), max_length=max_length)
+
+
+def batch_size_arg(value) -> int | str:
+    """harness.batch_size as lm-eval takes it: an int, or "auto" (HFLM and the CLI: lm-eval's own probe)."""
+    from ckpteval.evaluation.auto_batch import AUTO, is_auto
+
+    return AUTO if is_auto(value) else int(value)
 
 
 def _limit(value):
@@ -393,7 +401,7 @@ def env_info_once_per_process():
 def _simple_evaluate(simple_evaluate, lm, resolved: ResolvedTasks, hcfg, seed: int) -> dict | None:
     return simple_evaluate(
         model=lm, tasks=list(resolved.objects), task_manager=resolved.manager, num_fewshot=hcfg.num_fewshot,
-        batch_size=int(hcfg.batch_size), limit=_limit(hcfg.limit), log_samples=bool(hcfg.log_samples),
+        batch_size=batch_size_arg(hcfg.batch_size), limit=_limit(hcfg.limit), log_samples=bool(hcfg.log_samples),
         gen_kwargs=hcfg.gen_kwargs or None, apply_chat_template=bool(hcfg.apply_chat_template),
         random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
         confirm_run_unsafe_code=bool(hcfg.allow_code_execution),
@@ -414,7 +422,7 @@ def lm_eval_cli_command(model_dir: Path, hcfg, device: str, output_path: Path, t
     seed = int(hcfg.seed)
     cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args", model_args,
            "--tasks", ",".join(tasks if tasks is not None else [str(t) for t in hcfg.tasks]),
-           "--batch_size", str(int(hcfg.batch_size)), "--device", str(device),
+           "--batch_size", str(batch_size_arg(hcfg.batch_size)), "--device", str(device),
            "--output_path", str(output_path), "--seed", f"{seed},{seed},{seed},{seed}"]
     if hcfg.include_path:
         cmd += ["--include_path", str(Path(str(hcfg.include_path)).expanduser().resolve())]

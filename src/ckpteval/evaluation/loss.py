@@ -42,6 +42,7 @@ class EvalResult:
     bpb: float | None = None  # bits per UTF-8 byte (None without a byte table, i.e. without a tokenizer)
     windows: int = 0  # windows evaluated (counted again when eval.steps wraps around)
     window_nll: np.ndarray | None = None  # per-window NLL sums in the global window order (keep_windows=True)
+    batch_size: int | None = None  # windows per batch that eval.batch_size=auto chose (None: a fixed setting)
 
     def metrics(self, prefix: str = "eval/") -> dict[str, float]:
         out = {f"{prefix}loss": self.loss, f"{prefix}perplexity": self.perplexity}
@@ -50,6 +51,8 @@ class EvalResult:
         if self.loss_stderr is not None:
             out[f"{prefix}loss_stderr"] = self.loss_stderr
         out[f"{prefix}tokens"] = self.tokens
+        if self.batch_size is not None:
+            out[f"{prefix}batch_size"] = self.batch_size
         return out
 
 
@@ -149,11 +152,20 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
-def causal_lm_scorer(model: nn.Module, chunk: int = 0, doc_sep: int | None = None) -> Scorer:
-    """Scorer for a transformers causal LM (plain, FSDP- or TP-sharded); `doc_sep`: see `document_layout`."""
+def causal_lm_scorer(model: nn.Module, chunk: int = 0, doc_sep: int | None = None, compile: bool = False) -> Scorer:
+    """Scorer for a transformers causal LM (plain, FSDP- or TP-sharded); `doc_sep`: see `document_layout`.
+
+    `compile`: the decoder (the whole model for other heads) runs through `torch.compile` (inductor). Batches of
+    the loss path have one shape (a pass pads its last batch), so it compiles once; the vocabulary projection
+    stays eager and float32, as above."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     decoder = model.get_decoder() if model_type in _PLAIN_HEAD_TYPES else None
     head = model.get_output_embeddings() if decoder is not None else None
+    if compile:
+        if decoder is not None and head is not None:
+            decoder = torch.compile(decoder)
+        else:
+            model = torch.compile(model)
 
     def score(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         kwargs = {}

@@ -79,6 +79,8 @@ def evaluate_checkpoint_harness(cfg, job, ckpt: str, harness_cfg=None) -> dict[s
         results = _evaluate_in_memory(cfg, hcfg, info, job, resolved, timing)
     elapsed = time.perf_counter() - start
     extra = {"harness/runtime_s": elapsed, **startup.take()}
+    if "batch_tokens" in timing:
+        extra["harness/batch_tokens"] = timing["batch_tokens"]
     if "forward_s" in timing:  # what is neither loading the weights nor running the model: task work, glue
         extra["harness/overhead_s"] = elapsed - timing["load_s"] - timing["forward_s"]
         job.log("harness: %.2f s = load %.2f s + model forward %.2f s + overhead %.2f s (checkpoint %.2f s, tasks "
@@ -133,6 +135,8 @@ def _evaluate_in_memory(cfg, hcfg, info, job, resolved, timing: dict) -> dict | 
         results = run_simple_evaluate(lm, resolved, hcfg, request_cache_dir=cache_dir)
         if hasattr(lm, "forward_seconds"):
             timing["forward_s"] = lm.forward_seconds
+        if hasattr(lm, "rows_plan"):  # harness.batch_size=auto: what was chosen, in the results
+            timing.update(lm.rows_plan.chosen())
         return results
     finally:
         if entry is not None:

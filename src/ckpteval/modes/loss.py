@@ -65,7 +65,7 @@ def evaluate_checkpoint_loss(cfg, job, ckpt: str, window_file: Path | None = Non
                 results[s.name] = evaluate_set(cfg, job, scorer, s, model_dtype=next(model.parameters()).dtype,
                                                table=table, what=f"{ckpt} (step {info.step})",
                                                keep_windows=window_file is not None, results=entry,
-                                               records=_records(job.dist))
+                                               records=_records(job.dist), model=model)
     finally:
         for entry in entries:
             entry.close()  # what this rank computed is on disk (a SIGTERM passes here too)

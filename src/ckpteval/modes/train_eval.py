@@ -159,7 +159,7 @@ def evaluate(cfg, job, model, eval_sets, table=None) -> dict[str, float]:
     with evaluating(model):
         scorer = training_scorer(model, cfg.eval.logits_chunk, document_sep_id(cfg.eval, core.config))
         results = {s.name: evaluate_set(cfg, job, scorer, s, model_dtype=next(core.parameters()).dtype, table=table,
-                                        progress=False) for s in eval_sets}
+                                        progress=False, model=core) for s in eval_sets}
     return set_metrics(eval_sets, results)
 
 

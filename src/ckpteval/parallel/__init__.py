@@ -35,7 +35,8 @@ def load_eval_model(cfg, info, dist: DistContext) -> tuple[nn.Module, Scorer]:
     layout = cfg.parallel.name
     if layout == "none":
         model = load_model(info, cfg.model, device=dist.device, dtype=dtype, shared_base=True)  # read only
-        return model, causal_lm_scorer(model, cfg.eval.logits_chunk, document_sep_id(cfg.eval, model.config))
+        return model, causal_lm_scorer(model, cfg.eval.logits_chunk, document_sep_id(cfg.eval, model.config),
+                                       compile=bool(cfg.eval.get("compile", False)))
     if dist.mesh is None:
         raise CkptEvalError(f"parallel={layout} needs torchrun: torchrun --nproc_per_node=N run.py ...")
     from ckpteval.parallel.mesh import check_model_fits
