@@ -276,6 +276,10 @@ def test_slurm_scan_one_job_per_checkpoint_and_a_corrupt_one_fails_alone(tmp_pat
                               f"tracking.uri=sqlite:///{db}", *SLURM], cwd=tmp_path, timeout=500)
     assert proc.returncode == 1, proc.stderr[-3000:]  # one job failed; the scan finished and says so
     assert "sweep summary: 3 job(s), 2 completed, 1 failed" in proc.stdout, proc.stdout[-3000:]
+    # the per-job fixed cost (each SLURM job is a new process: its start to its first request), from the 2 jobs
+    fixed = re.search(r"fixed cost per job: ([\d.]+) s median, ([\d.]+)-([\d.]+) s \(time/startup_seconds: .* "
+                      r"over 2 job\(s\)\)", proc.stdout)
+    assert fixed and 0 < float(fixed[2]) <= float(fixed[1]) <= float(fixed[3]) < 300, proc.stdout[-3000:]
     jobs = {k: v for k, v in sacct_completed().items() if k not in before}
     assert len(jobs) == 3 and {name for name, _, _ in jobs.values()} == {"run"}, jobs  # one SLURM job each
     client, children = _children(db)

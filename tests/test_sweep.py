@@ -226,6 +226,20 @@ def test_skipped_checkpoints_are_rows_of_the_table_csv_and_parent_note(tmp_path)
     assert sweep.best_per_metric(records, sweep.key_metrics(records))["eval/loss"].step == 100
 
 
+def test_fixed_cost_per_job_is_the_median_of_the_completed_jobs_startup(tmp_path):
+    """Each job's `time/startup_seconds` (its start to its first request): the summary's fixed-cost line gives the
+    median and range over the completed jobs; it never becomes a metric column."""
+    runs = tmp_path / "sweep"
+    for job, (step, startup) in enumerate([(100, 4.0), (200, 2.0), (300, 3.0), (400, 9.0)]):
+        _status(runs / str(job), job, str(tmp_path / f"step_{step}"),
+                {"step": step, "eval/loss": 3.0 - job / 10, "time/startup_seconds": startup})
+    records = sweep.load_records(runs)
+    table = sweep.summary_table(records)
+    assert "fixed cost per job: 3.50 s median, 2.00-9.00 s (time/startup_seconds" in table and "4 job(s))" in table
+    assert "time/startup_seconds" not in table.splitlines()[1]  # the header: not a metric column
+    assert table.splitlines()[-1] == "4 checkpoint(s): 4 completed, 0 failed, 0 skipped"
+
+
 # ------------------------------------------------------------------------------------------ end to end
 
 

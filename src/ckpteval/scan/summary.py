@@ -187,6 +187,20 @@ def count_line(records: list[JobRecord]) -> str:
     return f"{checkpoints} checkpoint(s): {len(jobs)} job(s) ({done} completed, {failed} failed), {skipped} skipped"
 
 
+def fixed_cost_line(records: list[JobRecord]) -> str | None:
+    """`fixed cost per job: 3.1 s median, 2.8-4.0 s (time/startup_seconds over 4 job(s))`: each job's start (its
+    process's start for the first job of a process, as every SLURM job is) to its first request."""
+    from ckpteval.startup import METRIC
+
+    values = sorted(r.metrics[METRIC] for r in records if r.completed and METRIC in r.metrics)
+    if not values:
+        return None
+    mid = len(values) // 2
+    median = values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+    return (f"fixed cost per job: {median:.2f} s median, {values[0]:.2f}-{values[-1]:.2f} s ({METRIC}: the job's "
+            f"start to its first request, over {len(values)} job(s))")
+
+
 def summary_table(records: list[JobRecord], max_metrics: int = MAX_TABLE_METRICS, pvalues: dict | None = None) -> str:
     """The stdout summary: one row per job (p-value against the best checkpoint on the same samples where the
     jobs saved them) and per skipped checkpoint, the best checkpoint per metric, the failed jobs and their
@@ -227,6 +241,9 @@ def summary_table(records: list[JobRecord], max_metrics: int = MAX_TABLE_METRICS
                       f"{(r.error or fallback).splitlines()[0]}" for r, name in listed]
     if len(metrics) > len(shown):
         lines.append(f"({len(metrics) - len(shown)} more metric(s) in summary.csv)")
+    fixed = fixed_cost_line(records)
+    if fixed:
+        lines.append(fixed)
     lines.append(count_line(records))  # the closing line: every match, skipped ones included
     return "\n".join(lines)
 
@@ -318,6 +335,9 @@ def summary_markdown(records: list[JobRecord], max_metrics: int = MAX_TABLE_METR
               for r, name in zip(records, names)]
     if pvalues:
         lines.append("\np: paired test against the best checkpoint on the same samples; ns = not significant at 0.05")
+    fixed = fixed_cost_line(records)
+    if fixed:
+        lines.append(f"\n{fixed}")
     return "\n".join(lines)
 
 
