@@ -247,9 +247,8 @@ def test_fastlm_out_of_memory_goes_on(lm_setup, monkeypatch):
 def test_harness_job_auto_gives_the_fixed_metrics(in_tmp, tiny_hf_ckpt):
     """`mode=harness harness.batch_size=auto` (FastLM) on the offline tasks: the metrics of a fixed batch size,
     the tokens per forward in the results."""
-    from pathlib import Path
-
     from ckpteval.tasks import TASKS_DIR as tasks
+
     common = ["mode=harness", f"ckpt={tiny_hf_ckpt}", "harness=offline", f"harness.include_path={tasks}",
               "harness.limit=8", "tracking.enabled=false", f"eval.device={DEVICE}", "harness.log_samples=false"]
     fixed = app.main(factories.compose([*common, "harness.batch_size=4"]))

@@ -338,3 +338,21 @@ def hf_prefix(keys) -> str:
         return ""
     # `model.layers...` / `model.embed_tokens...` alone is a transformers model with a tied (unsaved) head
     return top + "." if inner & HF_TOPS else ""
+
+
+def read_tensor_bin(path: Path, mmap: bool = False, resave: str = "re-save it with model.save_pretrained(DIR)"
+                    ) -> dict:
+    """A `torch.save`d state dict of tensors (pytorch_model.bin, adapter_model.bin) through the pickle allow-list;
+    `mmap` pages tensors in only when read (the zip format torch.save writes since 1.6; older files load whole)."""
+    import zipfile
+
+    import torch
+
+    from ckpteval.checkpoint.safe_pickle import torch_load
+
+    state = torch_load(path, mmap=mmap and zipfile.is_zipfile(path))
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CkptEvalError(f"checkpoint file {path} is not a state dict of tensors (it holds a "
+                            f"{type(state).__name__}): {resave}")
+    return state
+

@@ -114,7 +114,7 @@ class HFFormat(CheckpointFormat):
             if f.suffix == ".safetensors":
                 specs.update({k: tuple(v["shape"]) for k, v in safetensors_header(f).items() if k != "__metadata__"})
             else:
-                specs.update({k: tuple(v.shape) for k, v in _read_bin(f, mmap=True).items()})
+                specs.update({k: tuple(v.shape) for k, v in _common.read_tensor_bin(f, mmap=True).items()})
         return specs
 
     def read_state(self, path: Path, config) -> dict[str, torch.Tensor]:
@@ -129,18 +129,6 @@ class HFFormat(CheckpointFormat):
                 except (SafetensorError, OSError) as e:
                     raise CkptEvalError(f"checkpoint file {f} is unreadable ({e}): re-copy or re-save it") from None
             else:
-                state.update(_read_bin(f))
+                state.update(_common.read_tensor_bin(f))
         return state
 
-
-def _read_bin(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
-    import zipfile
-
-    from ckpteval.checkpoint.safe_pickle import torch_load
-
-    # mmap (tensors paged in only when read) needs the zip format torch.save writes since 1.6; older files load whole
-    state = torch_load(path, mmap=mmap and zipfile.is_zipfile(path))
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CkptEvalError(f"checkpoint file {path} is not a state dict of tensors (it holds a "
-                            f"{type(state).__name__}): re-save it with model.save_pretrained(DIR)")
-    return state

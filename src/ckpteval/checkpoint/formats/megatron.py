@@ -80,23 +80,12 @@ DENSE_ONLY = {"fc1", "fc2"}
 MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 
 
-class _Opaque:
-    """Stand-in for Megatron's own classes inside `args` (enums such as ModelType): takes the pickled values and
-    runs nothing, so common.pt is read without importing Megatron or calling anything from the file."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.args = args
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-
 def read_common(path: Path) -> dict:
     """common.pt through the allow-listed loader: argparse.Namespace (Megatron-LM's args) and Megatron's own
     classes become inert stand-ins; anything else (os.system, ...) is refused before anything is called."""
     from torch.serialization import get_unsafe_globals_in_checkpoint
 
-    from ckpteval.checkpoint.safe_pickle import torch_load
+    from ckpteval.checkpoint.safe_pickle import Inert, torch_load
 
     f = path / "common.pt"
     if not f.is_file():
@@ -106,7 +95,7 @@ def read_common(path: Path) -> dict:
     except Exception:  # noqa: BLE001 - unreadable: torch_load below says so in one line
         asked = []
     extra = [(argparse.Namespace, "argparse.Namespace")]
-    extra += [(_Opaque, name) for name in asked if name.startswith("megatron.")]
+    extra += [(Inert, name) for name in asked if name.startswith("megatron.")]
     data = torch_load(f, extra_globals=extra)
     return data if isinstance(data, dict) else {}
 

@@ -37,6 +37,8 @@ from ckpteval.checkpoint.formats import _common
 from ckpteval.checkpoint.formats.base import AdapterFormat, Architecture
 from ckpteval.errors import CkptEvalError
 
+_RESAVE = "re-save the adapter with model.save_pretrained(DIR)"
+
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 # Whole-model weight files: a dir holding one of them is a model dir (the `hf` family), not an adapter.
@@ -111,7 +113,8 @@ def _shapes(file: str, mtime_ns: int, size: int) -> tuple[tuple[str, tuple[int, 
         except (SafetensorError, OSError) as e:
             raise CkptEvalError(f"checkpoint file {file} is unreadable or truncated ({_common.one_line(e)}): it is "
                                 "still being written, or the copy was cut short") from None
-    return tuple((k, tuple(v.shape)) for k, v in _read_bin(Path(file), mmap=True).items())
+    state = _common.read_tensor_bin(Path(file), mmap=True, resave=_RESAVE)
+    return tuple((k, tuple(v.shape)) for k, v in state.items())
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -126,19 +129,8 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError) as e:
             raise CkptEvalError(f"checkpoint file {f} is unreadable ({_common.one_line(e)}): re-copy or re-save it"
                                 ) from None
-    return _read_bin(f)
+    return _common.read_tensor_bin(f, resave=_RESAVE)
 
-
-def _read_bin(file: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
-    import zipfile
-
-    from ckpteval.checkpoint.safe_pickle import torch_load
-
-    state = torch_load(file, mmap=mmap and zipfile.is_zipfile(file))
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CkptEvalError(f"checkpoint file {file} is not a state dict of tensors (it holds a "
-                            f"{type(state).__name__}): re-save the adapter with model.save_pretrained(DIR)")
-    return state
 
 
 def require_peft() -> None:
