@@ -119,3 +119,20 @@ def test_a_job_prints_the_view_link_and_saves_the_key_metrics_view(tmp_path, cap
     naming.publish_view(run, ["harness/arc_easy/acc"])  # a later job adds its columns, keeps the others
     state = json.loads(json.loads(run.client.get_experiment(experiment_id).tags[naming.VIEW_TAG])["state"])
     assert state["selectedColumns"][0] == "metrics.`harness/arc_easy/acc`" and len(state["selectedColumns"]) == 5
+
+
+def test_timings_counts_and_stderrs_are_bookkeeping_not_metrics():
+    """What a job reports about itself (timings, counts, standard errors) is logged but never a table column,
+    a ranked metric or a signal series; what measures the checkpoint is."""
+    from ckpteval.evaluation.signal_report import series_metrics
+    from ckpteval.metrics import is_bookkeeping
+
+    bookkeeping = ["time/startup_seconds", "harness/runtime_s", "harness/overhead_s", "harness/batch_tokens",
+                   "eval/tokens", "eval/loss_stderr", "harness/t/acc_stderr", "harness/t/n_samples", "eval/n"]
+    measures = ["eval/loss", "eval/bpb", "eval/perplexity", "harness/t/acc", "harness/t/bpb", "harness/core",
+                "harness/mean_primary", "eval/web/loss"]
+    assert [m for m in bookkeeping if not is_bookkeeping(m)] == []
+    assert [m for m in measures if is_bookkeeping(m)] == []
+    result = {"step": 1, **{m: 1.0 for m in bookkeeping + measures}}
+    assert sorted(table_metrics(result)) == sorted(measures)
+    assert series_metrics([{"metrics": result}]) == measures

@@ -16,7 +16,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 DESCRIBES_CHECKPOINT = ("step", "tokens_seen")
-_BOOKKEEPING = re.compile(r"(tokens|_stderr|stderr|seconds|time_s|samples|n_samples)$|(^|/)n$", re.IGNORECASE)
+# counts, standard errors, timings (`*_s`, `*seconds`, anything under `time/`): never ranked, never a series
+_BOOKKEEPING = re.compile(r"(tokens|_stderr|stderr|seconds|_s|samples|n_samples)$|(^|/)n$|^time/", re.IGNORECASE)
 _LOWER_IS_BETTER = re.compile(r"loss|perplexity|ppl|nll|bpb|bits|error|wer|cer", re.IGNORECASE)
 
 

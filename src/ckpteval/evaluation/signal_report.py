@@ -25,20 +25,22 @@ from pathlib import Path
 from typing import Any
 
 from ckpteval.evaluation import signal as sn
-from ckpteval.metrics import lower_is_better  # the one direction rule (losses, bits, errors: lower)
+from ckpteval.metrics import is_bookkeeping, lower_is_better  # the one direction rule (losses, bits, errors: lower)
 
 log = logging.getLogger("ckpteval.signal")
 
 PREFIX = "signal"
 SELECT_DEFAULTS = ("harness/core", "harness/mean_primary", "eval/loss")  # signal.select=null: the first present
-# Numbers a job reports that do not measure the checkpoint (counts, stderrs, timings), and `harness/{task}/primary`,
-# a copy of one of the task's own metrics (and of unknown direction: accuracy or perplexity).
-_NOT_A_SERIES = re.compile(r"(tokens|_stderr|stderr|samples|_s|/n|/primary|/random)$", re.IGNORECASE)
+# Besides bookkeeping (counts, stderrs, timings: metrics.is_bookkeeping), `harness/{task}/primary` is a copy of one
+# of the task's own metrics (and of unknown direction: accuracy or perplexity), `/random` the chance level.
+_NOT_A_SERIES = re.compile(r"(/primary|/random)$", re.IGNORECASE)
+
+
 def series_metrics(records: Iterable[dict]) -> list[str]:
     """Metrics that form a series: numbers measuring the checkpoint, in the order the records report them."""
     names = dict.fromkeys(k for r in records for k, v in (r.get("metrics") or {}).items() if _finite(v))
     return [m for m in names if not m.startswith(PREFIX + "/") and m not in ("step", "tokens_seen")
-            and not _NOT_A_SERIES.search(m)]
+            and not _NOT_A_SERIES.search(m) and not is_bookkeeping(m)]
 
 
 def _finite(value: Any) -> bool:
