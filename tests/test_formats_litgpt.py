@@ -19,10 +19,15 @@ from ckpteval.checkpoint.formats import litgpt as lit_fmt
 from ckpteval.errors import CkptEvalError
 from tests import factories, framework_ckpts
 
-factories.require("litgpt", "litgpt")
 
 # The framework writes its checkpoints in a subprocess (module fixture): the end-to-end tier, not the fast one.
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _framework():  # when a test here runs (not at collection: the default tier, which runs none, skips nothing)
+    factories.require("litgpt", "litgpt")
+
 
 SEQ = 64
 STEPS = ["llama/step-00000002", "llama/step-00000004", "llama/final", "pythia/step-00000002", "pythia/final"]

@@ -23,10 +23,15 @@ from ckpteval.checkpoint.formats import olmo_core as oc_fmt
 from ckpteval.errors import CkptEvalError
 from tests import factories, framework_ckpts
 
-factories.require("olmo_core", "olmo_core")
 
 # The framework writes its checkpoints in a subprocess (module fixture): the end-to-end tier, not the fast one.
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _framework():  # when a test here runs (not at collection: the default tier, which runs none, skips nothing)
+    factories.require("olmo_core", "olmo_core")
+
 
 SEQ = 64
 STEPS = ["olmo2/step0", "olmo2/step2", "olmo2/step4", "olmo3/step0", "olmo3/step2", "llama/step0", "llama/step2"]

@@ -21,11 +21,16 @@ from ckpteval.checkpoint.formats import detect_format, get_format
 from ckpteval.errors import CkptEvalError
 from tests import factories, framework_ckpts, sharded_ckpts
 
-factories.require("deepspeed", "deepspeed")
-factories.require("accelerate", "harness")
 
 # The frameworks write their checkpoints under torchrun in subprocesses (module fixtures): the end-to-end tier.
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _framework():  # when a test here runs (not at collection: the default tier, which runs none, skips nothing)
+    factories.require("deepspeed", "deepspeed")
+    factories.require("accelerate", "harness")
+
 
 SEQ = 64
 TOL = 1e-5
