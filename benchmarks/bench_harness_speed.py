@@ -7,6 +7,8 @@
     python benchmarks/bench_harness_speed.py --cases b,c     # some of: a b c d
     python benchmarks/bench_harness_speed.py --size 8b --dtype bfloat16 --device cuda --batch auto --cases a,b,c
                       # Llama-3-shaped 8B on a GPU, both backends at batch_size=auto (HFLM: lm-eval's own probe)
+    python benchmarks/bench_harness_speed.py --batch auto --fast-ref-batch 8   # + FastLM at batch 8 in the same
+                      # run: harness.batch_size=auto against a fixed batch, same requests, timed alternately
 
 Cases (text over a word-level tokenizer whose words are token ids, "w17 w4 ..."):
   (a) 0-shot multiple choice: ~100-token context, 4 choices of 4..20 tokens.
@@ -28,7 +30,9 @@ Per case: requests/s of both, the ratio, peak memory of each loop (CPU: RSS high
 the loop, /proc/self/clear_refs), max |dLL| (a, b, d), identical is_greedy / accuracy / generations, and the
 share of this machine's measured matmul peak (in the model's dtype) reached counting 2 * params * tokens each backend actually
 ran. Each backend runs `--repeats` times, alternating with the other, the fastest counts (other processes on a
-shared machine only slow a run down); all timings are printed.
+shared machine only slow a run down); all timings are printed. With --fast-ref-batch N a third backend, FastLM at
+batch N, runs in the same alternation: its req/s, FastLM's (at --batch) ratio to it, and max |dLL| / identical text
+between the two FastLMs.
 """
 
 from __future__ import annotations
@@ -161,11 +165,13 @@ def timed(backends: dict, repeats: int, device: str) -> dict:
     return out
 
 
-def run_case(name: str, fast, hf, method: str, reqs: list, tokens: dict, args, params: int, peak: float) -> dict:
-    """Time `method` of both backends on `reqs` (after a warm-up on the first two)."""
+def run_case(name: str, fast, hf, method: str, reqs: list, tokens: dict, args, params: int, peak: float,
+             ref=None) -> dict:
+    """Time `method` of both backends (and `ref`, FastLM at --fast-ref-batch) on `reqs` (after a warm-up on the
+    first two)."""
     n = len(reqs)
     backends = {}
-    for key, lm in (("fast", fast), ("hf", hf)):
+    for key, lm in (("fast", fast), ("hf", hf)) + ((("ref", ref),) if ref is not None else ()):
         call = getattr(lm, method)
         backends[key] = (lambda call=call: call(reqs, disable_tqdm=True),
                          lambda call=call: call(reqs[:2], disable_tqdm=True))
@@ -202,7 +208,33 @@ def run_case(name: str, fast, hf, method: str, reqs: list, tokens: dict, args, p
           f"peak MB fast {m_fast / 2**20:7.1f} HFLM {m_hf / 2**20:7.1f}  max|dLL| {diff:.1e}  {check}")
     print(f"    %matmul peak (2*params*tokens run): fast {100 * frac['fast']:.1f}% HFLM {100 * frac['hf']:.1f}%; "
           f"tokens run fast {tokens['fast']} HFLM {tokens['hf']}; seconds fast {_fmt(t_fast)} HFLM {_fmt(t_hf)}")
+    if ref is not None:
+        _compare_ref(name, n, runs, args, fast.rows_plan.chosen() if hasattr(fast, "rows_plan") else {})
     return {"ratio": rps_fast / rps_hf, "out": r_hf}
+
+
+def _compare_ref(name: str, n: int, runs: dict, args, chosen: dict) -> None:
+    """FastLM at --batch against FastLM at --fast-ref-batch: speed, and the same numbers (text for (c))."""
+    (t_fast, m_fast, r_fast), (t_ref, m_ref, r_ref) = runs["fast"], runs["ref"]
+    if name == "c":
+        same = f"{sum(a == b for a, b in zip(r_fast, r_ref))}/{n} identical text"
+    else:
+        fl = [x if isinstance(x, float) else x[0] for x in r_fast]
+        rl = [x if isinstance(x, float) else x[0] for x in r_ref]
+        same = f"max|dLL| {max(abs(a - b) for a, b in zip(fl, rl)):.1e}"
+        if name != "d":
+            same += f", greedy= {sum(a[1] == b[1] for a, b in zip(r_fast, r_ref))}/{n}"
+    ratio = min(t_ref) / min(t_fast)
+    print(f"    fast@{args.batch} vs fast@{args.fast_ref_batch}: {n / min(t_fast):.2f} vs {n / min(t_ref):.2f} req/s = "
+          f"{ratio:.2f}x; peak MB {m_fast / 2**20:.1f} vs {m_ref / 2**20:.1f}; {same}; seconds fast@"
+          f"{args.fast_ref_batch} {_fmt(t_ref)}" + (f"; auto chose {chosen}" if chosen else ""))
+    if args.json:
+        import json
+
+        with open(args.json, "a") as f:
+            f.write(json.dumps({"case": name, "ref_batch": args.fast_ref_batch, "fast_rps": n / min(t_fast),
+                                "ref_rps": n / min(t_ref), "fast_vs_ref": ratio, "ref_peak_mb": m_ref / 2**20,
+                                "ref_check": same, "ref_s": t_ref, **chosen}) + "\n")
 
 
 def _fmt(times: list[float]) -> str:
@@ -215,6 +247,8 @@ def main() -> None:
     ap.add_argument("--cases", default="a,b,c,d")
     ap.add_argument("--batch", default="8", help="rows per forward of both backends, or auto (FastLM: its token "
                     "budget from free memory; HFLM: lm-eval's --batch_size auto)")
+    ap.add_argument("--fast-ref-batch", type=int, default=None, help="also FastLM at this fixed batch, timed in the "
+                    "same alternation (e.g. --batch auto --fast-ref-batch 8: auto against a fixed batch)")
     ap.add_argument("--size", choices=sorted(SIZES), default=None, help="model (default: small; --small: tiny)")
     ap.add_argument("--json", help="append one JSON line per case here")
     ap.add_argument("--docs", type=int, default=4, help="documents per group; (a) and (d) use twice as many")
@@ -257,6 +291,12 @@ def main() -> None:
         return (FastLM(model, tokenizer, batch_size=args.batch, max_length=max_length),
                 HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch, max_length=max_length))
 
+    def ref(max_length=None, tokenizer=tok):
+        """FastLM at --fast-ref-batch (None without it)."""
+        if args.fast_ref_batch is None:
+            return None
+        return FastLM(model, tokenizer, batch_size=args.fast_ref_batch, max_length=max_length)
+
     def ll_tokens(reqs, lm, shared_prefix_tokens=0):
         """(fast, hf) tokens run: HFLM every context+continuation; FastLM contexts once per distinct context,
         continuations minus one, and (b) the preamble once per group instead of once per document."""
@@ -270,14 +310,14 @@ def main() -> None:
     if "a" in cases:
         reqs = mc_requests(rng, vocab, 2 * docs)
         fast, hf = pair()
-        run_case("a", fast, hf, "loglikelihood", reqs, ll_tokens(reqs, fast), args, params, peak)
+        run_case("a", fast, hf, "loglikelihood", reqs, ll_tokens(reqs, fast), args, params, peak, ref())
     if "b" in cases:
         groups, shots, shot_len = args.groups, 5, (30 if args.small else 100)
         reqs = fewshot_requests(rng, vocab, groups, docs, shots, shot_len)
         fast, hf = pair()
         pre = shots * shot_len
         run_case("b", fast, hf, "loglikelihood", reqs, ll_tokens(reqs, fast, groups * (docs - 1) * pre), args, params,
-                 peak)
+                 peak, ref())
     if "c" in cases:
         question = tuple(int(x) for x in args.gen_question.split("-"))
         prompts, pre_tokens = gen_prompts(rng, vocab, args.gen_groups, args.gen_docs, args.gen_shots,
@@ -294,7 +334,8 @@ def main() -> None:
               f"tokens, max_gen_toks {max_gen}, stop strings {until}")
         texts = run_case("c", fast, hf, "generate_until", reqs,
                          {"fast": pre_tokens + n_prompt - pre_tokens * args.gen_docs + max_gen * len(prompts),
-                          "hf": n_prompt + max_gen * len(prompts)}, args, params, peak)["out"]
+                          "hf": n_prompt + max_gen * len(prompts)}, args, params, peak,
+                         ref(tokenizer=gen_tok))["out"]
         words = sorted(len(t.split()) for t in texts)
         print(f"    answers (words): min {words[0]} median {words[len(words) // 2]} max {words[-1]}; "
               f"{sum(w < max_gen for w in words)}/{len(words)} cut before max_gen_toks; tokens run counted with "
@@ -309,7 +350,8 @@ def main() -> None:
               f"{pad['real']} input tokens; with padding HFLM runs {pad['hf']}, FastLM {pad['fast']}: "
               f"bound on the ratio {pad['hf'] / pad['fast']:.2f}x")
         n_tok = pad["real"]
-        run_case("d", fast, hf, "loglikelihood_rolling", reqs, {"fast": n_tok, "hf": n_tok}, args, params, peak)
+        run_case("d", fast, hf, "loglikelihood_rolling", reqs, {"fast": n_tok, "hf": n_tok}, args, params, peak,
+                 ref(max_length))
 
 
 if __name__ == "__main__":

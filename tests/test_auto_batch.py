@@ -148,6 +148,44 @@ def test_bad_settings_are_one_line(overrides, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_loss_probe_counts_the_logits_chunk_apart(monkeypatch):
+    """Windows shorter than a chunk of the vocabulary projection: the logits grow from 1 to 2 probed rows, then
+    stop (one chunk at a time). Under a simulated memory (A bytes per token + 12 x vocab bytes per logit of one
+    chunk) auto takes exactly the rows that fit it, not the fewer that a line through the two probes gives."""
+    from ckpteval.evaluation import loss as loss_mod
+    from ckpteval.evaluation.loss import causal_lm_scorer
+
+    model = factories.make_model()
+    config = model.config
+    seen = []
+    real = loss_mod.chunked_nll
+
+    def recording(hidden, head, targets, chunk):
+        seen.append((targets.numel(), chunk))
+        return real(hidden, head, targets, chunk)
+
+    per_token = 2 * (auto_batch.activation_bytes_per_token(config, 4) + 16)  # above the CPU's analytic floor
+    logit = auto_batch.logits_bytes(config, 1)
+
+    def simulated(fn, device):
+        seen.clear()
+        fn()
+        tokens, chunk = seen[-1]
+        return per_token * tokens + logit * min(chunk, tokens)
+
+    monkeypatch.setattr(loss_mod, "chunked_nll", recording)
+    monkeypatch.setattr(auto_batch, "measure_peak", simulated)
+    chunk, expected = 4 * SEQ, 100
+    budget = expected * per_token * SEQ + logit * chunk + per_token * SEQ // 2  # 100.5 rows
+    cfg = factories.compose(["mode=loss", "eval.batch_size=auto", f"eval.seq_len={SEQ}", "eval.steps=-1",
+                             f"eval.logits_chunk={chunk}", f"eval.memory_budget_gb={budget / 2**30}"])
+    got = auto_batch.loss_batch(cfg, model, causal_lm_scorer(model, chunk), 10**6, 1, torch.device("cpu"),
+                                torch.float32)
+    assert got.windows == expected
+    fit = next(iter(auto_batch._FITS.values()))
+    assert fit.need(expected) <= budget < fit.need(expected + 1)
+
+
 def test_budget_defaults_and_oom_detection():
     budget, what = auto_batch.memory_budget(torch.device("cpu"), None)
     assert 0 < budget <= auto_batch.available_ram() and "available RAM" in what

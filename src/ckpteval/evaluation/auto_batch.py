@@ -222,17 +222,30 @@ def kv_bytes_per_token(config, act_bytes: int) -> int:
 
 @dataclass
 class Fit:
-    """Bytes one forward needs: `fixed` + `per_row` x rows (rows of the probed length)."""
+    """Bytes one forward needs: `fixed` + `per_row` x rows (rows of the probed length), + (the loss path, when a
+    window holds less than a chunk of the vocabulary projection) `logit_bytes` per token of rows x `row_tokens`
+    up to one chunk of `logit_tokens`: the logits grow with the rows until a chunk is full, then stay."""
 
     per_row: int
     fixed: int
     budget: int
     budget_what: str
     measured: bool
+    row_tokens: int = 0
+    logit_bytes: int = 0
+    logit_tokens: int = 0
+
+    def need(self, rows: int) -> int:
+        return self.fixed + self.per_row * rows + self.logit_bytes * min(self.logit_tokens, rows * self.row_tokens)
 
     def rows(self, budget: int | None = None) -> int:
         budget = self.budget if budget is None else budget
-        return max(0, (budget - self.fixed) // max(1, self.per_row))
+        if not self.logit_bytes:
+            return max(0, (budget - self.fixed) // max(1, self.per_row))
+        full = -(-self.logit_tokens // max(1, self.row_tokens))  # from this many rows on, a chunk is full
+        if self.need(full) <= budget:
+            return (budget - self.fixed - self.logit_bytes * self.logit_tokens) // max(1, self.per_row)
+        return max(0, (budget - self.fixed) // max(1, self.per_row + self.logit_bytes * self.row_tokens))
 
 
 def probe(run: Callable[[int], Any], device: torch.device, budget: int, budget_what: str, *, per_row_floor: int,
@@ -317,7 +330,7 @@ def loss_batch(cfg, model, scorer, n_windows: int, dp_size: int, device: torch.d
     budget_gb = cfg.eval.get("memory_budget_gb")
     key = model_key(model, "loss", seq, str(dtype), doc_mask, int(cfg.eval.logits_chunk), budget_gb)
     fit = cached_fit(key, lambda: _probe_loss(model, scorer, seq, device, dtype, doc_mask, int(cfg.eval.logits_chunk),
-                                              budget_gb))
+                                              budget_gb, cfg.eval))
     rows = min(fit.rows(), MAX_ROWS, max(1, MAX_TOKENS // seq))
     if rows < 1:
         raise CkptEvalError(f"eval.batch_size=auto: one window of eval.seq_len={seq} needs "
@@ -331,14 +344,19 @@ def loss_batch(cfg, model, scorer, n_windows: int, dp_size: int, device: torch.d
         torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
         windows = int(agreed.item())
     log.info("eval.batch_size=auto: %d windows of %d tokens per batch (%s %s per window + %s; budget %s = %s)",
-             windows, seq, "measured" if fit.measured else "counted", size(fit.per_row), size(fit.fixed),
-             size(fit.budget), fit.budget_what)
+             windows, seq, "measured" if fit.measured else "counted", size(fit.per_row),
+             size(fit.need(windows) - fit.per_row * windows), size(fit.budget), fit.budget_what)
     return LossBatch(windows, min(windows, _ROWS.get(key, windows)), auto=True, key=key)
 
 
 def _probe_loss(model, scorer, seq: int, device: torch.device, dtype: torch.dtype, doc_mask: bool, chunk: int,
-                budget_gb) -> Fit:
-    from ckpteval.evaluation.loss import _autocast, auto_chunk
+                budget_gb, eval_cfg=None) -> Fit:
+    """The fit of `scorer`'s forward at `seq` tokens per window. Where a window holds less than two chunks of the
+    vocabulary projection, the logits would grow from 1 to 2 probed rows and then stop growing (one chunk at a
+    time): counted as per-row bytes they would cut the batch by up to the logits' share. So the probe then runs with
+    chunks of half a window (both probes hold the same logits: the slope is the decoder's alone) and the logits of
+    the real chunk are counted apart (`logits_bytes` per token, up to one chunk)."""
+    from ckpteval.evaluation.loss import _PLAIN_HEAD_TYPES, _autocast, auto_chunk, causal_lm_scorer, document_sep_id
 
     budget, what = memory_budget(device, budget_gb)
     config = model.config
@@ -346,18 +364,28 @@ def _probe_loss(model, scorer, seq: int, device: torch.device, dtype: torch.dtyp
     gen = torch.Generator().manual_seed(0)
     model_dtype = next(model.parameters()).dtype
 
+    head = model.get_output_embeddings()
+    chunk = chunk if chunk > 0 else (auto_chunk(head, config.hidden_size) if head is not None else seq)
+    apart = (head is not None and getattr(config, "model_type", None) in _PLAIN_HEAD_TYPES and 2 * chunk > seq
+             and eval_cfg is not None)
+    probe_chunk = max(1, seq // 2) if apart else min(chunk, seq)
+    probe_scorer = causal_lm_scorer(model, probe_chunk, document_sep_id(eval_cfg, config)) if apart else scorer
+
     def run(rows: int) -> None:
         tokens = torch.randint(0, vocab, (rows, seq + 1), generator=gen)
         with torch.inference_mode(), _autocast(device, dtype, model_dtype):
-            nll, _ = scorer(tokens[:, :-1].to(device), tokens[:, 1:].to(device))
+            nll, _ = probe_scorer(tokens[:, :-1].to(device), tokens[:, 1:].to(device))
             nll.sum().item()
 
     act = max(torch.finfo(dtype).bits, torch.finfo(model_dtype).bits) // 8
-    head = model.get_output_embeddings()
-    chunk = chunk if chunk > 0 else (auto_chunk(head, config.hidden_size) if head is not None else seq)
     per_row = seq * (activation_bytes_per_token(config, act) + attention_bytes_per_query(config, seq, doc_mask,
                                                                                           device) + 16)
-    return probe(run, device, budget, what, per_row_floor=per_row, fixed_floor=logits_bytes(config, min(chunk, seq)))
+    fit = probe(run, device, budget, what, per_row_floor=per_row, fixed_floor=logits_bytes(config, probe_chunk))
+    if not apart:
+        return fit
+    fit.fixed = max(0, fit.fixed - logits_bytes(config, probe_chunk))
+    fit.row_tokens, fit.logit_bytes, fit.logit_tokens = seq, logits_bytes(config, 1), chunk
+    return fit
 
 
 def resilient_scorer(scorer, batch: LossBatch, device: torch.device):
