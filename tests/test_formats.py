@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ckpteval import app
-from ckpteval.checkpoint import check_complete, inspect_checkpoint, parse_step
+from ckpteval.checkpoint import check_complete, inspect_checkpoint, load_model, parse_step
 from ckpteval.checkpoint.formats import REGISTRY, detect_format
 from ckpteval.errors import CkptEvalError
 from tests import factories
@@ -324,6 +324,14 @@ def test_loss_equals_the_frameworks_own_forward(families, family, tmp_path, tiny
     expected = {"hf_trainer": "config.json in", "lightning": "the hyper_parameters in",
                 "nanogpt_bias": "nanoGPT model_args", "nanogpt_nobias_compiled": "nanoGPT model_args"}[family]
     assert len(sources) == 1 and expected in sources[0], sources
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loaded_parameters_are_dense(families, family):
+    """A family's layout change (nanoGPT's transposed Linear weights) never leaves a strided view in the model:
+    FSDP and TP shard only contiguous parameters (parallel=fsdp|tp), as from_pretrained's models have."""
+    model = load_model(inspect_checkpoint(families[family]["ckpt"]))
+    assert [n for n, p in model.named_parameters() if not p.is_contiguous()] == []
 
 
 def test_forced_format_and_its_errors(families, tmp_path, tiny_token_shards, monkeypatch, capsys):

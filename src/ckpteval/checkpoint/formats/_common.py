@@ -230,6 +230,9 @@ def load_converted(model, state: dict, tied: bool | None = None) -> LoadVerdict:
     except ImportError:  # transformers 4
         return _load_plain(model, state, tied)
     device = str(next(iter(state.values())).device) if state else "cpu"
+    # A family's layout change may leave a view (nanoGPT's transposed Linear weights): the model's parameters are
+    # dense like from_pretrained's (FSDP and TP shard only contiguous ones); contiguous tensors are not copied.
+    state = {k: v if v.is_contiguous() else v.contiguous() for k, v in state.items()}
     load_config = LoadStateDictConfig(device_map={"": device}, weight_mapping=get_model_conversion_mapping(model))
     with _transformers_quiet():
         info, _ = convert_and_load_state_dict_in_model(model, state, load_config)
