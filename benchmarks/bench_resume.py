@@ -130,7 +130,8 @@ def metrics(text: str) -> dict:
     for line in reversed(text.splitlines()):
         if line.startswith("{") and line.endswith("}"):
             out = json.loads(line)
-            return {k: v for k, v in out.items() if not k.endswith(("runtime_s", "overhead_s"))}
+            return {k: v for k, v in out.items()  # timings are not results (time/startup_seconds, runtime)
+                    if not k.endswith(("runtime_s", "overhead_s")) and not k.startswith("time/")}
     raise SystemExit(f"no result line:\n{text[-3000:]}")
 
 
