@@ -213,3 +213,13 @@ def require(module: str, extra: str):
         return importlib.import_module(module)
     return pytest.importorskip(module, reason=f"needs the {extra} extra: pip install 'ckpteval[{extra}]' "
                                               "(CI installs it)")
+
+
+def without_timings(result: dict | None) -> dict | None:
+    """A job's result without what it says about its own time (`time/startup_seconds`, `*runtime_s`,
+    `*overhead_s`): numbers every rank, rerun or resumed job must give identically."""
+    if result is None:
+        return None
+    return {k: v for k, v in result.items()
+            if not k.startswith("time/") and not k.endswith(("runtime_s", "overhead_s"))}
+

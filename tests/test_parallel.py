@@ -202,7 +202,7 @@ def _driver(spec_path: str) -> None:
                 stack.callback(setattr, ckpt_pkg, "load_model", original)
             try:
                 with contextlib.redirect_stderr(err):
-                    out[name] = {"result": app.main(cfg)}
+                    out[name] = {"result": factories.without_timings(app.main(cfg))}
             except SystemExit as exc:
                 out[name] = {"exit": exc.code, "stderr": err.getvalue()}
     Path(spec["out"], f"rank{rank}.json").write_text(json.dumps(out, default=str))

@@ -100,7 +100,7 @@ def _run(args: list[str], cwd: Path, ranks: int = 1) -> tuple[dict, str]:
 
 def _metrics(line: dict) -> dict:
     """The numbers that measure the checkpoint: timings (runtime, overhead, time/startup_seconds) left out."""
-    return {k: v for k, v in line.items() if not k.endswith(("runtime_s", "overhead_s")) and not k.startswith("time/")}
+    return factories.without_timings(line)
 
 
 def _samples(run_dir: Path) -> dict[str, list]:
