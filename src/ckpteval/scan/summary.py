@@ -190,15 +190,15 @@ def count_line(records: list[JobRecord]) -> str:
 def fixed_cost_line(records: list[JobRecord]) -> str | None:
     """`fixed cost per job: 3.1 s median, 2.8-4.0 s (time/startup_seconds over 4 job(s))`: each job's start (its
     process's start for the first job of a process, as every SLURM job is) to its first request."""
+    import statistics
+
     from ckpteval.startup import METRIC
 
     values = sorted(r.metrics[METRIC] for r in records if r.completed and METRIC in r.metrics)
     if not values:
         return None
-    mid = len(values) // 2
-    median = values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
-    return (f"fixed cost per job: {median:.2f} s median, {values[0]:.2f}-{values[-1]:.2f} s ({METRIC}: the job's "
-            f"start to its first request, over {len(values)} job(s))")
+    return (f"fixed cost per job: {statistics.median(values):.2f} s median, {values[0]:.2f}-{values[-1]:.2f} s "
+            f"({METRIC}: the job's start to its first request, over {len(values)} job(s))")
 
 
 def summary_table(records: list[JobRecord], max_metrics: int = MAX_TABLE_METRICS, pvalues: dict | None = None) -> str:
