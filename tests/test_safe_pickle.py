@@ -88,6 +88,60 @@ def test_garbage_bin_is_one_error(tmp_path):
         torch_load(path)
 
 
+class _RegisteredElsewhere:
+    """A class some imported library registered process-wide with torch.serialization.add_safe_globals."""
+
+    def __init__(self, value=None):
+        self.value = value
+
+
+@pytest.fixture
+def library_registrations():
+    """What Megatron-Core does at import (numpy's reconstructors, process-wide), plus a class of its own; the
+    registrations are undone afterwards."""
+    import numpy as np
+
+    def called(*args, **kwargs):  # numpy's reconstructor as a library registered it: must never be reached
+        called.count += 1
+        return np.ndarray(0)
+
+    called.count = 0
+    before = torch.serialization.get_safe_globals()
+    torch.serialization.add_safe_globals([_RegisteredElsewhere, np.ndarray, np.dtype,
+                                          (called, "numpy._core.multiarray._reconstruct"),
+                                          (called, "numpy.core.multiarray._reconstruct")])
+    yield called
+    torch.serialization.clear_safe_globals()
+    torch.serialization.add_safe_globals(before)
+
+
+def test_globals_registered_by_other_libraries_do_not_widen_the_allow_list(tmp_path, library_registrations):
+    path = tmp_path / "state.pt"
+    torch.save({"w": torch.zeros(2), "x": _RegisteredElsewhere(3)}, path)
+    registered = set(map(str, torch.serialization.get_safe_globals()))
+    with pytest.raises(RefusedPickle, match="_RegisteredElsewhere"):
+        torch_load(path)
+    assert set(map(str, torch.serialization.get_safe_globals())) == registered  # put back as it was
+
+
+def test_numpy_rng_state_read_inert_whatever_was_registered(tmp_path, library_registrations):
+    """An RNG state (numpy arrays) in a trainer's state file: refused unless the caller asks for numpy to be inert,
+    and then read without calling any numpy reconstructor, the one a library registered included."""
+    import numpy as np
+
+    from ckpteval.checkpoint.safe_pickle import Inert
+
+    path = tmp_path / "rank0.pt"
+    torch.save({"rng": np.random.default_rng(0).bit_generator.state, "legacy": np.random.get_state(),
+                "tokens": 123}, path)
+    with pytest.raises(RefusedPickle, match="numpy"):
+        torch_load(path)
+    for _ in range(5):  # whichever order torch's global set iterates in
+        data = torch_load(path, inert=("numpy.",))
+        assert data["tokens"] == 123 and isinstance(data["legacy"][1], Inert)
+    assert library_registrations.count == 0
+
+
 @pytest.mark.slow
 def test_payloads_never_run_from_the_cli(tmp_path, tiny_tokenizer_dir, tiny_token_shards):
     """mode=loss on a crafted DCP dir and on an HF dir with a crafted pytorch_model.bin, a -m glob scan over the

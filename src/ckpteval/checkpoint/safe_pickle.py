@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import io
 import pickle
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -132,26 +134,53 @@ def safe_filesystem_reader(path: str | Path):
     return SafeFileSystemReader(str(path))
 
 
-def torch_load(path: str | Path, extra_globals: Iterable[tuple[Any, str]] = (), **kwargs) -> Any:
-    """`torch.load(path, weights_only=True)` after refusing any global outside torch's weights-only set and
+_LOAD_LOCK = threading.Lock()
+
+
+@contextmanager
+def _only_these_safe_globals(extra: list[tuple[Any, str]]):
+    """torch's process-wide safe-globals set holds exactly `extra` for the duration: whatever an imported library
+    registered (Megatron-Core adds numpy's `_reconstruct`/`ndarray`/`dtype` at import) neither widens our
+    allow-list nor takes precedence over our stand-ins. Restored afterwards."""
+    from torch.serialization import add_safe_globals, clear_safe_globals, get_safe_globals
+
+    with _LOAD_LOCK:
+        before = get_safe_globals()
+        clear_safe_globals()
+        add_safe_globals(extra)
+        try:
+            yield
+        finally:
+            clear_safe_globals()
+            add_safe_globals(before)
+
+
+def torch_load(path: str | Path, extra_globals: Iterable[tuple[Any, str]] = (), inert: tuple[str, ...] = (),
+               **kwargs) -> Any:
+    """`torch.load(path, weights_only=True)` after refusing any global outside torch's own weights-only set and
     `extra_globals` ((stand-in object, "module.Name") pairs: e.g. a plain dict for Lightning's AttributeDict).
+    Globals whose module starts with one of `inert` (e.g. "deepspeed.", "numpy.") are read as `Inert` stand-ins:
+    the values are kept, nothing is called or imported. Globals other libraries registered process-wide with
+    `torch.serialization.add_safe_globals` are not part of the allow-list.
     Non-zip (legacy) pickles go straight to the weights-only unpickler, which refuses unknown globals itself."""
     import torch
-    from torch.serialization import get_safe_globals, get_unsafe_globals_in_checkpoint, safe_globals
+    from torch.serialization import get_unsafe_globals_in_checkpoint
 
     path = Path(path)
     extra = list(extra_globals)
+    with _only_these_safe_globals([]):
+        try:
+            asked = get_unsafe_globals_in_checkpoint(str(path))  # outside torch's built-in set
+        except Exception:  # noqa: BLE001 - not a zip archive: the weights-only unpickler checks as it reads
+            asked = []
     allowed = {name for _, name in extra}
-    try:
-        asked = get_unsafe_globals_in_checkpoint(str(path))
-    except Exception:  # noqa: BLE001 - not a zip archive: the weights-only unpickler checks as it reads
-        asked = []
-    known = {_global_name(g) for g in get_safe_globals()}
-    refused = [g for g in asked if g not in allowed and g not in known]
+    extra += [(Inert, name) for name in asked if name not in allowed and name.startswith(inert)]
+    allowed = {name for _, name in extra}
+    refused = [g for g in asked if g not in allowed]
     if refused:
         raise _refusal(path, refused[0], "tensor or plain-data type")
     try:
-        with safe_globals(extra):
+        with _only_these_safe_globals(extra):
             return torch.load(str(path), map_location="cpu", weights_only=True, **kwargs)
     except pickle.UnpicklingError as exc:
         text = str(exc)
@@ -161,13 +190,7 @@ def torch_load(path: str | Path, extra_globals: Iterable[tuple[Any, str]] = (), 
             raise _refusal(path, name, "tensor or plain-data type") from None
         raise CkptEvalError(f"checkpoint file {path} is not a readable torch file ({text.splitlines()[0][:200]}): "
                             "it is truncated, corrupt or not a checkpoint") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except (RuntimeError, EOFError, OSError, ValueError, TypeError) as exc:
         raise CkptEvalError(f"checkpoint file {path} is not a readable torch file ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}): it is truncated, corrupt or "
                             "not a checkpoint") from None
-
-
-def _global_name(entry: Any) -> str:
-    if isinstance(entry, tuple):
-        return entry[1]
-    return f"{entry.__module__}.{entry.__qualname__}"

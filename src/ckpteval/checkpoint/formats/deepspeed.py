@@ -78,16 +78,9 @@ def read_ds_file(path: Path) -> dict:
     DeepSpeed's own classes become inert stand-ins, anything else not plain data is refused before it is called."""
     import zipfile
 
-    from torch.serialization import get_unsafe_globals_in_checkpoint
+    from ckpteval.checkpoint.safe_pickle import torch_load
 
-    from ckpteval.checkpoint.safe_pickle import Inert, torch_load
-
-    try:
-        asked = get_unsafe_globals_in_checkpoint(str(path))
-    except Exception:  # noqa: BLE001 - not a zip archive: torch_load below says what is wrong in one line
-        asked = []
-    stand_ins = [(Inert, name) for name in asked if name.startswith("deepspeed.")]
-    data = torch_load(path, extra_globals=stand_ins, mmap=zipfile.is_zipfile(path))
+    data = torch_load(path, inert=("deepspeed.", "numpy."), mmap=zipfile.is_zipfile(path))
     if not isinstance(data, dict):
         raise CkptEvalError(f"DeepSpeed checkpoint file {path} holds a {type(data).__name__}, not DeepSpeed's state "
                             "dict: it is not a DeepSpeed checkpoint")

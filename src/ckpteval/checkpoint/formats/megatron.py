@@ -83,20 +83,12 @@ MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 def read_common(path: Path) -> dict:
     """common.pt through the allow-listed loader: argparse.Namespace (Megatron-LM's args) and Megatron's own
     classes become inert stand-ins; anything else (os.system, ...) is refused before anything is called."""
-    from torch.serialization import get_unsafe_globals_in_checkpoint
-
-    from ckpteval.checkpoint.safe_pickle import Inert, torch_load
+    from ckpteval.checkpoint.safe_pickle import torch_load
 
     f = path / "common.pt"
     if not f.is_file():
         return {}
-    try:
-        asked = get_unsafe_globals_in_checkpoint(str(f))
-    except Exception:  # noqa: BLE001 - unreadable: torch_load below says so in one line
-        asked = []
-    extra = [(argparse.Namespace, "argparse.Namespace")]
-    extra += [(Inert, name) for name in asked if name.startswith("megatron.")]
-    data = torch_load(f, extra_globals=extra)
+    data = torch_load(f, extra_globals=[(argparse.Namespace, "argparse.Namespace")], inert=("megatron.", "numpy."))
     return data if isinstance(data, dict) else {}
 
 

@@ -56,9 +56,6 @@ NORMS = {"reordered_norm": {"attention_norm.weight": "post_attention_layernorm.w
          "default": {"attention_norm.weight": "input_layernorm.weight",
                      "feed_forward_norm.weight": "post_attention_layernorm.weight"}}
 RMS_NORMS = ("rms", "fused_rms", "cute_rms")  # the same float32 formula (x * rsqrt(mean(x^2) + eps) * weight)
-NUMPY_STATE = ("numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct", "numpy.ndarray",
-               "numpy.dtype")  # the RNG states in train/rank0.pt
-
 
 # ---------------------------------------------------------------------------------------------- paths
 
@@ -268,17 +265,6 @@ def _layout_from_hf(config) -> tuple[str, str]:
     return ("reordered_norm" if config.model_type in ("olmo2", "olmo3") else "default"), "default"
 
 
-class _Inert:
-    """Stand-in for numpy's array/dtype reconstructors in train/rank0.pt (RNG states): takes the values, runs
-    nothing, imports nothing."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.args = args
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-
 def read_train_state(path: Path) -> dict:
     """train/rank0.pt through the allow-list (numpy's reconstructors as inert stand-ins); {} when absent. A refused
     file (a global outside the list) is not read, and only costs the tokens-seen count (logged)."""
@@ -288,7 +274,7 @@ def read_train_state(path: Path) -> dict:
     if not f.is_file():
         return {}
     try:
-        data = torch_load(f, extra_globals=[(_Inert, name) for name in NUMPY_STATE])
+        data = torch_load(f, inert=("numpy.",))  # the RNG states: numpy arrays, kept inert
     except RefusedPickle as exc:
         log.warning("%s (tokens seen unknown)", exc)
         return {}
