@@ -103,7 +103,7 @@ TIMERS = [
     ("hydra: compose job config", "hydra._internal.config_loader_impl", "ConfigLoaderImpl.load_sweep_config"),
     ("hydra: job setup/teardown", "hydra.core.utils", "run_job"),
     ("ckpteval: job glue", "ckpteval.app", "main"),
-    ("checkpoint: inspect", "ckpteval.modes.harness", "inspect_checkpoint"),
+    ("checkpoint: inspect", "ckpteval.modes.harness", "inspect_configured"),
     ("load", "ckpteval.modes.harness", "load_tokenizer"),
     ("load", "ckpteval.modes.harness", "load_model"),
     ("forward", "ckpteval.evaluation.fast_lm", "FastLM.forward"),
