@@ -114,6 +114,33 @@ def write_json(path: Path, obj) -> None:
 REPO = Path(__file__).resolve().parents[1]
 
 
+def shard_arrays(shards: Path) -> list[np.ndarray]:
+    """The uint16 token shards of a `data=local` dir, in file order (what `reference_loss` takes)."""
+    return [np.fromfile(f, dtype=np.uint16) for f in sorted(Path(shards).glob("*.bin"))]
+
+
+def family_loss(path: Path, shards: Path, seq_len: int, model_cfg=None) -> tuple[float, str]:
+    """(reference loss, architecture source) of a trainer's checkpoint as its format family reads it: the state dict
+    loaded into a plain transformers model of the family's architecture, scored by `reference_loss`."""
+    from transformers import AutoModelForCausalLM
+
+    from ckpteval.checkpoint.formats import detect_format
+
+    fmt = detect_format(path)
+    path = fmt.resolve(path)
+    arch = fmt.architecture(path, model_cfg)
+    model = AutoModelForCausalLM.from_config(arch.config)
+    model.load_state_dict(fmt.read_state(path, arch.config), strict=not arch.config.tie_word_embeddings)
+    model.tie_weights()
+    return reference_loss(model.eval(), shard_arrays(shards), seq_len), arch.source
+
+
+def loss_cfg(tmp: Path, ckpt: Path, shards: Path, seq_len: int, *extra: str):
+    """`mode=loss` on `ckpt` over every window of a `data=local` dir, batch 8, tracked in tmp's sqlite store."""
+    return compose(["mode=loss", f"ckpt={ckpt}", "data=local", f"data.dataset_path={shards}", f"eval.seq_len={seq_len}",
+                    "eval.batch_size=8", "eval.steps=-1", f"tracking.uri=sqlite:///{tmp}/mlflow.db", *extra])
+
+
 def compose(overrides: list[str]):
     """The config `python run.py OVERRIDES` would get (schema registered, conf/ composed)."""
     from hydra import compose as hydra_compose

@@ -248,6 +248,30 @@ def test_fastlm_auto_matches_hflm_and_fixed(lm_setup):
     assert [g for _, g in fixed] == [g for _, g in auto.loglikelihood(_instances(reqs))]
 
 
+def test_fastlm_probe_runs_at_the_length_asked_for(lm_setup, monkeypatch):
+    """The probe's forwards run at the first batch's length rounded up to a power of two (at least
+    MIN_PROBE_TOKENS), not at the model's max_length: on a CPU a full-length probe costs more than a short task."""
+    from ckpteval.evaluation.fast_lm import FastLM
+
+    model, tok, reqs = lm_setup
+    monkeypatch.setattr(auto_batch, "MIN_PROBE_TOKENS", 32)  # the tiny model's max_length is 256
+    lengths = []
+    auto = FastLM(model, tok, batch_size="auto", memory_budget_gb=0.02)
+    real = auto.probe_forward
+    monkeypatch.setattr(auto, "probe_forward", lambda rows, length: lengths.append(length) or real(rows, length))
+    short = [(c, x) for c, x in reqs if len(tok(c + x).input_ids) <= 60]
+    assert short
+    auto.loglikelihood(_instances(short))
+    longest = max(len(tok(c + x).input_ids) for c, x in short)
+    probed = set(lengths)
+    assert len(probed) == 1, probed
+    length = probed.pop()
+    assert 32 <= length < auto.max_length and length & (length - 1) == 0 and length < 2 * max(32, longest)
+    plan = auto.rows_plan
+    assert plan.probe_length(33) == 64 and plan.probe_length(10 ** 6) == auto.max_length
+    assert plan.chosen()["batch_tokens"] == plan.rows(length) * length
+
+
 def test_fastlm_out_of_memory_goes_on(lm_setup, monkeypatch):
     """Forwards of more than 2 rows and decoding with more than 2 slots "run out of memory": auto splits and
     goes on with the same loglikelihoods and texts; a fixed size is one error line."""

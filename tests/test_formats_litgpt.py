@@ -9,7 +9,6 @@ import pickle
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -41,20 +40,6 @@ def lit_run(tmp_path_factory, tiny_token_shards, tiny_tokenizer_dir):
     return out, ref
 
 
-def _files(shards: Path) -> list[np.ndarray]:
-    return [np.fromfile(f, dtype=np.uint16) for f in sorted(Path(shards).glob("*.bin"))]
-
-
-def _our_loss(path: Path, shards: Path) -> tuple[float, str]:
-    from transformers import AutoModelForCausalLM
-
-    fmt = detect_format(path)
-    arch = fmt.architecture(fmt.resolve(path))
-    model = AutoModelForCausalLM.from_config(arch.config)
-    model.load_state_dict(fmt.read_state(fmt.resolve(path), arch.config))
-    return factories.reference_loss(model.eval(), _files(shards), SEQ), arch.source
-
-
 def _copy_step(run: Path, rel: str, dest: Path) -> Path:
     shutil.copytree(run / rel, dest / rel)
     return dest / rel
@@ -84,7 +69,7 @@ def test_litgpt_dir_file_and_final_detected_complete_with_step_and_tokens(lit_ru
 @pytest.mark.parametrize("rel", STEPS)
 def test_litgpt_loss_equals_litgpt_forward(lit_run, rel, tiny_token_shards):
     run, ref = lit_run
-    loss, source = _our_loss(run / rel, tiny_token_shards)
+    loss, source = factories.family_loss(run / rel, tiny_token_shards, SEQ)
     assert "model_config.yaml" in source
     assert abs(loss - ref["loss"][rel]) < 1e-5, (rel, loss, ref["loss"][rel])
 
@@ -103,11 +88,11 @@ def test_litgpt_wrong_qkv_layouts_are_detectably_wrong(lit_run, tiny_token_shard
     run, ref = lit_run
     monkeypatch.setattr(lit_fmt, "_split_qkv", lambda w, c, real=lit_fmt._split_qkv:
                         real(lit_fmt._deinterleave_groups(w, c), c))
-    loss, _ = _our_loss(run / "llama/final", tiny_token_shards)
+    loss, _ = factories.family_loss(run / "llama/final", tiny_token_shards, SEQ)
     assert abs(loss - ref["loss"]["llama/final"]) > 1e-4, loss
     monkeypatch.undo()
     monkeypatch.setattr(lit_fmt, "_per_head_qkv", lambda w, c: w)
-    loss, _ = _our_loss(run / "pythia/final", tiny_token_shards)
+    loss, _ = factories.family_loss(run / "pythia/final", tiny_token_shards, SEQ)
     assert abs(loss - ref["loss"]["pythia/final"]) > 1e-4, loss
 
 
@@ -137,7 +122,7 @@ def test_litgpt_legacy_interleaved_qkv(lit_run, tmp_path, tiny_token_shards):
     with torch.no_grad():
         theirs = framework_ckpts.mean_loss(model.eval()(w[:, :-1]), w[:, 1:])
     assert abs(theirs - ref["loss"]["llama/final"]) < 1e-5
-    loss, _ = _our_loss(step, tiny_token_shards)
+    loss, _ = factories.family_loss(step, tiny_token_shards, SEQ)
     assert abs(loss - theirs) < 1e-5, (loss, theirs)
 
 
@@ -252,7 +237,7 @@ def test_litgpt_crafted_lit_model_runs_nothing(lit_run, tmp_path, tiny_token_sha
         return
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
-        app.main(_loss_cfg(tmp_path, step, tiny_token_shards))
+        app.main(factories.loss_cfg(tmp_path, step, tiny_token_shards, SEQ))
     assert exc.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and expected in err[0], err
@@ -273,18 +258,12 @@ def test_litgpt_yaml_is_read_safely(lit_run, tmp_path):
 # ---------------------------------------------------------------------------------------------- through the app
 
 
-def _loss_cfg(tmp: Path, ckpt: Path, shards: Path, *extra: str):
-    return factories.compose(["mode=loss", f"ckpt={ckpt}", "data=local", f"data.dataset_path={shards}",
-                              f"eval.seq_len={SEQ}", "eval.batch_size=8", "eval.steps=-1",
-                              f"tracking.uri=sqlite:///{tmp}/mlflow.db", *extra])
-
-
 def test_litgpt_mode_loss_on_the_file(lit_run, tmp_path, tiny_token_shards, monkeypatch):
     from ckpteval import app
 
     run, ref = lit_run
     monkeypatch.chdir(tmp_path)
-    result = app.main(_loss_cfg(tmp_path, run / "pythia/step-00000004/lit_model.pth", tiny_token_shards))
+    result = app.main(factories.loss_cfg(tmp_path, run / "pythia/step-00000004/lit_model.pth", tiny_token_shards, SEQ))
     assert (result["step"], result["tokens_seen"]) == (4, 4 * 4 * SEQ)
     assert abs(result["eval/loss"] - ref["loss"]["pythia/step-00000004"]) < 1e-5, (result, ref)
 
@@ -303,7 +282,7 @@ def test_litgpt_mode_convert_loads_in_stock_transformers(lit_run, tmp_path, tiny
         out = Path(result["convert/out"])
         assert (out / "tokenizer.json").is_file()  # the tokenizer litgpt copied into the step dir
         model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-        assert abs(factories.reference_loss(model, _files(tiny_token_shards), SEQ) - ref["loss"][rel]) < 1e-5, rel
+        assert abs(factories.reference_loss(model, factories.shard_arrays(tiny_token_shards), SEQ) - ref["loss"][rel]) < 1e-5, rel
 
 
 def test_litgpt_mode_harness_fast_equals_stock_lm_eval(lit_run, tmp_path, tiny_tokenizer_dir, tiny_token_shards,
@@ -311,7 +290,7 @@ def test_litgpt_mode_harness_fast_equals_stock_lm_eval(lit_run, tmp_path, tiny_t
     run, ref = lit_run
     monkeypatch.chdir(tmp_path)
     framework_ckpts.assert_harness_equals_stock(run, "llama/step-00000004", tmp_path, tiny_tokenizer_dir,
-                                                _files(tiny_token_shards), SEQ, ref["loss"]["llama/step-00000004"],
+                                                factories.shard_arrays(tiny_token_shards), SEQ, ref["loss"]["llama/step-00000004"],
                                                 step=4)
 
 

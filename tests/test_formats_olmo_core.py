@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -45,21 +44,6 @@ def oc_run(tmp_path_factory, tiny_token_shards, tiny_tokenizer_dir):
     return out, ref
 
 
-def _files(shards: Path) -> list[np.ndarray]:
-    return [np.fromfile(f, dtype=np.uint16) for f in sorted(Path(shards).glob("*.bin"))]
-
-
-def _our_loss(path: Path, shards: Path, model_cfg=None) -> tuple[float, str]:
-    from transformers import AutoModelForCausalLM
-
-    fmt = detect_format(path)
-    arch = fmt.architecture(path, model_cfg)
-    model = AutoModelForCausalLM.from_config(arch.config)
-    model.load_state_dict(fmt.read_state(path, arch.config), strict=not arch.config.tie_word_embeddings)
-    model.tie_weights()
-    return factories.reference_loss(model.eval(), _files(shards), SEQ), arch.source
-
-
 def _copy_step(run: Path, rel: str, dest: Path) -> Path:
     shutil.copytree(run / rel, dest / rel)
     return dest / rel
@@ -81,7 +65,7 @@ def test_olmo_core_step_dir_and_dcp_dir_detected_complete_with_step_and_tokens(o
 @pytest.mark.parametrize("rel", STEPS)
 def test_olmo_core_loss_equals_olmo_core_forward(oc_run, rel, tiny_token_shards):
     run, ref = oc_run
-    loss, source = _our_loss(run / rel, tiny_token_shards)
+    loss, source = factories.family_loss(run / rel, tiny_token_shards, SEQ)
     assert f"{rel}/config.json" in source
     assert abs(loss - ref["loss"][rel]) < 1e-5, (rel, loss, ref["loss"][rel])
 
@@ -118,11 +102,11 @@ def test_olmo_core_wrong_mappings_are_detectably_wrong(oc_run, tiny_token_shards
     swapped = dict(oc_fmt.NORMS, reordered_norm={"attention_norm.weight": "post_feedforward_layernorm.weight",
                                                  "feed_forward_norm.weight": "post_attention_layernorm.weight"})
     monkeypatch.setattr(oc_fmt, "NORMS", swapped)
-    loss, _ = _our_loss(run / "olmo2/step4", tiny_token_shards)
+    loss, _ = factories.family_loss(run / "olmo2/step4", tiny_token_shards, SEQ)
     assert abs(loss - ref["loss"]["olmo2/step4"]) > 1e-4, loss
     monkeypatch.undo()
     monkeypatch.setattr(oc_fmt._common, "rope_pairs_to_halves", lambda w, n_heads: w)
-    loss, _ = _our_loss(run / "llama/step2", tiny_token_shards)
+    loss, _ = factories.family_loss(run / "llama/step2", tiny_token_shards, SEQ)
     assert abs(loss - ref["loss"]["llama/step2"]) > 1e-4, loss
 
 
@@ -195,7 +179,7 @@ def test_olmo_core_unsupported_block_through_the_app_is_one_error_line(oc_run, t
     (step / "config.json").write_text(json.dumps(data))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
-        app.main(_loss_cfg(tmp_path, step, tiny_token_shards))
+        app.main(factories.loss_cfg(tmp_path, step, tiny_token_shards, SEQ))
     assert exc.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "block.name='normalized'" in err[0], err
@@ -214,7 +198,7 @@ def test_olmo_core_without_run_config_uses_the_model_group(oc_run, tmp_path, tin
                                                      "intermediate_size", "num_hidden_layers", "num_attention_heads",
                                                      "num_key_value_heads", "rms_norm_eps", "rope_parameters")},
                               "max_position_embeddings": SEQ, "extra": {}})
-    loss, source = _our_loss(step, tiny_token_shards, group)
+    loss, source = factories.family_loss(step, tiny_token_shards, SEQ, group)
     assert "model` group" in source and abs(loss - ref["loss"]["olmo2/step4"]) < 1e-5
 
 
@@ -243,7 +227,7 @@ def test_olmo_core_crafted_metadata_runs_nothing(tmp_path, tiny_token_shards, mo
         fmt.check_complete(step)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
-        app.main(_loss_cfg(tmp_path, step, tiny_token_shards))
+        app.main(factories.loss_cfg(tmp_path, step, tiny_token_shards, SEQ))
     assert exc.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "refusing to unpickle" in err[0] and "system" in err[0], err
@@ -282,18 +266,12 @@ def test_olmo_core_crafted_train_state_runs_nothing(oc_run, tmp_path):
 # ---------------------------------------------------------------------------------------------- through the app
 
 
-def _loss_cfg(tmp: Path, ckpt: Path, shards: Path, *extra: str):
-    return factories.compose(["mode=loss", f"ckpt={ckpt}", "data=local", f"data.dataset_path={shards}",
-                              f"eval.seq_len={SEQ}", "eval.batch_size=8", "eval.steps=-1",
-                              f"tracking.uri=sqlite:///{tmp}/mlflow.db", *extra])
-
-
 def test_olmo_core_mode_loss(oc_run, tmp_path, tiny_token_shards, monkeypatch):
     from ckpteval import app
 
     run, ref = oc_run
     monkeypatch.chdir(tmp_path)
-    result = app.main(_loss_cfg(tmp_path, run / "olmo3/step2", tiny_token_shards))
+    result = app.main(factories.loss_cfg(tmp_path, run / "olmo3/step2", tiny_token_shards, SEQ))
     assert (result["step"], result["tokens_seen"]) == (2, 2 * 4 * SEQ)
     assert abs(result["eval/loss"] - ref["loss"]["olmo3/step2"]) < 1e-5, (result, ref)
 
@@ -309,7 +287,7 @@ def test_olmo_core_mode_convert_loads_in_stock_transformers(oc_run, tmp_path, ti
         result = app.main(factories.compose(["mode=convert", f"ckpt={run / rel}", f"convert.out={tmp_path / rel}",
                                              f"tracking.uri=sqlite:///{tmp_path}/m.db"]))
         model = AutoModelForCausalLM.from_pretrained(result["convert/out"], dtype=torch.float32).eval()
-        assert abs(factories.reference_loss(model, _files(tiny_token_shards), SEQ) - ref["loss"][rel]) < 1e-5, rel
+        assert abs(factories.reference_loss(model, factories.shard_arrays(tiny_token_shards), SEQ) - ref["loss"][rel]) < 1e-5, rel
 
 
 def test_olmo_core_mode_harness_fast_equals_stock_lm_eval(oc_run, tmp_path, tiny_tokenizer_dir, tiny_token_shards,
@@ -317,7 +295,7 @@ def test_olmo_core_mode_harness_fast_equals_stock_lm_eval(oc_run, tmp_path, tiny
     run, ref = oc_run
     monkeypatch.chdir(tmp_path)
     framework_ckpts.assert_harness_equals_stock(run, "olmo2/step4", tmp_path, tiny_tokenizer_dir,
-                                                _files(tiny_token_shards), SEQ, ref["loss"]["olmo2/step4"], step=4)
+                                                factories.shard_arrays(tiny_token_shards), SEQ, ref["loss"]["olmo2/step4"], step=4)
 
 
 def test_olmo_core_watch_once(oc_run, tmp_path, tiny_token_shards, monkeypatch):
@@ -361,9 +339,9 @@ def test_olmo_core_hf_export_with_no_position_limit(oc_run, tmp_path, tiny_token
     export = run / "hf_export"
     assert json.loads((export / "config.json").read_text())["max_position_embeddings"] == -1
     monkeypatch.chdir(tmp_path)
-    result = app.main(_loss_cfg(tmp_path, export, tiny_token_shards))
+    result = app.main(factories.loss_cfg(tmp_path, export, tiny_token_shards, SEQ))
     assert abs(result["eval/loss"] - ref["loss"]["hf_export"]) < 1e-5, result
     converted = app.main(factories.compose(["mode=convert", f"ckpt={export}", f"convert.out={tmp_path / 'hf'}",
                                             f"tracking.uri=sqlite:///{tmp_path}/m.db"]))
     model = AutoModelForCausalLM.from_pretrained(converted["convert/out"], dtype=torch.float32).eval()
-    assert abs(factories.reference_loss(model, _files(tiny_token_shards), SEQ) - ref["loss"]["hf_export"]) < 1e-5
+    assert abs(factories.reference_loss(model, factories.shard_arrays(tiny_token_shards), SEQ) - ref["loss"]["hf_export"]) < 1e-5

@@ -38,20 +38,6 @@ def titan_run(tmp_path_factory, tiny_token_shards):
     return out, ref
 
 
-def _files(shards: Path) -> list[np.ndarray]:
-    return [np.fromfile(f, dtype=np.uint16) for f in sorted(Path(shards).glob("*.bin"))]
-
-
-def _our_loss(path: Path, shards: Path, model_cfg=None) -> tuple[float, str]:
-    from transformers import AutoModelForCausalLM
-
-    fmt = detect_format(path)
-    arch = fmt.architecture(path, model_cfg)
-    model = AutoModelForCausalLM.from_config(arch.config)
-    model.load_state_dict(fmt.read_state(path, arch.config), strict=not arch.config.tie_word_embeddings)
-    return factories.reference_loss(model.eval(), _files(shards), SEQ), arch.source
-
-
 def test_titan_dcp_detected_complete_with_step_and_tokens(titan_run):
     run, _ = titan_run
     step10 = run / "checkpoint" / "step-10"
@@ -63,7 +49,7 @@ def test_titan_dcp_detected_complete_with_step_and_tokens(titan_run):
 
 def test_titan_dcp_loss_equals_torchtitan_forward(titan_run, tiny_token_shards):
     run, ref = titan_run
-    loss, source = _our_loss(run / "checkpoint" / "step-10", tiny_token_shards)
+    loss, source = factories.family_loss(run / "checkpoint" / "step-10", tiny_token_shards, SEQ)
     assert "job_config.json" in source
     assert abs(loss - ref["loss"]) < 1e-5, (loss, ref)
 
@@ -84,7 +70,7 @@ def test_titan_renaming_without_rope_permute_is_detectably_wrong(titan_run, tiny
     """The trap: renaming alone runs but scores a different function. Our check must be able to see that."""
     run, ref = titan_run
     monkeypatch.setattr(titan_fmt, "rope_pairs_to_halves", lambda w, n_heads: w)
-    loss, _ = _our_loss(run / "checkpoint" / "step-10", tiny_token_shards)
+    loss, _ = factories.family_loss(run / "checkpoint" / "step-10", tiny_token_shards, SEQ)
     assert abs(loss - ref["loss"]) > 1e-4, (loss, ref)
 
 
@@ -110,7 +96,7 @@ def test_titan_hf_export_without_config_json(titan_run, tiny_token_shards):
     assert fmt is not None and fmt.name == "torchtitan"
     fmt.check_complete(step20)
     assert fmt.step_tokens(step20) == (20, None)
-    loss, source = _our_loss(step20, tiny_token_shards)
+    loss, source = factories.family_loss(step20, tiny_token_shards, SEQ)
     assert "job_config.json" in source
     assert abs(loss - ref["loss"]) < 1e-5, (loss, ref)
 
@@ -120,7 +106,7 @@ def test_titan_tied_embeddings(tmp_path, tiny_token_shards):
     ref = framework_ckpts.run("titan", tmp_path / "run", tiny_token_shards, SEQ, "--tie")
     step = tmp_path / "run" / "checkpoint" / "step-10"
     assert get_format("torchtitan").architecture(step).config.tie_word_embeddings
-    loss, _ = _our_loss(step, tiny_token_shards)
+    loss, _ = factories.family_loss(step, tiny_token_shards, SEQ)
     assert abs(loss - ref["loss"]) < 1e-5, (loss, ref)
 
 def test_titan_pre_03_names(titan_run, tmp_path, tiny_token_shards):
@@ -140,7 +126,7 @@ def test_titan_pre_03_names(titan_run, tmp_path, tiny_token_shards):
     dcp.save(old, checkpoint_id=str(dest), no_dist=True)
     shutil.copy(run / "job_config.json", tmp_path / "job_config.json")
     assert any(".attention.wq." in k for k in titan_fmt.read_dcp_metadata(dest).state_dict_metadata)
-    loss, _ = _our_loss(dest, tiny_token_shards)
+    loss, _ = factories.family_loss(dest, tiny_token_shards, SEQ)
     assert abs(loss - ref["loss"]) < 1e-5, (loss, ref)
 
 def _copy_step(run: Path, dest: Path) -> Path:
@@ -185,7 +171,7 @@ def test_titan_without_architecture_source(titan_run, tmp_path, tiny_token_shard
                               "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
                               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
                               "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "extra": {}})
-    loss, source = _our_loss(step, tiny_token_shards, group)
+    loss, source = factories.family_loss(step, tiny_token_shards, SEQ, group)
     assert "model` group" in source and abs(loss - ref["loss"]) < 1e-5
     group.hidden_size = 128
     with pytest.raises(CkptEvalError, match=r"contradicts .*model` group.*in the checkpoint but .* there: describe "
@@ -237,7 +223,7 @@ def test_titan_crafted_metadata_through_mode_loss(tmp_path, tiny_token_shards, m
     (step / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
-        app.main(_loss_cfg(tmp_path, step, tiny_token_shards))
+        app.main(factories.loss_cfg(tmp_path, step, tiny_token_shards, SEQ))
     assert exc.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "refusing to unpickle" in err[0] and "system" in err[0], err
@@ -247,19 +233,13 @@ def test_titan_crafted_metadata_through_mode_loss(tmp_path, tiny_token_shards, m
 # ---------------------------------------------------------------------------------------------- through the app
 
 
-def _loss_cfg(tmp: Path, ckpt: Path, shards: Path, *extra: str):
-    return factories.compose(["mode=loss", f"ckpt={ckpt}", "data=local", f"data.dataset_path={shards}",
-                              f"eval.seq_len={SEQ}", "eval.batch_size=8", "eval.steps=-1",
-                              f"tracking.uri=sqlite:///{tmp}/mlflow.db", *extra])
-
-
 @pytest.mark.parametrize("step", [10, 20])
 def test_titan_mode_loss_equals_torchtitan_forward(titan_run, step, tmp_path, tiny_token_shards, monkeypatch):
     from ckpteval import app
 
     run, ref = titan_run
     monkeypatch.chdir(tmp_path)
-    result = app.main(_loss_cfg(tmp_path, run / "checkpoint" / f"step-{step}", tiny_token_shards))
+    result = app.main(factories.loss_cfg(tmp_path, run / "checkpoint" / f"step-{step}", tiny_token_shards, SEQ))
     assert result["step"] == step
     assert abs(result["eval/loss"] - ref["loss"]) < 1e-5, (result, ref)
 
@@ -276,7 +256,7 @@ def test_titan_mode_convert_loads_in_stock_transformers(titan_run, tmp_path, tin
     hf_dir = Path(result["convert/out"])
     assert (hf_dir / "config.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    assert abs(factories.reference_loss(model, _files(tiny_token_shards), SEQ) - ref["loss"]) < 1e-5
+    assert abs(factories.reference_loss(model, factories.shard_arrays(tiny_token_shards), SEQ) - ref["loss"]) < 1e-5
 
 
 def test_titan_watch_once(titan_run, tmp_path, tiny_token_shards, monkeypatch):
@@ -313,7 +293,7 @@ def test_titan_mode_harness_fast_equals_stock_lm_eval(titan_run, tmp_path, tiny_
                                                    monkeypatch):
     run, ref = titan_run
     monkeypatch.chdir(tmp_path)
-    framework_ckpts.assert_harness_equals_stock(run, "checkpoint/step-10", tmp_path, tiny_tokenizer_dir, _files(tiny_token_shards),
+    framework_ckpts.assert_harness_equals_stock(run, "checkpoint/step-10", tmp_path, tiny_tokenizer_dir, factories.shard_arrays(tiny_token_shards),
                                                 SEQ, ref["loss"], step=10)
 
 
@@ -362,7 +342,7 @@ def test_titan_moe_dcp_loss_equals_torchtitan_forward(titan_moe_run, tiny_token_
     assert abs(loss - ref["loss"]) < 1e-5, (loss, ref)
     # the comparison means something: tokens take different experts, and the bias changed some choices
     assert len(ref["experts_chosen"]) >= 2
-    batch = torch.from_numpy(_files(tiny_token_shards)[0][: 2 * SEQ].astype(np.int64)).view(2, SEQ)
+    batch = torch.from_numpy(factories.shard_arrays(tiny_token_shards)[0][: 2 * SEQ].astype(np.int64)).view(2, SEQ)
     assert len(routed_experts(model, batch)) >= 2
     assert abs(ref["loss_without_expert_bias"] - ref["loss"]) > 1e-3
 
@@ -460,7 +440,7 @@ def test_titan_moe_without_architecture_source_is_one_error_line(titan_moe_run, 
     step = _copy_step(run, tmp_path)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
-        app.main(_loss_cfg(tmp_path, step, tiny_token_shards, "tracking.enabled=false"))
+        app.main(factories.loss_cfg(tmp_path, step, tiny_token_shards, SEQ, "tracking.enabled=false"))
     assert exc.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "contradicts its architecture source, the `model` group" in err[0], err

@@ -423,15 +423,18 @@ def resilient_scorer(scorer, batch: LossBatch, device: torch.device):
 # ---------------------------------------------------------------------------------------------- FastLM
 
 
-PROBE_TOKENS = 2048  # FastLM probes packed rows of min(max_length, this) tokens; longer rows are counted from it
+PROBE_TOKENS = 2048  # FastLM probes packed rows of at most min(max_length, this) tokens; longer rows are counted
+MIN_PROBE_TOKENS = 256  # ... and at least this many: the first rows asked for, rounded up to a power of two
 
 
 class RowPlanner:
     """FastLM's rows per forward: `harness.batch_size=N`, or (auto) as many rows of a batch's length as the budget
     holds. A packed row of T tokens seeing K keys costs about a x T + b x T x K bytes: `b` (the explicit mask, and
     where no fused kernel takes it, the scores) is counted, `a` measured by a probe of masked rows of the probe
-    length, every position scored (FastLM's costliest forward). Generation keeps half the budget for the KV slots
-    (exact: rows x (prompt + max_gen_toks) x layers x 2 x kv heads x head dim) and half for prefills."""
+    length, every position scored (FastLM's costliest forward). The probe length is what the run asks for first
+    (rounded up to a power of two, MIN_PROBE_TOKENS..PROBE_TOKENS): on a CPU a probe at the model's full length
+    costs more than a short task's whole run. Generation keeps half the budget for the KV slots (exact: rows x
+    (prompt + max_gen_toks) x layers x 2 x kv heads x head dim) and half for prefills."""
 
     def __init__(self, lm, setting, budget_gb: float | None = None) -> None:
         self.lm = lm
@@ -441,12 +444,20 @@ class RowPlanner:
         self._key: tuple = ()
         self._fit: Fit | None = None
         self._coef: tuple[float, float] = (0.0, 0.0)
+        self._length = 0
+
+    def probe_length(self, tokens: int) -> int:
+        """Rows of `tokens` tokens -> the probe length: a power of two, MIN_PROBE_TOKENS..PROBE_TOKENS, at most the
+        model's max_length."""
+        rounded = 1 << max(0, int(tokens) - 1).bit_length()
+        return max(1, min(int(self.lm.max_length), PROBE_TOKENS, max(MIN_PROBE_TOKENS, rounded)))
 
     # ---- the probe
-    def fit(self) -> Fit:
+    def fit(self, tokens: int = PROBE_TOKENS) -> Fit:
+        """The probe's fit, made on the first call at the length of the `tokens` asked for then."""
         if self._fit is None:
             lm = self.lm
-            length = min(int(lm.max_length), PROBE_TOKENS)
+            length = self._length = self.probe_length(tokens)
             self._key = model_key(lm.model, "fastlm", length, str(lm.compute_dtype), self.budget_gb)
             self._fit = cached_fit(self._key, lambda: self._probe(length))
             b = attention_bytes_per_query(lm.model.config, 1, True, lm.device)
@@ -486,18 +497,18 @@ class RowPlanner:
         """The most rows per forward (and decoding slots): MAX_ROWS, less after an out-of-memory error."""
         return _ROWS.get(self._key, MAX_ROWS)
 
-    def _budget(self, share: float = 1.0) -> float:
-        fit = self.fit()
+    def _budget(self, share: float = 1.0, tokens: int = PROBE_TOKENS) -> float:
+        fit = self.fit(tokens)
         return (fit.budget * share - fit.fixed) * self.scale
 
     def rows(self, tokens: int, keys: int | None = None, share: float = 1.0) -> int:
         """Rows of `tokens` tokens (each seeing `keys` keys, default `tokens`) per forward."""
         if not self.auto:
             return self.fixed
-        self.fit()
-        a, b = self._coef
         keys = tokens if keys is None else keys
-        fits = int(self._budget(share) // max(1.0, a * tokens + b * tokens * keys))
+        budget = self._budget(share, keys)
+        a, b = self._coef
+        fits = int(budget // max(1.0, a * tokens + b * tokens * keys))
         if fits < 1:
             raise CkptEvalError(f"harness.batch_size=auto: one row of {tokens} tokens does not fit in the memory "
                                 f"budget ({size(self.fit().budget)}, {self.fit().budget_what}): raise "
@@ -511,16 +522,16 @@ class RowPlanner:
         lm = self.lm
         kv = kv_bytes_per_token(lm.model.config, torch.finfo(lm.compute_dtype).bits // 8)
         vocab = int(lm.model.config.vocab_size)
-        fits = int(self._budget(0.5) // (cap * kv + 16 * vocab))
+        fits = int(self._budget(0.5, cap) // (cap * kv + 16 * vocab))
         return max(1, min(fits, self.cap))
 
     def tokens_per_forward(self, length: int | None = None) -> int:
-        length = length or min(int(self.lm.max_length), PROBE_TOKENS)
+        length = length or self._length or self.probe_length(PROBE_TOKENS)
         return self.rows(length) * length
 
     def chosen(self) -> dict[str, int]:
         """What auto chose, for the results (empty when fixed or never probed): tokens per forward at the probe
-        length."""
+        length (the length the run asked for first, rounded up to a power of two)."""
         if not self.auto or self._fit is None:
             return {}
         return {"batch_tokens": self.tokens_per_forward()}
