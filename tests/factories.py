@@ -119,7 +119,7 @@ def shard_arrays(shards: Path) -> list[np.ndarray]:
     return [np.fromfile(f, dtype=np.uint16) for f in sorted(Path(shards).glob("*.bin"))]
 
 
-def family_loss(path: Path, shards: Path, seq_len: int, model_cfg=None) -> tuple[float, str]:
+def family_loss(path: Path, shards: Path, model_cfg=None, *, seq_len: int) -> tuple[float, str]:
     """(reference loss, architecture source) of a trainer's checkpoint as its format family reads it: the state dict
     loaded into a plain transformers model of the family's architecture, scored by `reference_loss`."""
     from transformers import AutoModelForCausalLM
@@ -135,10 +135,11 @@ def family_loss(path: Path, shards: Path, seq_len: int, model_cfg=None) -> tuple
     return reference_loss(model.eval(), shard_arrays(shards), seq_len), arch.source
 
 
-def loss_cfg(tmp: Path, ckpt: Path, shards: Path, seq_len: int, *extra: str):
+def loss_cfg(tmp: Path, ckpt: Path, shards: Path, *extra: str, seq_len: int):
     """`mode=loss` on `ckpt` over every window of a `data=local` dir, batch 8, tracked in tmp's sqlite store."""
-    return compose(["mode=loss", f"ckpt={ckpt}", "data=local", f"data.dataset_path={shards}", f"eval.seq_len={seq_len}",
-                    "eval.batch_size=8", "eval.steps=-1", f"tracking.uri=sqlite:///{tmp}/mlflow.db", *extra])
+    return compose(["mode=loss", f"ckpt={ckpt}", "data=local", f"data.dataset_path={shards}",
+                    f"eval.seq_len={seq_len}", "eval.batch_size=8", "eval.steps=-1",
+                    f"tracking.uri=sqlite:///{tmp}/mlflow.db", *extra])
 
 
 def compose(overrides: list[str]):

@@ -4,6 +4,7 @@ litgpt's OWN GPT forward on each saved lit_model.pth (float32, 1e-5)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import shutil
@@ -18,7 +19,6 @@ from ckpteval.checkpoint.formats import litgpt as lit_fmt
 from ckpteval.errors import CkptEvalError
 from tests import factories, framework_ckpts
 
-
 # The framework writes its checkpoints in a subprocess (module fixture): the end-to-end tier, not the fast one.
 pytestmark = pytest.mark.slow
 
@@ -29,6 +29,9 @@ def _framework():  # when a test here runs (not at collection: the default tier,
 
 
 SEQ = 64
+_files = factories.shard_arrays
+_our_loss = functools.partial(factories.family_loss, seq_len=SEQ)
+_loss_cfg = functools.partial(factories.loss_cfg, seq_len=SEQ)
 STEPS = ["llama/step-00000002", "llama/step-00000004", "llama/final", "pythia/step-00000002", "pythia/final"]
 
 
@@ -69,7 +72,7 @@ def test_litgpt_dir_file_and_final_detected_complete_with_step_and_tokens(lit_ru
 @pytest.mark.parametrize("rel", STEPS)
 def test_litgpt_loss_equals_litgpt_forward(lit_run, rel, tiny_token_shards):
     run, ref = lit_run
-    loss, source = factories.family_loss(run / rel, tiny_token_shards, SEQ)
+    loss, source = _our_loss(run / rel, tiny_token_shards)
     assert "model_config.yaml" in source
     assert abs(loss - ref["loss"][rel]) < 1e-5, (rel, loss, ref["loss"][rel])
 
@@ -88,11 +91,11 @@ def test_litgpt_wrong_qkv_layouts_are_detectably_wrong(lit_run, tiny_token_shard
     run, ref = lit_run
     monkeypatch.setattr(lit_fmt, "_split_qkv", lambda w, c, real=lit_fmt._split_qkv:
                         real(lit_fmt._deinterleave_groups(w, c), c))
-    loss, _ = factories.family_loss(run / "llama/final", tiny_token_shards, SEQ)
+    loss, _ = _our_loss(run / "llama/final", tiny_token_shards)
     assert abs(loss - ref["loss"]["llama/final"]) > 1e-4, loss
     monkeypatch.undo()
     monkeypatch.setattr(lit_fmt, "_per_head_qkv", lambda w, c: w)
-    loss, _ = factories.family_loss(run / "pythia/final", tiny_token_shards, SEQ)
+    loss, _ = _our_loss(run / "pythia/final", tiny_token_shards)
     assert abs(loss - ref["loss"]["pythia/final"]) > 1e-4, loss
 
 
@@ -122,7 +125,7 @@ def test_litgpt_legacy_interleaved_qkv(lit_run, tmp_path, tiny_token_shards):
     with torch.no_grad():
         theirs = framework_ckpts.mean_loss(model.eval()(w[:, :-1]), w[:, 1:])
     assert abs(theirs - ref["loss"]["llama/final"]) < 1e-5
-    loss, _ = factories.family_loss(step, tiny_token_shards, SEQ)
+    loss, _ = _our_loss(step, tiny_token_shards)
     assert abs(loss - theirs) < 1e-5, (loss, theirs)
 
 
@@ -237,7 +240,7 @@ def test_litgpt_crafted_lit_model_runs_nothing(lit_run, tmp_path, tiny_token_sha
         return
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
-        app.main(factories.loss_cfg(tmp_path, step, tiny_token_shards, SEQ))
+        app.main(_loss_cfg(tmp_path, step, tiny_token_shards))
     assert exc.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and expected in err[0], err
@@ -263,7 +266,7 @@ def test_litgpt_mode_loss_on_the_file(lit_run, tmp_path, tiny_token_shards, monk
 
     run, ref = lit_run
     monkeypatch.chdir(tmp_path)
-    result = app.main(factories.loss_cfg(tmp_path, run / "pythia/step-00000004/lit_model.pth", tiny_token_shards, SEQ))
+    result = app.main(_loss_cfg(tmp_path, run / "pythia/step-00000004/lit_model.pth", tiny_token_shards))
     assert (result["step"], result["tokens_seen"]) == (4, 4 * 4 * SEQ)
     assert abs(result["eval/loss"] - ref["loss"]["pythia/step-00000004"]) < 1e-5, (result, ref)
 
@@ -282,7 +285,7 @@ def test_litgpt_mode_convert_loads_in_stock_transformers(lit_run, tmp_path, tiny
         out = Path(result["convert/out"])
         assert (out / "tokenizer.json").is_file()  # the tokenizer litgpt copied into the step dir
         model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-        assert abs(factories.reference_loss(model, factories.shard_arrays(tiny_token_shards), SEQ) - ref["loss"][rel]) < 1e-5, rel
+        assert abs(factories.reference_loss(model, _files(tiny_token_shards), SEQ) - ref["loss"][rel]) < 1e-5, rel
 
 
 def test_litgpt_mode_harness_fast_equals_stock_lm_eval(lit_run, tmp_path, tiny_tokenizer_dir, tiny_token_shards,
@@ -290,7 +293,7 @@ def test_litgpt_mode_harness_fast_equals_stock_lm_eval(lit_run, tmp_path, tiny_t
     run, ref = lit_run
     monkeypatch.chdir(tmp_path)
     framework_ckpts.assert_harness_equals_stock(run, "llama/step-00000004", tmp_path, tiny_tokenizer_dir,
-                                                factories.shard_arrays(tiny_token_shards), SEQ, ref["loss"]["llama/step-00000004"],
+                                                _files(tiny_token_shards), SEQ, ref["loss"]["llama/step-00000004"],
                                                 step=4)
 
 

@@ -9,6 +9,7 @@ fork around attention dropout); the model, its forward and its saver are otherwi
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -31,6 +32,9 @@ def _megatron():  # when a test here runs (not at collection: the default tier, 
     factories.require("megatron.core", "megatron")
 
 SEQ = 64
+_files = factories.shard_arrays
+_our_loss = functools.partial(factories.family_loss, seq_len=SEQ)
+_loss_cfg = functools.partial(factories.loss_cfg, seq_len=SEQ)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +56,7 @@ def test_megatron_detected_complete_with_step(mg_run):
 
 def test_megatron_loss_equals_megatron_forward(mg_run, tiny_token_shards):
     run, ref = mg_run
-    loss, source = factories.family_loss(run / "iter_0000010", tiny_token_shards, SEQ)
+    loss, source = _our_loss(run / "iter_0000010", tiny_token_shards)
     assert "Megatron args" in source
     assert abs(loss - ref["loss"]) < 1e-5, (loss, ref)
 
@@ -79,7 +83,7 @@ def test_megatron_specs_match_state_and_only_model_tensors_are_read(mg_run, monk
 def test_megatron_tied_embeddings(tmp_path, tiny_token_shards):
     """share_embeddings_and_output_weights=True (args: untie_embeddings_and_output_weights=False)."""
     ref = framework_ckpts.run("megatron", tmp_path / "run", tiny_token_shards, SEQ, "--tie")
-    loss, source = factories.family_loss(tmp_path / "run" / "iter_0000010", tiny_token_shards, SEQ)
+    loss, source = _our_loss(tmp_path / "run" / "iter_0000010", tiny_token_shards)
     assert "Megatron args" in source and abs(loss - ref["loss"]) < 1e-5, (loss, ref)
     assert get_format("megatron").architecture(tmp_path / "run" / "iter_0000010").config.tie_word_embeddings
 
@@ -123,12 +127,12 @@ def test_megatron_without_args_uses_config_json_then_model_group(mg_run, tmp_pat
                               "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
                               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
                               "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "extra": {}})
-    loss, source = factories.family_loss(ckpt, tiny_token_shards, SEQ, group)
+    loss, source = _our_loss(ckpt, tiny_token_shards, group)
     assert "model` group" in source and abs(loss - ref["loss"]) < 1e-5
     from ckpteval.checkpoint import config_from_model_cfg
 
     config_from_model_cfg(group).save_pretrained(tmp_path)  # config.json beside the dir wins over the group
-    loss, source = factories.family_loss(ckpt, tiny_token_shards, SEQ, None)
+    loss, source = _our_loss(ckpt, tiny_token_shards, None)
     assert source.startswith("config.json in") and abs(loss - ref["loss"]) < 1e-5
 
 
@@ -200,7 +204,7 @@ def test_megatron_mode_loss_equals_megatron_forward(mg_run, tmp_path, tiny_token
 
     run, ref = mg_run
     monkeypatch.chdir(tmp_path)
-    result = app.main(factories.loss_cfg(tmp_path, run / "iter_0000010", tiny_token_shards, SEQ))
+    result = app.main(_loss_cfg(tmp_path, run / "iter_0000010", tiny_token_shards))
     assert result["step"] == 10
     assert abs(result["eval/loss"] - ref["loss"]) < 1e-5, (result, ref)
 
@@ -217,7 +221,7 @@ def test_megatron_mode_convert_loads_in_stock_transformers(mg_run, tmp_path, tin
     hf_dir = Path(result["convert/out"])
     assert (hf_dir / "config.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    assert abs(factories.reference_loss(model, factories.shard_arrays(tiny_token_shards), SEQ) - ref["loss"]) < 1e-5
+    assert abs(factories.reference_loss(model, _files(tiny_token_shards), SEQ) - ref["loss"]) < 1e-5
 
 
 def test_megatron_watch_once(mg_run, tmp_path, tiny_token_shards, monkeypatch):
@@ -253,7 +257,7 @@ def test_megatron_mode_harness_fast_equals_stock_lm_eval(mg_run, tmp_path, tiny_
                                                    monkeypatch):
     run, ref = mg_run
     monkeypatch.chdir(tmp_path)
-    framework_ckpts.assert_harness_equals_stock(run, "iter_0000010", tmp_path, tiny_tokenizer_dir, factories.shard_arrays(tiny_token_shards),
+    framework_ckpts.assert_harness_equals_stock(run, "iter_0000010", tmp_path, tiny_tokenizer_dir, _files(tiny_token_shards),
                                                 SEQ, ref["loss"], step=10)
 
 

@@ -6,6 +6,7 @@ plus OLMo-core's own HF export of the OLMo 2 run (max_position_embeddings -1).""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
@@ -22,7 +23,6 @@ from ckpteval.checkpoint.formats import olmo_core as oc_fmt
 from ckpteval.errors import CkptEvalError
 from tests import factories, framework_ckpts
 
-
 # The framework writes its checkpoints in a subprocess (module fixture): the end-to-end tier, not the fast one.
 pytestmark = pytest.mark.slow
 
@@ -33,6 +33,9 @@ def _framework():  # when a test here runs (not at collection: the default tier,
 
 
 SEQ = 64
+_files = factories.shard_arrays
+_our_loss = functools.partial(factories.family_loss, seq_len=SEQ)
+_loss_cfg = functools.partial(factories.loss_cfg, seq_len=SEQ)
 STEPS = ["olmo2/step0", "olmo2/step2", "olmo2/step4", "olmo3/step0", "olmo3/step2", "llama/step0", "llama/step2"]
 
 
@@ -65,7 +68,7 @@ def test_olmo_core_step_dir_and_dcp_dir_detected_complete_with_step_and_tokens(o
 @pytest.mark.parametrize("rel", STEPS)
 def test_olmo_core_loss_equals_olmo_core_forward(oc_run, rel, tiny_token_shards):
     run, ref = oc_run
-    loss, source = factories.family_loss(run / rel, tiny_token_shards, SEQ)
+    loss, source = _our_loss(run / rel, tiny_token_shards)
     assert f"{rel}/config.json" in source
     assert abs(loss - ref["loss"][rel]) < 1e-5, (rel, loss, ref["loss"][rel])
 
@@ -102,11 +105,11 @@ def test_olmo_core_wrong_mappings_are_detectably_wrong(oc_run, tiny_token_shards
     swapped = dict(oc_fmt.NORMS, reordered_norm={"attention_norm.weight": "post_feedforward_layernorm.weight",
                                                  "feed_forward_norm.weight": "post_attention_layernorm.weight"})
     monkeypatch.setattr(oc_fmt, "NORMS", swapped)
-    loss, _ = factories.family_loss(run / "olmo2/step4", tiny_token_shards, SEQ)
+    loss, _ = _our_loss(run / "olmo2/step4", tiny_token_shards)
     assert abs(loss - ref["loss"]["olmo2/step4"]) > 1e-4, loss
     monkeypatch.undo()
     monkeypatch.setattr(oc_fmt._common, "rope_pairs_to_halves", lambda w, n_heads: w)
-    loss, _ = factories.family_loss(run / "llama/step2", tiny_token_shards, SEQ)
+    loss, _ = _our_loss(run / "llama/step2", tiny_token_shards)
     assert abs(loss - ref["loss"]["llama/step2"]) > 1e-4, loss
 
 
@@ -179,7 +182,7 @@ def test_olmo_core_unsupported_block_through_the_app_is_one_error_line(oc_run, t
     (step / "config.json").write_text(json.dumps(data))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
-        app.main(factories.loss_cfg(tmp_path, step, tiny_token_shards, SEQ))
+        app.main(_loss_cfg(tmp_path, step, tiny_token_shards))
     assert exc.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "block.name='normalized'" in err[0], err
@@ -198,7 +201,7 @@ def test_olmo_core_without_run_config_uses_the_model_group(oc_run, tmp_path, tin
                                                      "intermediate_size", "num_hidden_layers", "num_attention_heads",
                                                      "num_key_value_heads", "rms_norm_eps", "rope_parameters")},
                               "max_position_embeddings": SEQ, "extra": {}})
-    loss, source = factories.family_loss(step, tiny_token_shards, SEQ, group)
+    loss, source = _our_loss(step, tiny_token_shards, group)
     assert "model` group" in source and abs(loss - ref["loss"]["olmo2/step4"]) < 1e-5
 
 
@@ -227,7 +230,7 @@ def test_olmo_core_crafted_metadata_runs_nothing(tmp_path, tiny_token_shards, mo
         fmt.check_complete(step)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
-        app.main(factories.loss_cfg(tmp_path, step, tiny_token_shards, SEQ))
+        app.main(_loss_cfg(tmp_path, step, tiny_token_shards))
     assert exc.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "refusing to unpickle" in err[0] and "system" in err[0], err
@@ -271,7 +274,7 @@ def test_olmo_core_mode_loss(oc_run, tmp_path, tiny_token_shards, monkeypatch):
 
     run, ref = oc_run
     monkeypatch.chdir(tmp_path)
-    result = app.main(factories.loss_cfg(tmp_path, run / "olmo3/step2", tiny_token_shards, SEQ))
+    result = app.main(_loss_cfg(tmp_path, run / "olmo3/step2", tiny_token_shards))
     assert (result["step"], result["tokens_seen"]) == (2, 2 * 4 * SEQ)
     assert abs(result["eval/loss"] - ref["loss"]["olmo3/step2"]) < 1e-5, (result, ref)
 
@@ -287,7 +290,7 @@ def test_olmo_core_mode_convert_loads_in_stock_transformers(oc_run, tmp_path, ti
         result = app.main(factories.compose(["mode=convert", f"ckpt={run / rel}", f"convert.out={tmp_path / rel}",
                                              f"tracking.uri=sqlite:///{tmp_path}/m.db"]))
         model = AutoModelForCausalLM.from_pretrained(result["convert/out"], dtype=torch.float32).eval()
-        assert abs(factories.reference_loss(model, factories.shard_arrays(tiny_token_shards), SEQ) - ref["loss"][rel]) < 1e-5, rel
+        assert abs(factories.reference_loss(model, _files(tiny_token_shards), SEQ) - ref["loss"][rel]) < 1e-5, rel
 
 
 def test_olmo_core_mode_harness_fast_equals_stock_lm_eval(oc_run, tmp_path, tiny_tokenizer_dir, tiny_token_shards,
@@ -295,7 +298,7 @@ def test_olmo_core_mode_harness_fast_equals_stock_lm_eval(oc_run, tmp_path, tiny
     run, ref = oc_run
     monkeypatch.chdir(tmp_path)
     framework_ckpts.assert_harness_equals_stock(run, "olmo2/step4", tmp_path, tiny_tokenizer_dir,
-                                                factories.shard_arrays(tiny_token_shards), SEQ, ref["loss"]["olmo2/step4"], step=4)
+                                                _files(tiny_token_shards), SEQ, ref["loss"]["olmo2/step4"], step=4)
 
 
 def test_olmo_core_watch_once(oc_run, tmp_path, tiny_token_shards, monkeypatch):
@@ -339,9 +342,9 @@ def test_olmo_core_hf_export_with_no_position_limit(oc_run, tmp_path, tiny_token
     export = run / "hf_export"
     assert json.loads((export / "config.json").read_text())["max_position_embeddings"] == -1
     monkeypatch.chdir(tmp_path)
-    result = app.main(factories.loss_cfg(tmp_path, export, tiny_token_shards, SEQ))
+    result = app.main(_loss_cfg(tmp_path, export, tiny_token_shards))
     assert abs(result["eval/loss"] - ref["loss"]["hf_export"]) < 1e-5, result
     converted = app.main(factories.compose(["mode=convert", f"ckpt={export}", f"convert.out={tmp_path / 'hf'}",
                                             f"tracking.uri=sqlite:///{tmp_path}/m.db"]))
     model = AutoModelForCausalLM.from_pretrained(converted["convert/out"], dtype=torch.float32).eval()
-    assert abs(factories.reference_loss(model, factories.shard_arrays(tiny_token_shards), SEQ) - ref["loss"]["hf_export"]) < 1e-5
+    assert abs(factories.reference_loss(model, _files(tiny_token_shards), SEQ) - ref["loss"]["hf_export"]) < 1e-5

@@ -8,6 +8,7 @@ is one module fixture shared by the slow tests (scans, the watcher, the harness,
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -26,6 +27,8 @@ from tests import factories, framework_ckpts
 factories.require("peft", "peft")
 
 SEQ = 64
+_files = factories.shard_arrays
+_loss_cfg = functools.partial(factories.loss_cfg, seq_len=SEQ)
 ADDED = 8  # tokens added to the tokenizer (and rows to the embedding) for the modules_to_save adapter
 
 
@@ -56,7 +59,7 @@ def peft_reference(base_dir: Path, adapter: Path, vocab: int | None = None, merg
 
 
 def _peft_loss(base_dir: Path, adapter: Path, shards: Path, vocab: int | None = None, merged: bool = False) -> float:
-    return factories.reference_loss(peft_reference(base_dir, adapter, vocab, merged), factories.shard_arrays(shards), SEQ)
+    return factories.reference_loss(peft_reference(base_dir, adapter, vocab, merged), _files(shards), SEQ)
 
 
 def _error_line(capsys) -> str:
@@ -129,7 +132,7 @@ def test_adapter_dir_detected_with_its_base(saved):
 
 
 def test_hf_format_forced_on_an_adapter_points_at_peft(saved, tmp_path, tiny_token_shards, capsys):
-    line = _app_error(factories.loss_cfg(tmp_path, saved["lora"], tiny_token_shards, SEQ, "ckpt_format=hf"), capsys)
+    line = _app_error(_loss_cfg(tmp_path, saved["lora"], tiny_token_shards, "ckpt_format=hf"), capsys)
     assert "is a PEFT adapter" in line and "ckpt_format=peft" in line, line
 
 
@@ -138,10 +141,10 @@ def test_merged_equals_peftmodel_forward(saved, kind, tiny_token_shards):
     """Our merged model = PEFT's PeftModel (adapter on top) and PEFT's own merge_and_unload, float32, 1e-5; the
     base alone is detectably different."""
     model = load_model(inspect_checkpoint(saved[kind]))
-    ours = factories.reference_loss(model, factories.shard_arrays(tiny_token_shards), SEQ)
+    ours = factories.reference_loss(model, _files(tiny_token_shards), SEQ)
     on_top = _peft_loss(saved["base"], saved[kind], tiny_token_shards, _vocab(kind))
     merged = _peft_loss(saved["base"], saved[kind], tiny_token_shards, _vocab(kind), merged=True)
-    base = factories.reference_loss(_base_model(saved["base"]), factories.shard_arrays(tiny_token_shards), SEQ)
+    base = factories.reference_loss(_base_model(saved["base"]), _files(tiny_token_shards), SEQ)
     assert abs(ours - on_top) < 1e-5 and abs(ours - merged) < 1e-5, (ours, on_top, merged)
     assert abs(base - on_top) > 1e-3, (base, on_top)
 
@@ -186,7 +189,7 @@ def test_adapter_bin_read_through_the_allow_list(saved, tmp_path, tiny_token_sha
     state = load_file(adapter / "adapter_model.safetensors")
     (adapter / "adapter_model.safetensors").unlink()
     torch.save(state, adapter / "adapter_model.bin")
-    ours = factories.reference_loss(load_model(inspect_checkpoint(adapter)), factories.shard_arrays(tiny_token_shards), SEQ)
+    ours = factories.reference_loss(load_model(inspect_checkpoint(adapter)), _files(tiny_token_shards), SEQ)
     assert abs(ours - _peft_loss(saved["base"], saved["dora"], tiny_token_shards)) < 1e-5
 
 
@@ -207,7 +210,7 @@ def test_malicious_adapter_bin_runs_nothing(saved, tmp_path, tiny_token_shards, 
                adapter / "adapter_model.bin")
     ok, reason = __import__("ckpteval.checkpoint", fromlist=["check_complete"]).check_complete(adapter)
     assert not ok and "refusing to unpickle" in reason and "system" in reason, reason
-    line = _app_error(factories.loss_cfg(tmp_path, adapter, tiny_token_shards, SEQ), capsys)
+    line = _app_error(_loss_cfg(tmp_path, adapter, tiny_token_shards), capsys)
     assert "refusing to unpickle" in line and "system" in line, line
     assert not marker.exists()
 
@@ -226,11 +229,11 @@ def test_missing_base_is_one_line_naming_ckpt_base(saved, tmp_path, tiny_token_s
     config = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "acme/tiny-base"}))
     for forced in ([], ["ckpt_format=peft"]):
-        line = _app_error(factories.loss_cfg(tmp_path, adapter, tiny_token_shards, SEQ, *forced), capsys)
+        line = _app_error(_loss_cfg(tmp_path, adapter, tiny_token_shards, *forced), capsys)
         assert "'acme/tiny-base'" in line and "not available offline" in line and "ckpt_base=PATH" in line, line
-    line = _app_error(factories.loss_cfg(tmp_path, adapter, tiny_token_shards, SEQ, f"ckpt_base={tmp_path / 'nope'}"), capsys)
+    line = _app_error(_loss_cfg(tmp_path, adapter, tiny_token_shards, f"ckpt_base={tmp_path / 'nope'}"), capsys)
     assert "ckpt_base=" in line and "does not exist" in line, line
-    result = app.main(factories.loss_cfg(tmp_path, adapter, tiny_token_shards, SEQ, f"ckpt_base={saved['base']}",
+    result = app.main(_loss_cfg(tmp_path, adapter, tiny_token_shards, f"ckpt_base={saved['base']}",
                                 "tracking.enabled=false"))
     assert abs(result["eval/loss"] - _peft_loss(saved["base"], saved["lora"], tiny_token_shards)) < 1e-5
 
@@ -253,7 +256,7 @@ def test_hub_id_base_found_in_the_local_cache(saved, tmp_path, tiny_token_shards
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "acme/tiny-base"}))
     info = inspect_checkpoint(adapter)
     assert info.base.path == snapshot.resolve()
-    ours = factories.reference_loss(load_model(info), factories.shard_arrays(tiny_token_shards), SEQ)
+    ours = factories.reference_loss(load_model(info), _files(tiny_token_shards), SEQ)
     assert abs(ours - _peft_loss(saved["base"], saved["rslora"], tiny_token_shards)) < 1e-5
 
 
@@ -261,7 +264,7 @@ def test_hub_id_base_found_in_the_local_cache(saved, tmp_path, tiny_token_shards
 def test_unsupported_adapter_types_refused_by_name(saved, tmp_path, tiny_token_shards, capsys, kind, name):
     adapter = save_adapter(saved["base"], tmp_path / "adapter", kind=kind)
     assert detect_format(adapter).name == "peft"
-    line = _app_error(factories.loss_cfg(tmp_path, adapter, tiny_token_shards, SEQ), capsys)
+    line = _app_error(_loss_cfg(tmp_path, adapter, tiny_token_shards), capsys)
     assert f"is a PEFT {name} adapter" in line and "LoRA adapters" in line, line
 
 
@@ -272,12 +275,12 @@ def test_adapter_of_another_model_refused_before_allocating(saved, tmp_path, tin
 
     other = factories.make_hf_checkpoint(tmp_path / "wide_base", tiny_tokenizer_dir, hidden=96, heads=4)
     monkeypatch.setattr(load_module, "load_weights", lambda *a, **k: pytest.fail("allocated and read the base"))
-    line = _app_error(factories.loss_cfg(tmp_path, saved["lora"], tiny_token_shards, SEQ, f"ckpt_base={other}"), capsys)
+    line = _app_error(_loss_cfg(tmp_path, saved["lora"], tiny_token_shards, f"ckpt_base={other}"), capsys)
     assert "does not fit its base" in line and "is (4, 64) in the adapter but (4, 96) for the base" in line, line
 
 
 def test_adapter_as_base_refused(saved, tmp_path, tiny_token_shards, capsys):
-    line = _app_error(factories.loss_cfg(tmp_path, saved["lora"], tiny_token_shards, SEQ, f"ckpt_base={saved['dora']}"), capsys)
+    line = _app_error(_loss_cfg(tmp_path, saved["lora"], tiny_token_shards, f"ckpt_base={saved['dora']}"), capsys)
     assert "is itself an adapter" in line and "mode=convert" in line, line
 
 
@@ -290,7 +293,7 @@ def test_base_of_another_family_dcp(saved, tmp_path, tiny_token_shards):
     shutil.copy(saved["base"] / "config.json", base / "config.json")
     info = inspect_checkpoint(saved["dora"], ckpt_base=str(base))
     assert info.base.format == "dcp"
-    ours = factories.reference_loss(load_model(info), factories.shard_arrays(tiny_token_shards), SEQ)
+    ours = factories.reference_loss(load_model(info), _files(tiny_token_shards), SEQ)
     assert abs(ours - _peft_loss(saved["base"], saved["dora"], tiny_token_shards)) < 1e-5
 
 
@@ -299,7 +302,7 @@ def test_base_of_another_family_dcp(saved, tmp_path, tiny_token_shards):
 
 def _windows(shards: Path) -> list[dict]:
     out = []
-    for arr in factories.shard_arrays(shards):
+    for arr in _files(shards):
         arr = arr.astype(np.int64)
         for k in range((len(arr) - 1) // SEQ):
             w = torch.from_numpy(arr[k * SEQ: k * SEQ + SEQ])
@@ -356,11 +359,11 @@ def test_trainer_checkpoint_mode_loss_equals_peftmodel(trained, kind, tmp_path, 
     monkeypatch.chdir(tmp_path)
     ckpt = trained[kind]
     assert not (ckpt / "config.json").exists() and (ckpt / "optimizer.pt").is_file()
-    result = app.main(factories.loss_cfg(tmp_path, ckpt, tiny_token_shards, SEQ, "tracking.enabled=false"))
+    result = app.main(_loss_cfg(tmp_path, ckpt, tiny_token_shards, "tracking.enabled=false"))
     ref = _peft_loss(trained["base"], ckpt, tiny_token_shards, _vocab(kind))
     assert result["step"] == int(ckpt.name.split("-")[1])
     assert abs(result["eval/loss"] - ref) < 1e-5, (result, ref)
-    base = factories.reference_loss(_base_model(trained["base"]), factories.shard_arrays(tiny_token_shards), SEQ)
+    base = factories.reference_loss(_base_model(trained["base"]), _files(tiny_token_shards), SEQ)
     assert abs(base - ref) > 1e-4, (base, ref)  # the adapter moves the loss: ignoring it would be caught
 
 
@@ -374,11 +377,11 @@ def test_scan_in_one_process_loads_base_once_and_equals_fresh_jobs(trained, tmp_
     monkeypatch.chdir(tmp_path)
     ckpts = [trained["run"] / f"checkpoint-{k}" for k in (1, 2, 3)]
     loads = base_cache.loads
-    scanned = [app.main(factories.loss_cfg(tmp_path, c, tiny_token_shards, SEQ, "tracking.enabled=false")) for c in ckpts]
+    scanned = [app.main(_loss_cfg(tmp_path, c, tiny_token_shards, "tracking.enabled=false")) for c in ckpts]
     assert base_cache.loads - loads == 1
     for ckpt, result in zip(ckpts, scanned):
         base_cache.release()
-        fresh = app.main(factories.loss_cfg(tmp_path, ckpt, tiny_token_shards, SEQ, "tracking.enabled=false"))
+        fresh = app.main(_loss_cfg(tmp_path, ckpt, tiny_token_shards, "tracking.enabled=false"))
         assert fresh["eval/loss"] == result["eval/loss"] and fresh["eval/bpb"] == result["eval/bpb"], ckpt
         ref = _peft_loss(trained["base"], ckpt, tiny_token_shards)
         assert abs(result["eval/loss"] - ref) < 1e-5
@@ -427,12 +430,12 @@ def test_harness_equals_lm_eval_on_peftmodel_and_convert_loads_in_stock_tools(tr
                                                                              tiny_token_shards):
     """mode=harness (fast and hf backends) = lm-eval's HFLM with `peft=` (PEFT's own PeftModel) = HFLM on the
     mode=convert output, which stock transformers loads with PEFT's logits."""
-    from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
     from transformers import AutoModelForCausalLM
 
     from ckpteval import app
+    from lm_eval import simple_evaluate
 
     monkeypatch.chdir(tmp_path)
     ckpt = trained["dora"]
@@ -460,7 +463,7 @@ def test_harness_equals_lm_eval_on_peftmodel_and_convert_loads_in_stock_tools(tr
         diff = (model(ids).logits - peft_reference(trained["base"], ckpt)(ids).logits).abs().max().item()
     assert diff < 1e-4, diff  # logits of a head scaled x8 (|logit| ~ 10): loss-level agreement is 1e-5
     ref_loss = _peft_loss(trained["base"], ckpt, tiny_token_shards)
-    assert abs(factories.reference_loss(model, factories.shard_arrays(tiny_token_shards), SEQ) - ref_loss) < 1e-5
+    assert abs(factories.reference_loss(model, _files(tiny_token_shards), SEQ) - ref_loss) < 1e-5
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ torchtitan's OWN forward on the same windows (float32, 1e-5)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
@@ -28,6 +29,9 @@ def _torchtitan():  # when a test here runs (not at collection: the default tier
     factories.require("torchtitan", "titan")
 
 SEQ = 64
+_files = factories.shard_arrays
+_our_loss = functools.partial(factories.family_loss, seq_len=SEQ)
+_loss_cfg = functools.partial(factories.loss_cfg, seq_len=SEQ)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +53,7 @@ def test_titan_dcp_detected_complete_with_step_and_tokens(titan_run):
 
 def test_titan_dcp_loss_equals_torchtitan_forward(titan_run, tiny_token_shards):
     run, ref = titan_run
-    loss, source = factories.family_loss(run / "checkpoint" / "step-10", tiny_token_shards, SEQ)
+    loss, source = _our_loss(run / "checkpoint" / "step-10", tiny_token_shards)
     assert "job_config.json" in source
     assert abs(loss - ref["loss"]) < 1e-5, (loss, ref)
 
@@ -70,7 +74,7 @@ def test_titan_renaming_without_rope_permute_is_detectably_wrong(titan_run, tiny
     """The trap: renaming alone runs but scores a different function. Our check must be able to see that."""
     run, ref = titan_run
     monkeypatch.setattr(titan_fmt, "rope_pairs_to_halves", lambda w, n_heads: w)
-    loss, _ = factories.family_loss(run / "checkpoint" / "step-10", tiny_token_shards, SEQ)
+    loss, _ = _our_loss(run / "checkpoint" / "step-10", tiny_token_shards)
     assert abs(loss - ref["loss"]) > 1e-4, (loss, ref)
 
 
@@ -96,7 +100,7 @@ def test_titan_hf_export_without_config_json(titan_run, tiny_token_shards):
     assert fmt is not None and fmt.name == "torchtitan"
     fmt.check_complete(step20)
     assert fmt.step_tokens(step20) == (20, None)
-    loss, source = factories.family_loss(step20, tiny_token_shards, SEQ)
+    loss, source = _our_loss(step20, tiny_token_shards)
     assert "job_config.json" in source
     assert abs(loss - ref["loss"]) < 1e-5, (loss, ref)
 
@@ -106,7 +110,7 @@ def test_titan_tied_embeddings(tmp_path, tiny_token_shards):
     ref = framework_ckpts.run("titan", tmp_path / "run", tiny_token_shards, SEQ, "--tie")
     step = tmp_path / "run" / "checkpoint" / "step-10"
     assert get_format("torchtitan").architecture(step).config.tie_word_embeddings
-    loss, _ = factories.family_loss(step, tiny_token_shards, SEQ)
+    loss, _ = _our_loss(step, tiny_token_shards)
     assert abs(loss - ref["loss"]) < 1e-5, (loss, ref)
 
 def test_titan_pre_03_names(titan_run, tmp_path, tiny_token_shards):
@@ -126,7 +130,7 @@ def test_titan_pre_03_names(titan_run, tmp_path, tiny_token_shards):
     dcp.save(old, checkpoint_id=str(dest), no_dist=True)
     shutil.copy(run / "job_config.json", tmp_path / "job_config.json")
     assert any(".attention.wq." in k for k in titan_fmt.read_dcp_metadata(dest).state_dict_metadata)
-    loss, _ = factories.family_loss(dest, tiny_token_shards, SEQ)
+    loss, _ = _our_loss(dest, tiny_token_shards)
     assert abs(loss - ref["loss"]) < 1e-5, (loss, ref)
 
 def _copy_step(run: Path, dest: Path) -> Path:
@@ -171,7 +175,7 @@ def test_titan_without_architecture_source(titan_run, tmp_path, tiny_token_shard
                               "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
                               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
                               "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "extra": {}})
-    loss, source = factories.family_loss(step, tiny_token_shards, SEQ, group)
+    loss, source = _our_loss(step, tiny_token_shards, group)
     assert "model` group" in source and abs(loss - ref["loss"]) < 1e-5
     group.hidden_size = 128
     with pytest.raises(CkptEvalError, match=r"contradicts .*model` group.*in the checkpoint but .* there: describe "
@@ -223,7 +227,7 @@ def test_titan_crafted_metadata_through_mode_loss(tmp_path, tiny_token_shards, m
     (step / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
-        app.main(factories.loss_cfg(tmp_path, step, tiny_token_shards, SEQ))
+        app.main(_loss_cfg(tmp_path, step, tiny_token_shards))
     assert exc.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "refusing to unpickle" in err[0] and "system" in err[0], err
@@ -239,7 +243,7 @@ def test_titan_mode_loss_equals_torchtitan_forward(titan_run, step, tmp_path, ti
 
     run, ref = titan_run
     monkeypatch.chdir(tmp_path)
-    result = app.main(factories.loss_cfg(tmp_path, run / "checkpoint" / f"step-{step}", tiny_token_shards, SEQ))
+    result = app.main(_loss_cfg(tmp_path, run / "checkpoint" / f"step-{step}", tiny_token_shards))
     assert result["step"] == step
     assert abs(result["eval/loss"] - ref["loss"]) < 1e-5, (result, ref)
 
@@ -256,7 +260,7 @@ def test_titan_mode_convert_loads_in_stock_transformers(titan_run, tmp_path, tin
     hf_dir = Path(result["convert/out"])
     assert (hf_dir / "config.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    assert abs(factories.reference_loss(model, factories.shard_arrays(tiny_token_shards), SEQ) - ref["loss"]) < 1e-5
+    assert abs(factories.reference_loss(model, _files(tiny_token_shards), SEQ) - ref["loss"]) < 1e-5
 
 
 def test_titan_watch_once(titan_run, tmp_path, tiny_token_shards, monkeypatch):
@@ -293,7 +297,7 @@ def test_titan_mode_harness_fast_equals_stock_lm_eval(titan_run, tmp_path, tiny_
                                                    monkeypatch):
     run, ref = titan_run
     monkeypatch.chdir(tmp_path)
-    framework_ckpts.assert_harness_equals_stock(run, "checkpoint/step-10", tmp_path, tiny_tokenizer_dir, factories.shard_arrays(tiny_token_shards),
+    framework_ckpts.assert_harness_equals_stock(run, "checkpoint/step-10", tmp_path, tiny_tokenizer_dir, _files(tiny_token_shards),
                                                 SEQ, ref["loss"], step=10)
 
 
@@ -342,7 +346,7 @@ def test_titan_moe_dcp_loss_equals_torchtitan_forward(titan_moe_run, tiny_token_
     assert abs(loss - ref["loss"]) < 1e-5, (loss, ref)
     # the comparison means something: tokens take different experts, and the bias changed some choices
     assert len(ref["experts_chosen"]) >= 2
-    batch = torch.from_numpy(factories.shard_arrays(tiny_token_shards)[0][: 2 * SEQ].astype(np.int64)).view(2, SEQ)
+    batch = torch.from_numpy(_files(tiny_token_shards)[0][: 2 * SEQ].astype(np.int64)).view(2, SEQ)
     assert len(routed_experts(model, batch)) >= 2
     assert abs(ref["loss_without_expert_bias"] - ref["loss"]) > 1e-3
 
@@ -440,7 +444,7 @@ def test_titan_moe_without_architecture_source_is_one_error_line(titan_moe_run, 
     step = _copy_step(run, tmp_path)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
-        app.main(factories.loss_cfg(tmp_path, step, tiny_token_shards, SEQ, "tracking.enabled=false"))
+        app.main(_loss_cfg(tmp_path, step, tiny_token_shards, "tracking.enabled=false"))
     assert exc.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "contradicts its architecture source, the `model` group" in err[0], err
