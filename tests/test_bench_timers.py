@@ -4,7 +4,6 @@ only when someone runs it. Every (module, attribute) a benchmark times must stil
 from __future__ import annotations
 
 import importlib
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,4 +23,3 @@ def test_every_timed_function_exists(name, monkeypatch):
         if not callable(owner):
             missing.append(f"{module}.{attr} ({bucket})")
     assert not missing, f"{name}.TIMERS names functions that no longer exist: {missing}"
-    sys.modules.pop(name, None)

@@ -174,9 +174,9 @@ def torch_load(path: str | Path, extra_globals: Iterable[tuple[Any, str]] = (), 
         except Exception:  # noqa: BLE001 - not a zip archive: the weights-only unpickler checks as it reads
             asked = []
     allowed = {name for _, name in extra}
-    extra += [(Inert, name) for name in asked if name not in allowed and name.startswith(inert)]
-    allowed = {name for _, name in extra}
-    refused = [g for g in asked if g not in allowed]
+    unlisted = [name for name in asked if name not in allowed]
+    extra += [(Inert, name) for name in unlisted if name.startswith(inert)]
+    refused = [name for name in unlisted if not name.startswith(inert)]
     if refused:
         raise _refusal(path, refused[0], "tensor or plain-data type")
     try:
