@@ -111,14 +111,17 @@ def saved(tmp_path_factory, tiny_tokenizer_dir):
         "root": root, "base": base,
         "lora": save_adapter(base, root / "lora", r=4, target_modules=["q_proj", "v_proj"]),
         "dora": save_adapter(base, root / "dora", seed=1, r=4, target_modules="all-linear", use_dora=True),
+        "dora2": save_adapter(base, root / "dora2", seed=4, r=4, target_modules="all-linear", use_dora=True),
         "rslora": save_adapter(base, root / "rslora", seed=2, r=4, target_modules="all-linear", use_rslora=True),
         "resized": save_adapter(base, root / "resized", vocab, seed=3, r=4, target_modules=["q_proj"],
                                 modules_to_save=["embed_tokens", "lm_head"]),
+        "resized2": save_adapter(base, root / "resized2", vocab, seed=5, r=4, target_modules=["q_proj"],
+                                 modules_to_save=["embed_tokens", "lm_head"]),
     }
 
 
 def _vocab(kind: str) -> int | None:
-    return factories.VOCAB + ADDED if kind == "resized" else None
+    return factories.VOCAB + ADDED if kind.startswith("resized") else None
 
 
 def test_adapter_dir_detected_with_its_base(saved):
@@ -150,18 +153,27 @@ def test_merged_equals_peftmodel_forward(saved, kind, tiny_token_shards):
 
 
 def test_one_base_swaps_adapters_exactly(saved):
-    """Loaded through the shared base one after another, each adapter gives exactly a fresh load's logits; the
-    base is loaded once per (base, vocabulary), and after the last undo it is bit for bit the base again."""
+    """Loaded through the shared base one after another, each adapter gives exactly a fresh load's logits (also
+    when the next adapter of the same LoraConfig reuses PEFT's layers: dora -> dora2 -> dora, resized ->
+    resized2 -> resized); the base is loaded once per (base, vocabulary), and after an undo it is bit for bit the
+    base again (modules, tensors, config, attributes), whether the adapter was the first of its config or not."""
+    from ckpteval.checkpoint.formats import peft as peft_family
+
     ids = torch.randint(0, factories.VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
     pristine = load_model(inspect_checkpoint(saved["base"]))
     loads = base_cache.loads
-    for kind in ("lora", "dora", "rslora", "lora", "resized", "resized"):
+    injected = []
+    kinds = ("lora", "dora", "dora2", "dora", "rslora", "lora", "resized", "resized2", "resized")
+    for i, kind in enumerate(kinds):
         shared = load_model(inspect_checkpoint(saved[kind]), shared_base=True)
+        injected.append(base_cache._held.undo.kept)
+        assert [type(m) for m in shared.modules()] == [type(m) for m in load_model(
+            inspect_checkpoint(saved[kind])).modules()], kind  # plain modules, as merge_and_unload leaves them
         with torch.no_grad():
             got = shared(ids).logits
             want = load_model(inspect_checkpoint(saved[kind]))(ids).logits
         assert torch.equal(got, want), kind
-        if kind == "rslora":  # the last adapter of the un-resized base: undo it and compare the whole base
+        if kind == "rslora" or kinds[i - 1] == "dora2":  # undo a reused and a fresh injection: the pristine base
             held = base_cache._held
             held.undo()
             held.undo = None
@@ -171,6 +183,8 @@ def test_one_base_swaps_adapters_exactly(saved):
             assert set(held.model.__dict__) == set(pristine.__dict__)
             assert [type(m) for m in held.model.modules()] == [type(m) for m in pristine.modules()]
     assert base_cache.loads - loads == 2  # the base, then the base resized for the added tokens
+    reused = [kinds[i] for i in range(1, len(kinds)) if injected[i] is injected[i - 1]]
+    assert reused == ["dora2", "dora", "resized2", "resized"] and isinstance(injected[1], peft_family._Injected), reused
 
 
 def test_loading_an_adapter_draws_no_random_numbers(saved):

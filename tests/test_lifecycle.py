@@ -209,9 +209,9 @@ def test_signal_mid_job_ends_the_run_killed(tmp_path, tiny_hf_ckpt, sig):
     proc.send_signal(sig)
     text, _ = _finish(proc, lines, timeout=120)
     assert proc.returncode != 0 and "Traceback" not in text, text[-3000:]
-    assert _statuses(db) == ["KILLED"]
-    assert not (tmp_path / "run" / "results.json").exists()
-    assert not list((tmp_path / "outputs" / "tracking_outbox" / "running").glob("*.json"))
+    assert _statuses(db) == ["KILLED"], text[-3000:]
+    assert not (tmp_path / "run" / "results.json").exists(), text[-3000:]
+    assert not list((tmp_path / "outputs" / "tracking_outbox" / "running").glob("*.json")), text[-3000:]
 
 
 def test_sigkill_mid_job_run_is_ended_on_the_next_start(tmp_path, tiny_hf_ckpt, tiny_token_shards, monkeypatch):

@@ -1,7 +1,8 @@
 """One loaded base model per process, shared by the adapter checkpoints evaluated one after another in it.
 
-    model = take(key, build)     # the held base with the previous adapter undone, or build() when none matches
-    hold(undo)                   # the adapter now merged into it: undone by the next take (or release)
+    model, previous = take(key, build)   # the held base with the previous adapter undone (previous: that undo, for
+                                         # the family to reuse what it kept), or build() and None when none matches
+    hold(model, undo)                    # the adapter now merged into it: undone by the next take (or release)
 
 A `-m` scan (every job runs in one process) or a watcher over the `checkpoint-*` adapter dirs of one base loads
 and lays out that base once: each adapter is merged into it, evaluated, and undone exactly (the family's undo
@@ -34,9 +35,10 @@ _held: _Held | None = None
 loads = 0  # bases built by this process (tests and benchmarks read it)
 
 
-def take(key: tuple, build: Callable[[], nn.Module], name: str = "the base model") -> nn.Module:
-    """The base for `key`, pristine: the held one with its adapter undone, else a new one from `build()` (the
-    held one, if any, is dropped first, so at most one base is in memory)."""
+def take(key: tuple, build: Callable[[], nn.Module], name: str = "the base model") -> tuple[nn.Module, object]:
+    """(the base for `key`, pristine; the undo just run on it, or None): the held one with its adapter undone,
+    else a new one from `build()` (the held one, if any, is dropped first, so at most one base is in memory). The
+    family gets its own undo back: what it kept there (PEFT: its injected layers) may serve the next adapter."""
     global _held, loads
     if _held is not None and _held.key == key:
         undo, _held.undo = _held.undo, None
@@ -47,13 +49,13 @@ def take(key: tuple, build: Callable[[], nn.Module], name: str = "the base model
             release()
             raise
         log.info("base model %s: reusing the one loaded in this process", name)
-        return _held.model
+        return _held.model, undo
     release()
     model = build()
     loads += 1
     _held = _Held(key, model)
     log.info("base model %s: loaded once for this process (later adapters of it reuse it)", name)
-    return model
+    return model, None
 
 
 def hold(model: nn.Module, undo: Callable[[], None]) -> None:

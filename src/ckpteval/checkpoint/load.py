@@ -177,9 +177,9 @@ def _load_adapted(info: CheckpointInfo, model_cfg, device, dtype: torch.dtype, s
         info.family.apply(model, info.path)
         return model.eval()
     key = (checkpoint_identity(info.base.path), str(dtype), str(torch.device(device)), config.to_json_string())
-    model = base_cache.take(key, base, name=str(info.base.path))
+    model, previous = base_cache.take(key, base, name=str(info.base.path))
     try:
-        undo = info.family.apply(model, info.path)
+        undo = info.family.apply(model, info.path, previous=previous)
     except BaseException:
         base_cache.release()  # the family restored what it could; a fresh base is the only certain one
         raise

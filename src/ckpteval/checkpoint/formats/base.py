@@ -101,9 +101,11 @@ class AdapterFormat(CheckpointFormat):
         adapter's tensors against it on the `meta` device (one clear error for an adapter of another model)."""
         raise NotImplementedError
 
-    def apply(self, model: torch.nn.Module, path: Path):
+    def apply(self, model: torch.nn.Module, path: Path, previous=None):
         """Merge the adapter into `model` (the loaded base, built for `adapted_architecture`) in place; returns a
-        no-argument callable that restores the base exactly (its own tensors, not a recomputation)."""
+        no-argument callable that restores the base exactly (its own tensors, not a recomputation). `previous`:
+        the callable this family returned for the adapter merged into `model` before, already run (a scan's base
+        is shared): whatever the family kept in it for reuse may serve this adapter."""
         raise NotImplementedError
 
     def architecture(self, path: Path, model_cfg=None) -> Architecture:

@@ -18,8 +18,9 @@ base is resized to that vocabulary first, as users do (`resize_token_embeddings`
 Checks, before anything is allocated: the adapter's tensor names and shapes against those PEFT creates for the
 base's architecture on the `meta` device (an adapter of another model is one error naming both). `apply` returns
 an exact undo (the base keeps its own tensors: whatever PEFT merges into or writes over is a copy made first, and
-the modules it replaced are put back), so a scan swaps adapters on one loaded base (`checkpoint.base_cache`).
-Step and tokens: HF Trainer's `trainer_state.json`.
+the modules it replaced are put back), so a scan swaps adapters on one loaded base (`checkpoint.base_cache`); the
+next adapter of the same LoraConfig is loaded into the LoRA layers PEFT built for the previous one and merged by
+PEFT's `merge_adapter` (`_Injected`: no re-wrapping per checkpoint). Step and tokens: HF Trainer's `trainer_state.json`.
 """
 
 from __future__ import annotations
@@ -239,10 +240,14 @@ def _config_json(config) -> str:
 
 def _lora_json(path: Path) -> str:
     """The adapter config as LoraConfig kwargs (what the meta check depends on; not where the base lives)."""
-    config = lora_config(path).to_dict()
+    return _lora_kwargs(lora_config(path))
+
+
+def _lora_kwargs(config) -> str:
+    data = config.to_dict()
     for key in ("base_model_name_or_path", "revision", "peft_version", "auto_mapping"):
-        config.pop(key, None)
-    return json.dumps(config, sort_keys=True, default=lambda o: sorted(o) if isinstance(o, set) else str(o))
+        data.pop(key, None)
+    return json.dumps(data, sort_keys=True, default=lambda o: sorted(o) if isinstance(o, set) else str(o))
 
 
 def adapter_vocab(path: Path, shapes: dict, config) -> int:
@@ -287,19 +292,39 @@ def _check_tensors(path: Path, shapes: dict, adapter: dict, whole: dict, base_so
 # ---------------------------------------------------------------------------------------------- undo
 
 
+class _Tree:
+    """Which module sits where: every module's children, to be put back by reference (nothing is rebuilt)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.children = [(m, dict(m._modules)) for m in model.modules()]
+
+    def install(self) -> None:
+        for module, children in self.children:
+            for name in [n for n in module._modules if n not in children]:
+                delattr(module, name)
+            for name, child in children.items():
+                if module._modules.get(name) is not child:
+                    setattr(module, name, child)
+
+
 class _Restore:
     """Puts a model back exactly as it was before PEFT touched it: the same module objects in the same places,
-    the same parameter tensors (by reference, so nothing is recomputed), requires_grad flags and attributes.
+    the same parameter tensors (by reference, so nothing is recomputed), requires_grad flags, attributes and
+    config values (PEFT's unload may untie `tie_word_embeddings`).
 
     PEFT's merge writes into the wrapped layers' weights and `set_peft_model_state_dict` may write base tensors
     an adapter file carries (a resized embedding) in place: `protect` gives each of those a copy to write into
-    first, so the originals stay untouched."""
+    first, so the originals stay untouched. `kept`: PEFT's injected layers, for the next adapter of the same
+    LoraConfig on this model (see `_Injected`)."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        self.children = [(m, dict(m._modules)) for m in model.modules()]
+        self.tree = _Tree(model)
         self.params = [(p, p.data, p.requires_grad) for p in model.parameters()]
         self.attrs = set(model.__dict__)
+        config = getattr(model, "config", None)
+        self.config = dict(vars(config)) if config is not None else None
+        self.kept: _Injected | None = None
 
     def protect(self, wrapped: torch.nn.Module, keys) -> None:
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -326,17 +351,61 @@ class _Restore:
                 continue
 
     def __call__(self) -> None:
-        for module, children in self.children:
-            for name in [n for n in module._modules if n not in children]:
-                delattr(module, name)
-            for name, child in children.items():
-                if module._modules.get(name) is not child:
-                    setattr(module, name, child)
+        self.tree.install()
         for param, data, grad in self.params:
             param.data = data
             param.requires_grad_(grad)
         for name in set(self.model.__dict__) - self.attrs:
             del self.model.__dict__[name]
+        if self.config is not None:
+            config = vars(self.model.config)
+            config.clear()
+            config.update(self.config)
+
+
+class _Injected:
+    """PEFT's LoRA layers for one LoraConfig on one base model, kept from one adapter to the next.
+
+    A scan's adapters mostly share one LoraConfig: the next one is loaded into the same layers instead of wrapping
+    the base again (PEFT builds ~10 modules per layer and walks the model several times: most of a swap's cost).
+    Each adapter still goes through PEFT's own code: `set_peft_model_state_dict` loads it and `merge_adapter`
+    merges it (the merge `merge_and_unload` does), into copies of the base's pristine weights (`_Restore.protect`);
+    the model is then laid out exactly as PEFT's `merge_and_unload` left it for the first adapter (`unloaded`),
+    so callers see the same plain modules either way."""
+
+    def __init__(self, lora: str, peft_model, model: torch.nn.Module):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+
+        self.lora = lora
+        self.model = model
+        self.peft_model = peft_model
+        self.wrapped = _Tree(model)  # as get_peft_model left it
+        self.grads = [(p, p.requires_grad) for p in model.parameters()]
+        self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        # Layouts whose unload is more than "merge, then put the base layer back" (trainable tokens) are not kept.
+        self.reusable = all(isinstance(m, ModulesToSaveWrapper) for m in model.modules()
+                            if isinstance(m, AuxiliaryTrainingWrapper))
+        self.unloaded: _Tree | None = None
+
+    def fits(self, model: torch.nn.Module, lora: str) -> bool:
+        return self.model is model and self.lora == lora and self.reusable and self.unloaded is not None
+
+    def reinstall(self) -> None:
+        """PEFT's layers back in place, unmerged (the base under them is pristine again: the undo restored it)."""
+        self.wrapped.install()
+        for param, grad in self.grads:
+            param.requires_grad_(grad)
+        for layer in self.layers:
+            layer.merged_adapters = []  # BaseTunerLayer's record of what is merged; the weights are pristine
+
+    def merge_and_unload(self) -> None:
+        if self.unloaded is None:
+            self.peft_model.merge_and_unload()
+            self.unloaded = _Tree(self.model)
+        else:
+            self.peft_model.merge_adapter()
+            self.unloaded.install()
 
 
 # ---------------------------------------------------------------------------------------------- the family
@@ -398,25 +467,31 @@ class PeftFormat(AdapterFormat):
         return Architecture(config, f"{base.source}, with the PEFT {kind} adapter in {path} (r={lora.get('r')}"
                                     f"{note})")
 
-    def apply(self, model: torch.nn.Module, path: Path):
+    def apply(self, model: torch.nn.Module, path: Path, previous=None):
         from peft import get_peft_model, set_peft_model_state_dict
 
         config = lora_config(path)
+        lora = _lora_kwargs(config)
         state = read_tensors(path)
+        kept = getattr(previous, "kept", None)
+        kept = kept if isinstance(kept, _Injected) and kept.fits(model, lora) else None
         restore = _Restore(model)
         devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
         try:
             # PEFT initialises the adapter layers it creates (random lora_A) before our tensors overwrite them:
             # keep the caller's random state as it was.
             with torch.random.fork_rng(devices=devices), _quiet():
-                wrapped = get_peft_model(model, config, adapter_name=ADAPTER)
-                restore.protect(wrapped, state)
-                result = set_peft_model_state_dict(wrapped, state, adapter_name=ADAPTER)
+                if kept is None:
+                    kept = _Injected(lora, get_peft_model(model, config, adapter_name=ADAPTER), model)
+                else:
+                    kept.reinstall()
+                restore.protect(kept.peft_model, state)
+                result = set_peft_model_state_dict(kept.peft_model, state, adapter_name=ADAPTER)
                 missing = [k for k in result.missing_keys if f".{ADAPTER}" in k]
                 if missing:
                     raise CkptEvalError(f"PEFT adapter {path} left {len(missing)} adapter tensor(s) unloaded (e.g. "
                                         f"{missing[0]}): re-save it")
-                wrapped.merge_and_unload()
+                kept.merge_and_unload()
         except ValueError as e:
             restore()
             raise CkptEvalError(f"PEFT cannot merge the adapter {path} into its base ({_common.one_line(e)})"
@@ -424,4 +499,5 @@ class PeftFormat(AdapterFormat):
         except BaseException:
             restore()
             raise
+        restore.kept = kept
         return restore
