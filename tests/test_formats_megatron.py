@@ -257,8 +257,8 @@ def test_megatron_mode_harness_fast_equals_stock_lm_eval(mg_run, tmp_path, tiny_
                                                    monkeypatch):
     run, ref = mg_run
     monkeypatch.chdir(tmp_path)
-    framework_ckpts.assert_harness_equals_stock(run, "iter_0000010", tmp_path, tiny_tokenizer_dir, _files(tiny_token_shards),
-                                                SEQ, ref["loss"], step=10)
+    framework_ckpts.assert_harness_equals_stock(run, "iter_0000010", tmp_path, tiny_tokenizer_dir,
+                                                _files(tiny_token_shards), SEQ, ref["loss"], step=10)
 
 
 # ---------------------------------------------------------------------------------------------- MoE

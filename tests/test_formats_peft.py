@@ -167,11 +167,12 @@ def test_one_base_swaps_adapters_exactly(saved):
     for i, kind in enumerate(kinds):
         shared = load_model(inspect_checkpoint(saved[kind]), shared_base=True)
         injected.append(base_cache._held.undo.kept)
-        assert [type(m) for m in shared.modules()] == [type(m) for m in load_model(
-            inspect_checkpoint(saved[kind])).modules()], kind  # plain modules, as merge_and_unload leaves them
+        fresh = load_model(inspect_checkpoint(saved[kind]))
+        # plain modules, as merge_and_unload leaves them
+        assert [type(m) for m in shared.modules()] == [type(m) for m in fresh.modules()], kind
         with torch.no_grad():
             got = shared(ids).logits
-            want = load_model(inspect_checkpoint(saved[kind]))(ids).logits
+            want = fresh(ids).logits
         assert torch.equal(got, want), kind
         if kind == "rslora" or kinds[i - 1] == "dora2":  # undo a reused and a fresh injection: the pristine base
             held = base_cache._held

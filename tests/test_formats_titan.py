@@ -297,8 +297,8 @@ def test_titan_mode_harness_fast_equals_stock_lm_eval(titan_run, tmp_path, tiny_
                                                    monkeypatch):
     run, ref = titan_run
     monkeypatch.chdir(tmp_path)
-    framework_ckpts.assert_harness_equals_stock(run, "checkpoint/step-10", tmp_path, tiny_tokenizer_dir, _files(tiny_token_shards),
-                                                SEQ, ref["loss"], step=10)
+    framework_ckpts.assert_harness_equals_stock(run, "checkpoint/step-10", tmp_path, tiny_tokenizer_dir,
+                                                _files(tiny_token_shards), SEQ, ref["loss"], step=10)
 
 
 # ---------------------------------------------------------------------------------------------- MoE (Qwen3-MoE)

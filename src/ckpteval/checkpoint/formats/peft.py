@@ -400,6 +400,8 @@ class _Injected:
             layer.merged_adapters = []  # BaseTunerLayer's record of what is merged; the weights are pristine
 
     def merge_and_unload(self) -> None:
+        """The first adapter: PEFT's `merge_and_unload` (its layout recorded); later ones: PEFT's `merge_adapter`,
+        then that recorded layout."""
         if self.unloaded is None:
             self.peft_model.merge_and_unload()
             self.unloaded = _Tree(self.model)
