@@ -52,6 +52,7 @@ COMPUTE = "compute"
 READ = "adapter: read tensors"
 TIMERS = [
     ("hydra: compose job config", "hydra._internal.config_loader_impl", "ConfigLoaderImpl.load_sweep_config"),
+    ("hydra: compose job config", "ckpteval.scan.compose", "ReusedComposition.load_sweep_config"),
     ("hydra: job setup/teardown", "hydra.core.utils", "run_job"),
     ("ckpteval: job glue", "ckpteval.app", "main"),
     ("checkpoint: inspect (adapter + base)", "ckpteval.modes.loss", "inspect_configured"),

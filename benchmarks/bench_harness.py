@@ -101,6 +101,7 @@ def make_hf_checkpoints(root: Path, size: str, n: int) -> list[Path]:
 # (bucket, module, attribute path): what each timer wraps. "load" and "forward" are what the target excludes.
 TIMERS = [
     ("hydra: compose job config", "hydra._internal.config_loader_impl", "ConfigLoaderImpl.load_sweep_config"),
+    ("hydra: compose job config", "ckpteval.scan.compose", "ReusedComposition.load_sweep_config"),
     ("hydra: job setup/teardown", "hydra.core.utils", "run_job"),
     ("ckpteval: job glue", "ckpteval.app", "main"),
     ("checkpoint: inspect", "ckpteval.modes.harness", "inspect_configured"),

@@ -287,3 +287,49 @@ def test_request_cache_reused_across_checkpoints(evaluated, tiny_hf_ckpt, tmp_pa
     assert len(built) == 2 * n_built
     keys = [k for k in fresh if k.startswith("harness/ckpteval") or k == "harness/mean_primary"]
     assert keys and {k: second[k] for k in keys} == {k: fresh[k] for k in keys} == {k: from_disk[k] for k in keys}
+
+
+def test_printed_table_is_lm_evals_make_table():
+    """The job's printed table is rendered by ckpteval (lm-eval's `make_table` also fills a LaTeX table it never
+    prints, ~30-50 ms a job); it must be the table lm-eval prints, row for row, for groups, subtasks under them,
+    aliases, integer-valued versions, "N/A" and absent stderrs, metrics without a direction."""
+    from lm_eval.utils import make_table
+
+    from ckpteval.evaluation.harness import results_table
+
+    def task(alias, **metrics):
+        return {"alias": alias, "name": alias.strip(" -"), "sample_len": 10, **metrics}
+
+    results = {
+        "results": {
+            "suite": task("suite", **{"acc,none": 0.5, "acc_stderr,none": "N/A"}),
+            "suite_a": task(" - suite_a", **{"acc,none": 0.25, "acc_stderr,none": 0.125, "acc_norm,none": 0.375,
+                                             "acc_norm_stderr,none": 0.0625}),
+            "suite_b": task(" - suite_b", **{"exact_match,strict-match": 0.1234567, "exact_match_stderr,strict-match":
+                                             0.01, "exact_match,flexible": 0.5}),
+            "alone": task("alone", **{"word_perplexity,none": 56368359.47051, "bits_per_byte,none": 4.4265,
+                                      "bits_per_byte_stderr,none": "N/A", "count,none": 7}),
+        },
+        "groups": {"suite": {"alias": "suite", "acc,none": 0.5, "acc_stderr,none": "N/A"}},
+        "group_subtasks": {"suite": ["suite_b", "suite_a"], "alone": []},
+        "versions": {"suite": 1.0, "suite_a": 2.0, "suite_b": 1.5, "alone": "v3"},
+        "n-shot": {"suite_a": 5, "suite_b": 0, "alone": 0},
+        "higher_is_better": {"suite_a": {"acc": True, "acc_norm": True}, "suite_b": {"exact_match": True},
+                             "alone": {"word_perplexity": False, "bits_per_byte": False}},
+    }
+    def cells(text: str) -> list[list]:  # a number as its value (lm-eval's writer pads a column's decimals)
+        def cell(c: str):
+            try:
+                return float(c)
+            except ValueError:
+                return c.strip()
+
+        return [[cell(c) for c in row.split("|")[1:-1]] for row in text.splitlines() if not row.startswith("|-")]
+
+    ours = results_table(results)
+    assert cells(ours) == cells(make_table(results) + "\n" + make_table(results, "groups"))
+    assert [len(r) for r in cells(ours)] == [9] * 9 + [0] + [9] * 2  # tasks (8 rows), a blank line, groups
+    assert len({len(line) for line in ours.splitlines()[:10]}) == 1  # columns aligned
+    flat = {k: v for k, v in results.items() if k not in ("groups", "group_subtasks")}
+    flat["results"] = {"alone": results["results"]["alone"]}
+    assert cells(results_table(flat)) == cells(make_table(flat))

@@ -155,6 +155,49 @@ def test_hydra_discovers_the_sweeper_and_the_config_selects_it():
     assert cfg.hydra.sweeper.params.ckpt.startswith("glob:") and cfg.harness.tasks == ["arc_easy", "piqa"]
 
 
+def test_reused_composition_equals_hydras_own_for_every_job():
+    """A scan's later jobs reuse the last composition when only plain values differ (ckpteval.scan.compose): each
+    config must be Hydra's own `load_sweep_config` result, whole (the hydra node included), and a group choice,
+    a dict value or a key set twice must be composed afresh."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf, open_dict
+
+    from ckpteval.config import register_configs
+    from ckpteval.scan.compose import ReusedComposition
+
+    register_configs()
+    common = ["eval.steps=3", "tracking.parent_run_id=abc"]
+    jobs = [  # (overrides, reused?)
+        (["mode=loss", "ckpt=/r/step_1", *common], False),
+        (["mode=loss", "ckpt=/r/step_2", *common], True),
+        (["mode=loss", "ckpt='/r/epoch=0-step=3.ckpt'", "eval.steps=5", "tracking.parent_run_id=abc"], True),
+        (["mode=harness", "ckpt=/r/step_4", *common], False),  # a group choice
+        (["mode=harness", "ckpt=/r/step_5", *common], True),
+        (["mode=harness", "ckpt=/r/step_6", "eval.steps=3", "harness.tasks=[a,b]"], False),  # another key
+        (["mode=harness", "ckpt=/r/step_7", "eval.steps=3", "harness.tasks=[c]"], False),  # a list value
+        (["mode=harness", "ckpt=/r/step_8", "eval.steps=4", "eval.steps=7"], False),
+        (["mode=harness", "ckpt=/r/step_9", "eval.steps=5", "eval.steps=7"], False),  # a key set twice
+        (["mode=harness", "ckpt=/r/step_10", "data=local", "eval.steps=7"], False),
+    ]
+    with initialize_config_dir(version_base="1.3", config_dir=str(factories.REPO / "conf")):
+        loader = GlobalHydra.instance().config_loader()
+        master = loader.load_configuration("config", overrides=["hydra.sweep.dir=/tmp/s"], run_mode=RunMode.MULTIRUN)
+        reusing = ReusedComposition(loader)
+        for num, (overrides, reused) in enumerate(jobs):
+            before = reusing.reused
+            got = reusing.load_sweep_config(master, overrides)
+            assert reusing.reused - before == reused, overrides
+            want = loader.load_sweep_config(master, overrides)
+            assert OmegaConf.to_container(got) == OmegaConf.to_container(want), overrides
+            assert list(got.hydra.overrides.task) == overrides and got.ckpt == want.ckpt
+            with open_dict(got):  # as the launcher does: must not leak into the next job's config
+                got.hydra.job.num = num
+                got.ckpt = "/tampered"
+    assert reusing.reused == 3
+
+
 @pytest.mark.parametrize("name,mode", [("scan_loss", "loss"), ("scan_harness", "harness")])
 def test_ready_sweep_files_compose(name, mode):
     from hydra import compose, initialize_config_dir

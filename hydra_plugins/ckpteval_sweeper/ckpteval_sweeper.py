@@ -60,6 +60,17 @@ class CkptEvalSweeper(BasicSweeper):
         self.skip_incomplete = skip_incomplete
         self.skipped: list = []  # ckpteval.scan.Skipped: matches that are no complete checkpoint
 
+    def setup(self, *, hydra_context: Any, task_function: Any, config: Any) -> None:
+        """Hydra's, with the scan's config loader reusing a composition when only plain values differ (the next
+        checkpoint's `ckpt=PATH`): ~0.13 s a job less (ckpteval.scan.compose)."""
+        from hydra.types import HydraContext
+
+        from ckpteval.scan.compose import ReusedComposition
+
+        context = HydraContext(config_loader=ReusedComposition(hydra_context.config_loader),
+                               callbacks=hydra_context.callbacks)
+        super().setup(hydra_context=context, task_function=task_function, config=config)
+
     def job_batches(self, arguments: list[str], parent_run_id: str | None = None) -> list[list[list[str]]]:
         """The jobs' override lists, in batches of max_batch_size: glob values expanded, products taken; the
         skipped matches go to `self.skipped`."""

@@ -326,16 +326,25 @@ class _Restore:
         self.config = dict(vars(config)) if config is not None else None
         self.kept: _Injected | None = None
 
-    def protect(self, wrapped: torch.nn.Module, keys) -> None:
+    def protect(self, wrapped: torch.nn.Module, keys, spares: dict[int, torch.Tensor]) -> None:
+        """`spares`: the copies the previous adapter of these layers was merged into, by parameter (its merged
+        weights are dead once the undo ran): the pristine weights are copied into them rather than into fresh
+        allocations (the same bytes, no page faults or frees of a model-sized buffer per checkpoint)."""
         from peft.tuners.tuners_utils import BaseTunerLayer
         from peft.utils.other import AuxiliaryTrainingWrapper
 
         owned: set[int] = set()
 
         def own(param: torch.nn.Parameter) -> None:
-            if id(param) not in owned:
-                owned.add(id(param))
-                param.data = param.data.clone()
+            if id(param) in owned:
+                return
+            owned.add(id(param))
+            spare = spares.get(id(param))
+            data = param.data
+            if (spare is None or spare.shape != data.shape or spare.dtype != data.dtype or spare.device != data.device
+                    or spare.data_ptr() == data.data_ptr()):
+                spare = spares[id(param)] = torch.empty_like(data)
+            param.data = spare.copy_(data)
 
         for module in wrapped.modules():
             if isinstance(module, BaseTunerLayer):
@@ -387,6 +396,7 @@ class _Injected:
         self.reusable = all(isinstance(m, ModulesToSaveWrapper) for m in model.modules()
                             if isinstance(m, AuxiliaryTrainingWrapper))
         self.unloaded: _Tree | None = None
+        self.spares: dict[int, torch.Tensor] = {}  # `_Restore.protect`'s copies, reused by the next adapter
 
     def fits(self, model: torch.nn.Module, lora: str) -> bool:
         return self.model is model and self.lora == lora and self.reusable and self.unloaded is not None
@@ -487,7 +497,7 @@ class PeftFormat(AdapterFormat):
                     kept = _Injected(lora, get_peft_model(model, config, adapter_name=ADAPTER), model)
                 else:
                     kept.reinstall()
-                restore.protect(kept.peft_model, state)
+                restore.protect(kept.peft_model, state, kept.spares)
                 result = set_peft_model_state_dict(kept.peft_model, state, adapter_name=ADAPTER)
                 missing = [k for k in result.missing_keys if f".{ADAPTER}" in k]
                 if missing:
