@@ -161,6 +161,7 @@ def test_reused_composition_equals_hydras_own_for_every_job():
     a dict value or a key set twice must be composed afresh."""
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import ConfigCompositionException
     from hydra.types import RunMode
     from omegaconf import OmegaConf, open_dict
 
@@ -180,6 +181,7 @@ def test_reused_composition_equals_hydras_own_for_every_job():
         (["mode=harness", "ckpt=/r/step_8", "eval.steps=4", "eval.steps=7"], False),
         (["mode=harness", "ckpt=/r/step_9", "eval.steps=5", "eval.steps=7"], False),  # a key set twice
         (["mode=harness", "ckpt=/r/step_10", "data=local", "eval.steps=7"], False),
+        (["mode=harness", "ckpt=/r/step_11", "data=local", "eval.steps=8"], True),
     ]
     with initialize_config_dir(version_base="1.3", config_dir=str(factories.REPO / "conf")):
         loader = GlobalHydra.instance().config_loader()
@@ -195,7 +197,10 @@ def test_reused_composition_equals_hydras_own_for_every_job():
             with open_dict(got):  # as the launcher does: must not leak into the next job's config
                 got.hydra.job.num = num
                 got.ckpt = "/tampered"
-    assert reusing.reused == 3
+        assert reusing.reused == 4
+        with pytest.raises(ConfigCompositionException):  # a bad value: Hydra's own error, as without reuse
+            reusing.load_sweep_config(master, ["mode=harness", "ckpt=/r/step_12", "data=local", "eval.steps=x"])
+    assert reusing.reused == 4
 
 
 @pytest.mark.parametrize("name,mode", [("scan_loss", "loss"), ("scan_harness", "harness")])

@@ -37,7 +37,10 @@ class ReusedComposition:
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         parsed = OverridesParser.create().parse_overrides(list(sweep_overrides))
-        reused = self._reuse(master_config, parsed)
+        try:
+            reused = self._reuse(master_config, parsed)
+        except Exception:  # noqa: BLE001 - a bad value, or a Hydra that changed: Hydra composes (and says what)
+            reused = None
         if reused is not None:
             self.reused += 1
             return reused
