@@ -201,6 +201,11 @@ def test_reused_composition_equals_hydras_own_for_every_job():
         with pytest.raises(ConfigCompositionException):  # a bad value: Hydra's own error, as without reuse
             reusing.load_sweep_config(master, ["mode=harness", "ckpt=/r/step_12", "data=local", "eval.steps=x"])
     assert reusing.reused == 4
+    # SLURM/joblib launchers pickle the launcher, its config loader included
+    import pickle
+
+    copied = pickle.loads(pickle.dumps(ReusedComposition(SimpleNamespace(name="hydra's loader"))))
+    assert copied.name == "hydra's loader" and copied.reused == 0
 
 
 @pytest.mark.parametrize("name,mode", [("scan_loss", "loss"), ("scan_harness", "harness")])

@@ -31,6 +31,8 @@ class ReusedComposition:
         self.reused = 0
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "_loader":  # unpickling (submitit ships the launcher): not set yet
+            raise AttributeError(name)
         return getattr(self._loader, name)
 
     def load_sweep_config(self, master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
