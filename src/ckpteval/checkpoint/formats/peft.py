@@ -486,9 +486,11 @@ class PeftFormat(AdapterFormat):
         lora = _lora_kwargs(config)
         state = read_tensors(path)
         kept = getattr(previous, "kept", None)
-        if isinstance(kept, _Injected) and not kept.fits(model, lora):
+        if not isinstance(kept, _Injected):
+            kept = None
+        elif not kept.fits(model, lora):
             kept.spares.clear()  # not reused: free its copies before this adapter makes its own
-        kept = kept if isinstance(kept, _Injected) and kept.fits(model, lora) else None
+            kept = None
         restore = _Restore(model)
         devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
         try:
