@@ -487,6 +487,36 @@ def test_decode_steps_give_plain_forward_logits(setup, monkeypatch):
             assert torch.allclose(got, want, atol=1e-4), (len(seq), (got - want).abs().max())
 
 
+def test_gold_continuations_scored_in_the_generation_prefill(setup):
+    """With `gold_target` (bpb on a generative task), each prompt's gold continuation rides in the prompt's own
+    prefill: the generations are unchanged, no loglikelihood batch runs, and the scores are HFLM's
+    loglikelihood(prompt, gold). Prompts whose loglikelihood context is not the generation prompt (a trailing
+    space moves to the continuation; a prompt left-truncated for generation) are left to `loglikelihood`."""
+    model, tok, _ = setup
+    long = " ".join(factories.TEXT[:40])
+    prompts = _preamble_prompts() + ["A checkpoint is ", long]
+    answers = [" yes", " the lazy dog jumps", "no", " model weights", "\n"]
+    gold_of = {p: answers[k % len(answers)] for k, p in enumerate(prompts)}
+    gold_of[prompts[0]] = _greedy_text(model, tok, prompts[0], 2)
+    kwargs = {"until": ["zzqq"], "max_gen_toks": 4}
+    plain = FastLM(model, tok, batch_size=4).generate_until(_gen(prompts, kwargs))
+    lm = FastLM(model, tok, batch_size=4)
+    lm.gold_target = lambda req: gold_of[req.args[0]]
+    batches = []
+    score = lm._score_batch
+    lm._score_batch = lambda *a: batches.append(a) or score(*a)
+    assert lm.generate_until(_gen(prompts, kwargs)) == plain
+    assert not batches
+    scored = lm.take_gold_scores()
+    assert set(scored) == {(p, gold_of[p]) for p in prompts if p == p.rstrip() and p != long}
+    assert ("A checkpoint is ", gold_of["A checkpoint is "]) not in scored and len(scored) >= 8
+    want = _hflm(model, tok, batch_size=4).loglikelihood(_instances(list(scored)))
+    for (key, (ll, greedy)), (want_ll, want_greedy) in zip(scored.items(), want, strict=True):
+        assert abs(ll - want_ll) <= 1e-4 and greedy == want_greedy, key
+    assert any(greedy for _, greedy in want) and not all(greedy for _, greedy in want)
+    assert lm.take_gold_scores() == {}  # handed over once
+
+
 def test_settled_cut_never_changes_with_more_text():
     """A row stops once `settled`: lm-eval's own cut (postprocess_generated_text, stop strings split in turn) of
     any longer text must equal the cut of the text so far; overlapping stop strings included."""

@@ -104,6 +104,22 @@ def test_bpb_on_gold_equals_a_plain_transformers_forward(evaluated, reference, b
     assert result["harness/ckpteval_mc/bpb"] != result["harness/ckpteval_mc_nodelim/bpb"]
 
 
+def test_generative_bpb_costs_no_loglikelihood_call(evaluated, monkeypatch):
+    """Under FastLM a generate_until task's gold continuations are scored in the generation's own prefills: a
+    run of the generative task alone makes no loglikelihood call, and its bpb is the full run's (checked
+    against a plain forward above)."""
+    from ckpteval.evaluation.fast_lm import FastLM
+
+    calls = []
+    loglikelihood = FastLM.loglikelihood
+    monkeypatch.setattr(FastLM, "loglikelihood", lambda self, reqs, **kw: calls.append(len(reqs))
+                        or loglikelihood(self, reqs, **kw))
+    result, _ = _run(evaluated["tmp"] / "gen_only", evaluated["ckpt"], "fast", "harness.tasks=[ckpteval_gen]")
+    assert calls == []
+    want = evaluated["fast"][0]["harness/ckpteval_gen/bpb"]
+    assert result["harness/ckpteval_gen/bpb"] == pytest.approx(want, rel=1e-6)
+
+
 def test_core_is_the_mean_centered_primary_over_tasks_with_a_chance_level(evaluated):
     result = evaluated["fast"][0]
     docs = _test_docs()

@@ -144,7 +144,8 @@ def harness_ref(tmp_path_factory, tiny_hf_ckpt):
     keys = collections.defaultdict(set)
     for k in (k for ks in _keys_by_file(tmp / "store").values() for k in ks):
         keys[_kind(k)].add(k)
-    assert set(keys) == {"ll", "roll", "gen"} and len(keys["gen"]) == 40
+    # gold: the generative task's gold answers (bpb), scored in the generation prefills and stored with them
+    assert set(keys) == {"ll", "roll", "gen", "gold"} and len(keys["gen"]) == len(keys["gold"]) == 40
     return {"metrics": _metrics(line), "samples": _samples(tmp / "run"), "keys": dict(keys), "ckpt": tiny_hf_ckpt}
 
 
@@ -174,10 +175,11 @@ def test_sigkill_in_generation_then_the_same_command(tmp_path, harness_ref, kill
     lines = _resumed(text)
     assert saved["gen"] == 32 and lines["generate_until"] == (32, 40), text[-3000:]
     # lm-eval's own loglikelihood requests run before generation: the killed job had saved them all, and the
-    # resumed job read every one back; the gold answers' requests of the generation task (harness/*/bpb) come
-    # after generation: the killed job had none, the resumed job computed them (_count_resume: each exactly once)
+    # resumed job read every one back; the gold answers of the generation task (harness/*/bpb) are scored in the
+    # generation prefills and stored with each segment: the killed job's 32 were read back with their texts, the
+    # resumed job scored the other 8 with theirs (_count_resume: each exactly once), no loglikelihood request
     assert lines["loglikelihood"][0] == lines["loglikelihood"][1] > 0
-    assert 0 < saved["ll"] < len(harness_ref["keys"]["ll"])
+    assert saved["ll"] == len(harness_ref["keys"]["ll"]) and saved["gold"] == 32
     assert lines["loglikelihood_rolling"][0] == lines["loglikelihood_rolling"][1] > 0
 
 
@@ -328,8 +330,8 @@ def test_eviction_keeps_live_and_recent_entries(tmp_path):
 
 def test_fastlm_resumed_batch_by_batch_gives_identical_results(tmp_path, tiny_tokenizer_dir, monkeypatch):
     """FastLM with a store: a second FastLM on a store holding part of the batches runs only the others (counted
-    here), and every loglikelihood and generated text is the first one's, bit for bit, at batch size 2 (and the
-    same as with no store at all)."""
+    here), and every loglikelihood, generated text and gold score scored in a generation prefill (bpb) is the
+    first one's, bit for bit, at batch size 2 (and the same as with no store at all: scores to float rounding)."""
     from transformers import AutoTokenizer
 
     from ckpteval.evaluation import generate
@@ -342,6 +344,7 @@ def test_fastlm_resumed_batch_by_batch_gives_identical_results(tmp_path, tiny_to
     rolling = _instances([(" ".join(factories.TEXT[:k]),) for k in (3, 30)], "loglikelihood_rolling")
     gens = _gen(factories.TEXT[:6] * 2 + _preamble_prompts()[:6], {"until": ["\n", "e"], "max_gen_toks": 3})
     store = _store(tmp_path / "s")
+    gold_of = {p: [" yes", " the lazy dog", "no"][k % 3] for k, p in enumerate(dict.fromkeys(r.args[0] for r in gens))}
     calls = collections.Counter()
     greedy = generate.greedy_generate
     monkeypatch.setattr(generate, "greedy_generate", lambda *a, **k: calls.update(["segment"]) or greedy(*a, **k))
@@ -349,21 +352,28 @@ def test_fastlm_resumed_batch_by_batch_gives_identical_results(tmp_path, tiny_to
     def run(entry):
         lm = FastLM(model, tok, batch_size=2)
         lm.results = entry
+        lm.gold_target = lambda req: gold_of[req.args[0]]
         score = lm._score_batch
         lm._score_batch = lambda *a: calls.update(["batch"]) or score(*a)
         calls.clear()
-        out = (lm.loglikelihood(reqs), lm.loglikelihood_rolling(rolling), lm.generate_until(gens))
+        out = (lm.loglikelihood(reqs), lm.loglikelihood_rolling(rolling), lm.generate_until(gens),
+               lm.take_gold_scores())
         entry.close()
         return out, dict(calls)
 
     first = store.entry({"path": "/m", "content": "1"}, {"kind": "t"})
     want, counted = run(first)
     plain = FastLM(model, tok, batch_size=2)
-    assert want == (plain.loglikelihood(reqs), plain.loglikelihood_rolling(rolling), plain.generate_until(gens))
+    plain.gold_target = lambda req: gold_of[req.args[0]]
+    assert want[:3] == (plain.loglikelihood(reqs), plain.loglikelihood_rolling(rolling), plain.generate_until(gens))
+    plain_gold = plain.take_gold_scores()
+    assert len(want[3]) >= 8 and set(want[3]) == set(plain_gold)
+    assert all(want[3][k][0] == pytest.approx(plain_gold[k][0], abs=1e-4) for k in plain_gold)
     [path] = first.dir.glob("*.jsonl")
     lines = path.read_bytes().split(b"\n")[:-1]
     by_kind = {k: [ln for ln in lines if f'"{k}:'.encode() in ln] for k in ("ll", "roll", "gen")}
     assert [len(by_kind[k]) for k in ("roll", "gen")] == [2, 2] and len(by_kind["ll"]) > 4  # batches, segments
+    assert all(b'"gold:' in ln for ln in by_kind["gen"])  # a segment's gold scores are recorded with its texts
     kept = by_kind["ll"][::2] + by_kind["roll"][:1] + by_kind["gen"][1:2]  # a kill leaves any subset of batches
     path.write_bytes(b"".join(ln + b"\n" for ln in kept))
     again, counted2 = run(store.entry({"path": "/m", "content": "1"}, {"kind": "t"}))

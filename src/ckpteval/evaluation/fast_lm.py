@@ -44,6 +44,7 @@ import inspect
 import logging
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 from lm_eval.api.model import TemplateLM
@@ -155,6 +156,10 @@ class FastLM(TemplateLM):
         self._hflm = None
         self.prefix_store = PrefixStore(max_tokens=int(prefix_cache_tokens))
         self.results = None  # a result-store entry (result_store.Entry): batches found there are not run again
+        # generate_until request -> the gold continuation `gold.add_gold_scores` will score after its prompt (set by
+        # the harness when bpb is on): scored in the generation's own prefill (`generate.prefill`), kept here
+        self.gold_target = None
+        self._gold_scores: dict[tuple[str, str], tuple[float, bool]] = {}
         self.forward_seconds = 0.0  # time in model forwards and vocabulary scoring (`_compute`: not overhead)
         if self._attn_impl not in _MASKABLE_ATTENTION:
             log.warning("FastLM: attention implementation %r takes no custom mask; loglikelihood requests go "
@@ -294,11 +299,13 @@ class FastLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy generation on this engine (see `generate`); other settings through HFLM. Requests are split
-        across data-parallel ranks by batches; every rank gets every result."""
+        across data-parallel ranks by batches; every rank gets every result. With `gold_target`, each prompt's
+        gold continuation is scored in the prompt's own prefill (`take_gold_scores`)."""
         if not requests:
             return []
-        local: list[tuple[int, str]] = []
-        reused: list[tuple[int, str]] = []  # read from the result store: every rank holds them
+        local: list[tuple[int, tuple[str, tuple | None]]] = []  # (request, (text, gold score or None))
+        reused: list[tuple[int, tuple[str, tuple | None]]] = []  # read from the result store: every rank holds them
+        golds: dict[int, tuple[str, tuple[int, ...]]] = {}
         delegated: list[int] = []
         usable = self._attn_impl in _MASKABLE_ATTENTION
         pbar = tqdm(total=len(requests), desc="generate_until (fast)", disable=disable_tqdm or self.dp_rank != 0)
@@ -308,48 +315,95 @@ class FastLM(TemplateLM):
                 delegated += idxs
                 continue
             prompts, until, max_gen = prepared
+            found = self._gold_tokens(requests, idxs, prompts)
+            golds.update(found)
+            gold = {i: tokens for i, (_, tokens) in found.items()}
             units = self._plan([prompts[i] for i in idxs], idxs, lambda i: len(prompts[i]))
             if self.results is not None:
-                computed, read = self._generate_segments(units, prompts, until, max_gen, pbar)
+                computed, read = self._generate_segments(units, prompts, until, max_gen, pbar, gold)
                 local += computed
                 reused += read
                 continue
             jobs = [(i, u.shared, prompts[i][len(u.shared):]) for u in _shard(units, self.dp_rank, self.dp_size)
                     for i in u.items]  # this rank's prompts, a shared prefix's prompts adjacent, longest first
-            local += self._generate(jobs, max_gen, until, progress=lambda: pbar.update(self.dp_size))
+            scores: dict[int, tuple[float, bool]] = {}
+            texts = self._generate(jobs, max_gen, until, progress=lambda: pbar.update(self.dp_size), gold=gold,
+                                   scores=scores)
+            local += [(i, (text, scores.get(i))) for i, text in texts]
         pbar.close()
         if delegated:
             mine = delegated[self.dp_rank::self.dp_size]
             outs = self.hflm.generate_until([requests[i] for i in mine], disable_tqdm=disable_tqdm)
-            local += list(zip(mine, outs))
+            local += [(i, (text, None)) for i, text in zip(mine, outs)]
         results = self._gather_ordered(local, len(requests))
-        for i, text in reused:
-            results[i] = text
+        for i, pair in reused:
+            results[i] = pair
+        for i, (cont, _) in golds.items():
+            if results[i][1] is not None:
+                self._gold_scores[(requests[i].args[0], cont)] = results[i][1]
+        results = [text for text, _ in results]
         for req, text in zip(requests, results):
             self.cache_hook.add_partial("generate_until", req.args, text)
         return results
 
-    def _generate_segments(self, units: list[_Unit], prompts: dict, until: list[str], max_gen: int, pbar
-                           ) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+    def _gold_tokens(self, requests, idxs: list[int], prompts: dict) -> dict[int, tuple[str, tuple[int, ...]]]:
+        """{request: (gold continuation, its tokens)} for the prompts whose gold continuation `loglikelihood`
+        would score after exactly the prompt's tokens (its encoding and left truncation give the same prefix):
+        those are scored in the prompt's prefill. The others (none without `gold_target`) are scored later by
+        `loglikelihood`, as before."""
+        if self.gold_target is None:
+            return {}
+        conts = {i: self.gold_target(requests[i]) for i in idxs if requests[i].args[0]}
+        conts = {i: c for i, c in conts.items() if c}
+        if not conts:
+            return {}
+        encoded = self._tokenized([SimpleNamespace(args=(requests[i].args[0], c)) for i, c in conts.items()])
+        out = {}
+        for (i, c), (_, ctx, cont) in zip(conts.items(), encoded):
+            inp = (list(ctx) + list(cont))[-(self.max_length + 1):][:-1]  # as `_group` conditions
+            if cont and len(cont) <= self.max_length and tuple(inp[:len(inp) - len(cont) + 1]) == prompts[i]:
+                out[i] = (c, tuple(cont))
+        return out
+
+    def take_gold_scores(self) -> dict[tuple[str, str], tuple[float, bool]]:
+        """{(prompt, gold continuation): (loglikelihood, is_greedy)} scored during generation since the last
+        call (every rank holds all of them); the store is emptied."""
+        scores, self._gold_scores = self._gold_scores, {}
+        return scores
+
+    def _generate_segments(self, units: list[_Unit], prompts: dict, until: list[str], max_gen: int, pbar,
+                           gold: dict[int, tuple[int, ...]]) -> tuple[list, list]:
         """Greedy generation with the result store: segments of `GEN_SEGMENT_BATCHES` consecutive batches, each
         decoded as one continuous batch on its own (rows of a batch share every decode step, so a segment gives the
         same text whichever rank runs it and whatever ran before). Segments the store holds are read; the rest
-        are split over ranks and recorded as each finishes. (this rank's (request index, text) pairs, the pairs
-        read from the store, which every rank holds)."""
+        are split over ranks and recorded as each finishes, the gold scores of their prefills (`gold`) with
+        them. (this rank's (request index, (text, gold score or None)) pairs, the pairs read from the store,
+        which every rank holds)."""
         segments = [units[k:k + GEN_SEGMENT_BATCHES] for k in range(0, len(units), GEN_SEGMENT_BATCHES)]
         seen: dict[str, int] = {}
-        keys = {}
+        keys, gold_keys = {}, {}
         for i in [i for u in units for i in u.items]:  # identical requests: one key each, numbered in plan order
-            base = request_key("gen", prompts[i], until, max_gen)
-            seen[base] = seen.get(base, -1) + 1
-            keys[i] = f"{base}#{seen[base]}"
+            for table, base in ((keys, request_key("gen", prompts[i], until, max_gen)),
+                                (gold_keys, continuation_keys("gold", prompts[i], [gold[i]])[0] if i in gold
+                                 else None)):
+                if base is not None:
+                    seen[base] = seen.get(base, -1) + 1
+                    table[i] = f"{base}#{seen[base]}"
 
         def order(seg):
             return [i for u in seg for i in u.items]
 
-        done, saved = stored_units(self.results, len(segments), lambda k: [keys[i] for i in order(segments[k])],
-                                   main=self.dp_rank == 0, world=self.dp_size, group=self.group)
-        reused = [(i, text) for k, texts in done.items() for i, text in zip(order(segments[k]), texts)]
+        def seg_keys(k: int) -> list[str]:
+            items = order(segments[k])
+            return [keys[i] for i in items] + [gold_keys[i] for i in items if i in gold]
+
+        done, saved = stored_units(self.results, len(segments), seg_keys, main=self.dp_rank == 0,
+                                   world=self.dp_size, group=self.group)
+        reused = []
+        for k, values in done.items():
+            items = order(segments[k])
+            scores = iter(values[len(items):])
+            reused += [(i, (text, tuple(next(scores)) if i in gold else None)) for i, text in zip(items, values)]
         if self.dp_rank == 0:
             report("generate_until", len(reused), len(keys), "requests", saved, self.results)
         pbar.update(len(reused))
@@ -358,9 +412,13 @@ class FastLM(TemplateLM):
         for segment in _shard(todo, self.dp_rank, self.dp_size):
             jobs = [(i, u.shared, prompts[i][len(u.shared):]) for u in segment.items for i in u.items]
             start = time.perf_counter()
-            texts = dict(self._generate(jobs, max_gen, until, progress=lambda: pbar.update(self.dp_size)))
-            self.results.add([(keys[i], texts[i]) for i, _, _ in jobs], time.perf_counter() - start)
-            out += texts.items()
+            scores: dict[int, tuple[float, bool]] = {}
+            texts = dict(self._generate(jobs, max_gen, until, progress=lambda: pbar.update(self.dp_size), gold=gold,
+                                        scores=scores))
+            self.results.add([(keys[i], texts[i]) for i, _, _ in jobs]
+                             + [(gold_keys[i], list(scores[i])) for i, _, _ in jobs if i in gold],
+                             time.perf_counter() - start)
+            out += [(i, (texts[i], scores.get(i))) for i, _, _ in jobs]
         return out, reused
 
     # ---- the engine ----------------------------------------------------------------------------------------
@@ -475,15 +533,18 @@ class FastLM(TemplateLM):
         rows = self.rows_plan.after_oom(len(items))  # outside the except block: the failed forward's tensors are gone
         return [s for start in range(0, len(items), rows) for s in self._score_unit(items[start:start + rows], shared)]
 
-    def _generate(self, jobs, max_gen: int, until: list[str], progress) -> list[tuple[int, str]]:
-        """`generate.greedy_generate`; after an out-of-memory error (batch_size=auto) the rows not yet finished run
-        again with fewer slots (a row's greedy text does not depend on the rows beside it)."""
+    def _generate(self, jobs, max_gen: int, until: list[str], progress, gold: dict | None = None,
+                  scores: dict | None = None) -> list[tuple[int, str]]:
+        """`generate.greedy_generate` (`gold`, `scores`: the gold continuations scored in the prefills); after an
+        out-of-memory error (batch_size=auto) the rows not yet finished run again with fewer slots (a row's greedy
+        text does not depend on the rows beside it)."""
         out: list[tuple[int, str]] = []
         while True:
             done = {i for i, _ in out}
             try:
                 return gen.greedy_generate(self, [j for j in jobs if j[0] not in done], max_gen, until,
-                                           gen.eos_ids(self.model), progress=progress, out=out)
+                                           gen.eos_ids(self.model), progress=progress, out=out, gold=gold,
+                                           scores=scores)
             except RuntimeError as exc:
                 if not is_oom(exc):
                     raise
@@ -499,8 +560,8 @@ class FastLM(TemplateLM):
         mask = torch.ones(length, length, dtype=torch.bool).tril().expand(rows, 1, length, length)
         keep = torch.ones(rows, length, dtype=torch.bool)
         targets = torch.randint(0, vocab, (rows * length,), generator=g)
-        lp, _ = self._token_scores(ids, torch.arange(length).expand(rows, length), mask, keep, None,
-                                   torch.arange(rows * length), targets)
+        lp, _, _ = self._token_scores(ids, torch.arange(length).expand(rows, length), mask, keep, None,
+                                      torch.arange(rows * length), targets)
         lp.sum().item()
 
     def _score_batch(self, batch: list[_Group], shared: tuple[int, ...] = ()) -> list[list[tuple[float, bool]]]:
@@ -544,8 +605,8 @@ class FastLM(TemplateLM):
             mask = (causal & visible)[:, None]
             if S:
                 mask = torch.cat([torch.ones(len(batch), 1, T, S, dtype=torch.bool), mask], dim=-1)
-        token_lp, hit = self._token_scores(ids, pos, mask, keep, self.new_cache(shared, len(batch)),
-                                           torch.tensor(flat), torch.tensor(targets))
+        token_lp, hit, _ = self._token_scores(ids, pos, mask, keep, self.new_cache(shared, len(batch)),
+                                              torch.tensor(flat), torch.tensor(targets))
         owner_t = torch.tensor(owner, device=token_lp.device)
         ll = torch.zeros(n_conts, device=token_lp.device).index_add_(0, owner_t, token_lp).tolist()
         misses = torch.zeros(n_conts, device=token_lp.device).index_add_(0, owner_t, (~hit).float())
@@ -556,23 +617,33 @@ class FastLM(TemplateLM):
             k += len(g.conts)
         return out
 
-    def _token_scores(self, ids, pos, mask, keep, cache, flat, targets) -> tuple[torch.Tensor, torch.Tensor]:
+    def _token_scores(self, ids, pos, mask, keep, cache, flat, targets, greedy_rows=None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Per scored token: float32 log-probability of `targets[i]` at kept row `flat[i]`, and whether it is the
-        argmax there. The vocabulary is projected and log-softmaxed a chunk of kept rows at a time (plain heads
-        project from the hidden states), never as one [n_kept, vocab] float32 tensor."""
+        argmax there; with `greedy_rows`, the argmax of the logits at those kept rows (a generation's next token).
+        The vocabulary is projected and log-softmaxed a chunk of kept rows at a time (plain heads project from the
+        hidden states), never as one [n_kept, vocab] float32 tensor."""
         hidden, head = self._kept_hidden(ids, pos, mask, keep, cache)
         flat, targets = flat.to(hidden.device), targets.to(hidden.device)
         token_lp = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
         hit = torch.empty(len(targets), dtype=torch.bool, device=hidden.device)
+        greedy = None
+        if greedy_rows is not None:
+            greedy_rows = greedy_rows.to(hidden.device)
+            greedy = torch.empty(len(greedy_rows), dtype=torch.long, device=hidden.device)
         chunk = auto_chunk(head, hidden.shape[-1])
         with self._compute():
             for lo in range(0, hidden.shape[0], chunk):
-                logp = torch.log_softmax(head(hidden[lo:lo + chunk]).float(), dim=-1)  # HFLM: log_softmax, then
+                logits = head(hidden[lo:lo + chunk])
+                if greedy is not None:
+                    at = ((greedy_rows >= lo) & (greedy_rows < lo + chunk)).nonzero().squeeze(1)
+                    greedy[at] = logits[greedy_rows[at] - lo].argmax(dim=-1)
+                logp = torch.log_softmax(logits.float(), dim=-1)  # HFLM: log_softmax, then
                 sel = ((flat >= lo) & (flat < lo + chunk)).nonzero().squeeze(1)  # gather and argmax of it
                 rows, tgt = flat[sel] - lo, targets[sel]
                 token_lp[sel] = logp[rows, tgt]
                 hit[sel] = logp.argmax(dim=-1)[rows] == tgt
-        return token_lp, hit
+        return token_lp, hit, greedy
 
     def _kept_hidden(self, ids, pos, mask, keep, cache) -> tuple[torch.Tensor, torch.nn.Module]:
         """(rows, head) with head(rows) = the logits at the kept positions: the decoder's hidden states there and

@@ -215,19 +215,37 @@ class _SlotCache:
         return logits.argmax(-1).tolist()
 
 
-def prefill(lm, shared: tuple[int, ...], rows: list[tuple[int, ...]]):
+def prefill(lm, shared: tuple[int, ...], rows: list[tuple[int, ...]], golds: list[tuple[int, ...]] | None = None):
     """Run `rows` (each after the common `shared` prefix, whose KV comes from the prefix store): the first greedy
-    token of each row and the per-layer keys/values [rows, H, S + longest row, D] (right-padded)."""
+    token of each row, the per-layer keys/values [rows, H, S + longest row, D] (right-padded; a row's prompt is
+    its first columns) and, per row, (loglikelihood, is_greedy) of its gold continuation `golds[k]` (None for
+    none). A gold continuation rides in the same forward after its prompt::
+
+        row k      p0 p1 .. pn | g0 g1 .. g(m-2)      the prompt, then the gold tokens but the last
+        kept          ^^ ^^^^^^^^^^^^^^^^^^^^^^^      pn predicts the first generated token and g0, gi predicts g(i+1)
+
+    attention is causal, so the prompt's logits and keys/values are those of the prompt alone; the gold tokens'
+    keys/values are dropped (`_SlotCache.put` copies the prompt's columns), and the gold scores are what
+    `loglikelihood(prompt, gold)` computes (float32 log-softmax at the scored positions, summed)."""
     from transformers import DynamicCache
 
+    golds = golds or [()] * len(rows)
+    seqs = [tuple(r) + tuple(g[:-1]) for r, g in zip(rows, golds)]
     b, S = len(rows), len(shared)
-    lens = torch.tensor([len(r) for r in rows])
+    lens = torch.tensor([len(r) for r in seqs])
     T = int(lens.max())
     ids = torch.zeros(b, T, dtype=torch.long)
-    for k, r in enumerate(rows):
-        ids[k, :len(r)] = torch.tensor(r)
     keep = torch.zeros(b, T, dtype=torch.bool)
-    keep[torch.arange(b), lens - 1] = True
+    flat, targets, owner, first_rows = [], [], [], []  # kept rows in row-major order: scored tokens, next tokens
+    base = 0
+    for k, (r, g, seq) in enumerate(zip(rows, golds, seqs)):
+        ids[k, :len(seq)] = torch.tensor(seq)
+        keep[k, len(r) - 1:len(seq)] = True  # max(1, len(g)) kept rows
+        first_rows.append(base)
+        flat += range(base, base + len(g))
+        targets += g
+        owner += [k] * len(g)
+        base += max(1, len(g))
     mask = None  # right padding: real tokens see only real tokens before them, the causal kernel is enough
     cache = lm.new_cache(shared, b)
     if cache is None:
@@ -236,12 +254,23 @@ def prefill(lm, shared: tuple[int, ...], rows: list[tuple[int, ...]]):
         valid = torch.arange(T)[None, :] < lens[:, None]
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         mask = torch.cat([torch.ones(b, T, S, dtype=torch.bool), causal[None] & valid[:, None, :]], dim=2)[:, None]
-    logits = lm.forward(ids, torch.arange(S, S + T).expand(b, T), mask, keep, cache)
-    return logits.argmax(-1).tolist(), [(layer.keys, layer.values) for layer in cache.layers]
+    pos = torch.arange(S, S + T).expand(b, T)
+    scores: list[tuple[float, bool] | None] = [None] * b
+    if not targets:
+        first = lm.forward(ids, pos, mask, keep, cache).argmax(-1)
+    else:
+        token_lp, hit, first = lm._token_scores(ids, pos, mask, keep, cache, torch.tensor(flat),
+                                                torch.tensor(targets), greedy_rows=torch.tensor(first_rows))
+        owner_t = torch.tensor(owner, device=token_lp.device)
+        ll = torch.zeros(b, device=token_lp.device).index_add_(0, owner_t, token_lp).tolist()
+        misses = torch.zeros(b, device=token_lp.device).index_add_(0, owner_t, (~hit).float()).tolist()
+        scores = [(ll[k], misses[k] == 0) if g else None for k, g in enumerate(golds)]
+    return first.tolist(), [(layer.keys, layer.values) for layer in cache.layers], scores
 
 
 def greedy_generate(lm, jobs: list[tuple[int, tuple[int, ...], tuple[int, ...]]], max_gen: int, until: list[str],
-                    stop_ids: set[int], progress=None, out: list | None = None) -> list[tuple[int, str]]:
+                    stop_ids: set[int], progress=None, out: list | None = None, gold: dict | None = None,
+                    scores: dict | None = None) -> list[tuple[int, str]]:
     """(request index, text cut like HFLM's) for `jobs` = (request index, shared prefix, rest of the prompt).
 
     Continuous batching over at most `lm.batch_size` rows: jobs are prefilled in their order, consecutive jobs
@@ -250,8 +279,12 @@ def greedy_generate(lm, jobs: list[tuple[int, tuple[int, ...], tuple[int, ...]]]
     leaves at once; when half the slots are free (or none is busy), waiting jobs are prefilled into them.
 
     Slots and prefill rows come from `lm.rows_plan` (harness.batch_size, or auto: what memory holds); finished
-    rows are appended to `out` as they finish (what an out-of-memory retry need not run again)."""
+    rows are appended to `out` as they finish (what an out-of-memory retry need not run again). `gold`
+    ({request index: continuation tokens}) are scored in the prefills (`prefill`), into `scores`
+    ({request index: (loglikelihood, is_greedy)})."""
     out = [] if out is None else out
+    gold = gold or {}
+    scores = {} if scores is None else scores
     if not jobs:
         return out
     if max_gen <= 0:
@@ -263,16 +296,18 @@ def greedy_generate(lm, jobs: list[tuple[int, tuple[int, ...], tuple[int, ...]]]
     active: list[_Row] = []
     slots = None
     refill_at = max(1, rows // 2)
+    extra = max((len(gold[i]) - 1 for i, _, _ in jobs if gold.get(i)), default=0)  # gold tokens ride in prefills
     while waiting or active:
         fresh: list[_Row] = []
         while waiting and (rows - len(active) >= refill_at or not active):
             shared = waiting[0][1]
-            new = len(waiting[0][2])  # the longest of its prefix's run: jobs come longest first
+            new = len(waiting[0][2]) + extra  # the longest of its prefix's run: jobs come longest first
             limit = lm.rows_plan.rows(new, len(shared) + new, share=0.5)
             chunk = []
             while waiting and waiting[0][1] == shared and len(active) + len(chunk) < rows and len(chunk) < limit:
                 chunk.append(waiting.popleft())
-            first, kv = prefill(lm, shared, [r for _, _, r in chunk])
+            first, kv, scored = prefill(lm, shared, [r for _, _, r in chunk], [gold.get(i, ()) for i, _, _ in chunk])
+            scores.update((i, score) for (i, _, _), score in zip(chunk, scored) if score is not None)
             if slots is None:
                 slots = _SlotCache(kv, rows, cap)
             for j, ((i, s, r), tok) in enumerate(zip(chunk, first)):

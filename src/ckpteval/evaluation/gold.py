@@ -14,7 +14,8 @@ builds it; a task's `bpb` is its mean over documents, `bpb_stderr` the standard 
 - generate_until with a string target: one extra loglikelihood request per document, context = the prompt lm-eval
   built, continuation = `target_delimiter + target` as lm-eval writes the answer of a few-shot example (a list of
   targets: the first). Skipped (and logged) under a chat template or a `gen_prefix`, where lm-eval writes the
-  answer differently.
+  answer differently. FastLM scores these in the generation's own prefill of the prompt (`expect_gold_scores`
+  before `simple_evaluate`; `generate.prefill`), so they cost no forward of their own.
 A document whose gold index is out of range, or whose continuation is empty, is left out.
 
 Chance accuracy of a multiple-choice task = mean over its documents of 1 / number of choices (a group: over all its
@@ -218,6 +219,22 @@ def _record(results: dict, per_task: dict[str, list[GoldDoc]], bpb: bool) -> Non
             chance[name] = math.fsum(1.0 / c for c in counts) / len(counts)
 
 
+def expect_gold_scores(lm, leaf_tasks: dict[str, Any], bpb: bool = True, chat: bool = False) -> None:
+    """Before `simple_evaluate`: tell an LM that scores gold continuations during generation (FastLM's
+    `gold_target`) which continuation `add_gold_scores` will ask for after each generate_until prompt."""
+    if not hasattr(lm, "gold_target"):
+        return
+    lm.take_gold_scores()  # nothing left from an earlier evaluation
+
+    def target(request) -> str | None:
+        task = leaf_tasks.get(getattr(request, "task_name", None))
+        if getattr(task, "OUTPUT_TYPE", None) != "generate_until":
+            return None
+        return target_continuation(task, request.doc)
+
+    lm.gold_target = target if bpb and not chat else None
+
+
 def add_gold_scores(results: dict | None, leaf_tasks: dict[str, Any], lm, bpb: bool = True,
                     chat: bool = False) -> None:
     """After `simple_evaluate` on an in-memory LM: score the generative tasks' gold continuations (on EVERY rank:
@@ -232,6 +249,13 @@ def add_gold_scores(results: dict | None, leaf_tasks: dict[str, Any], lm, bpb: b
         pending += todo if bpb else []
         if chat and task.OUTPUT_TYPE == "generate_until":
             log.info("bpb: %s left out: generative tasks under a chat template have no plain gold continuation", name)
+    scored = lm.take_gold_scores() if hasattr(lm, "take_gold_scores") else {}  # in the generation's prefills
+    if hasattr(lm, "gold_target"):
+        lm.gold_target = None
+    for gd, inst, cont in pending:
+        if (inst.arguments[0], cont) in scored:
+            gd.ll = float(scored[(inst.arguments[0], cont)][0])
+    pending = [p for p in pending if p[0].ll is None]
     if pending:
         from lm_eval.api.instance import Instance
 

@@ -341,12 +341,13 @@ def run_simple_evaluate(lm, resolved: ResolvedTasks, hcfg, request_cache_dir: Pa
                 "gen_kwargs": hcfg.gen_kwargs, "chat": bool(hcfg.apply_chat_template),
                 "tokenizer": tokenizer_fingerprint(tokenizer) if tokenizer is not None else None}
         reuse = reuse_built_requests(resolved.leaf_tasks, base, request_cache_dir)
+    from ckpteval.evaluation.gold import add_gold_scores, expect_gold_scores
+
+    bpb, chat = bool(getattr(hcfg, "bpb", True)), bool(hcfg.apply_chat_template)
+    expect_gold_scores(lm, resolved.leaf_tasks, bpb=bpb, chat=chat)
     with reuse, env_info_once_per_process():
         results = _simple_evaluate(simple_evaluate, lm, resolved, hcfg, seed)
-    from ckpteval.evaluation.gold import add_gold_scores
-
-    add_gold_scores(results, resolved.leaf_tasks, lm, bpb=bool(getattr(hcfg, "bpb", True)),
-                    chat=bool(hcfg.apply_chat_template))  # every rank: FastLM shares the extra requests
+    add_gold_scores(results, resolved.leaf_tasks, lm, bpb=bpb, chat=chat)  # every rank: FastLM shares the requests
     return results
 
 
