@@ -360,8 +360,8 @@ class FastLM(TemplateLM):
         encoded = self._tokenized([SimpleNamespace(args=(requests[i].args[0], c)) for i, c in conts.items()])
         out = {}
         for (i, c), (_, ctx, cont) in zip(conts.items(), encoded):
-            inp = (list(ctx) + list(cont))[-(self.max_length + 1):][:-1]  # as `_group` conditions
-            if cont and len(cont) <= self.max_length and tuple(inp[:len(inp) - len(cont) + 1]) == prompts[i]:
+            if cont and len(cont) <= self.max_length and \
+                    _conditioning_prefix(ctx, cont, self.max_length) == prompts[i]:
                 out[i] = (c, tuple(cont))
         return out
 
@@ -381,14 +381,16 @@ class FastLM(TemplateLM):
         which every rank holds)."""
         segments = [units[k:k + GEN_SEGMENT_BATCHES] for k in range(0, len(units), GEN_SEGMENT_BATCHES)]
         seen: dict[str, int] = {}
+
+        def numbered(base: str) -> str:  # identical requests: one key each, numbered in plan order
+            seen[base] = seen.get(base, -1) + 1
+            return f"{base}#{seen[base]}"
+
         keys, gold_keys = {}, {}
-        for i in [i for u in units for i in u.items]:  # identical requests: one key each, numbered in plan order
-            for table, base in ((keys, request_key("gen", prompts[i], until, max_gen)),
-                                (gold_keys, continuation_keys("gold", prompts[i], [gold[i]])[0] if i in gold
-                                 else None)):
-                if base is not None:
-                    seen[base] = seen.get(base, -1) + 1
-                    table[i] = f"{base}#{seen[base]}"
+        for i in [i for u in units for i in u.items]:
+            keys[i] = numbered(request_key("gen", prompts[i], until, max_gen))
+            if i in gold:
+                gold_keys[i] = numbered(continuation_keys("gold", prompts[i], [gold[i]])[0])
 
         def order(seg):
             return [i for u in seg for i in u.items]
@@ -489,8 +491,7 @@ class FastLM(TemplateLM):
             if len(cont) > L:
                 raise CkptEvalError(f"loglikelihood request {i}: continuation of {len(cont)} tokens exceeds the "
                                     f"model's max_length {L}")
-            inp = (list(ctx) + list(cont))[-(L + 1):][:-1]
-            prefix, cont = tuple(inp[:len(inp) - len(cont) + 1]), tuple(cont)
+            prefix, cont = _conditioning_prefix(ctx, cont, L), tuple(cont)
             g = groups.setdefault(prefix, _Group(prefix))
             slot = slots.setdefault((prefix, cont), len(g.conts))
             if slot == len(g.conts):
@@ -605,17 +606,24 @@ class FastLM(TemplateLM):
             mask = (causal & visible)[:, None]
             if S:
                 mask = torch.cat([torch.ones(len(batch), 1, T, S, dtype=torch.bool), mask], dim=-1)
-        token_lp, hit, _ = self._token_scores(ids, pos, mask, keep, self.new_cache(shared, len(batch)),
-                                              torch.tensor(flat), torch.tensor(targets))
-        owner_t = torch.tensor(owner, device=token_lp.device)
-        ll = torch.zeros(n_conts, device=token_lp.device).index_add_(0, owner_t, token_lp).tolist()
-        misses = torch.zeros(n_conts, device=token_lp.device).index_add_(0, owner_t, (~hit).float())
-        greedy = (misses == 0).tolist()
+        scores, _ = self._continuation_scores(ids, pos, mask, keep, self.new_cache(shared, len(batch)),
+                                              flat, targets, owner, n_conts)
         out, k = [], 0
         for g in batch:
-            out.append([(ll[k + j], bool(greedy[k + j])) for j in range(len(g.conts))])
+            out.append(scores[k:k + len(g.conts)])
             k += len(g.conts)
         return out
+
+    def _continuation_scores(self, ids, pos, mask, keep, cache, flat, targets, owner, n: int, greedy_rows=None
+                             ) -> tuple[list[tuple[float, bool]], torch.Tensor | None]:
+        """`_token_scores` summed per continuation (`owner[i]`: the continuation of scored token i, 0..n-1):
+        [(loglikelihood, is_greedy)] for each, and the argmax at `greedy_rows` (None without)."""
+        token_lp, hit, greedy = self._token_scores(ids, pos, mask, keep, cache, torch.tensor(flat),
+                                                   torch.tensor(targets), greedy_rows=greedy_rows)
+        owner_t = torch.tensor(owner, device=token_lp.device)
+        ll = torch.zeros(n, device=token_lp.device).index_add_(0, owner_t, token_lp).tolist()
+        misses = torch.zeros(n, device=token_lp.device).index_add_(0, owner_t, (~hit).float())
+        return [(v, bool(m)) for v, m in zip(ll, (misses == 0).tolist())], greedy
 
     def _token_scores(self, ids, pos, mask, keep, cache, flat, targets, greedy_rows=None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -713,6 +721,13 @@ class FastLM(TemplateLM):
         for i, r in local:
             out[i] = r
         return out
+
+
+def _conditioning_prefix(ctx, cont, max_length: int) -> tuple[int, ...]:
+    """The prefix HFLM conditions `cont` on: its input is (ctx + cont)[-(L+1):][:-1], whose last len(cont)
+    positions predict cont, so the prefix is that input minus cont[:-1]."""
+    inp = (list(ctx) + list(cont))[-(max_length + 1):][:-1]
+    return tuple(inp[:len(inp) - len(cont) + 1])
 
 
 def _split_long(g: _Group) -> list[_Group]:

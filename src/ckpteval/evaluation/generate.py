@@ -259,12 +259,9 @@ def prefill(lm, shared: tuple[int, ...], rows: list[tuple[int, ...]], golds: lis
     if not targets:
         first = lm.forward(ids, pos, mask, keep, cache).argmax(-1)
     else:
-        token_lp, hit, first = lm._token_scores(ids, pos, mask, keep, cache, torch.tensor(flat),
-                                                torch.tensor(targets), greedy_rows=torch.tensor(first_rows))
-        owner_t = torch.tensor(owner, device=token_lp.device)
-        ll = torch.zeros(b, device=token_lp.device).index_add_(0, owner_t, token_lp).tolist()
-        misses = torch.zeros(b, device=token_lp.device).index_add_(0, owner_t, (~hit).float()).tolist()
-        scores = [(ll[k], misses[k] == 0) if g else None for k, g in enumerate(golds)]
+        per_row, first = lm._continuation_scores(ids, pos, mask, keep, cache, flat, targets, owner, b,
+                                                 greedy_rows=torch.tensor(first_rows))
+        scores = [score if g else None for score, g in zip(per_row, golds)]
     return first.tolist(), [(layer.keys, layer.values) for layer in cache.layers], scores
 
 
